@@ -1,0 +1,26 @@
+# The two commands: `make demo` and `make test`. Both set up what they need first.
+.PHONY: setup demo test lint bench-bus bench-features clean
+
+VENV := .venv
+PY := $(VENV)/bin/python
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	@$(VENV)/bin/conveyor demo
+
+test: setup
+	@$(PY) -m pytest
+
+lint: setup
+	@$(VENV)/bin/ruff check .
+
+bench-bus: setup
+	@$(PY) bench/bus.py
+
+bench-features: setup
+	@$(PY) bench/features.py
+
+clean:
+	rm -rf var/ .pytest_cache

@@ -1,0 +1,1 @@
+"""Conveyor's kernel: events, message bus, stores, settings, service runtime and CLI."""

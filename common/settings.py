@@ -1,0 +1,68 @@
+"""Settings shared by every service, read from the environment (prefix ``CONVEYOR_``).
+
+Example::
+
+    settings = Settings()                      # local defaults
+    settings = Settings(namespace="test-42")   # isolated exchange, queues and Redis keys
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Connection, messaging and storage settings common to all services."""
+
+    model_config = SettingsConfigDict(env_prefix="CONVEYOR_", extra="forbid")
+
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    """RabbitMQ URL (pika URLParameters syntax)."""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Redis URL for the online stores, idempotency records and score stream."""
+    data_root: str = "./var/data"
+    """Folder or fsspec URL under which raw batches, feature sets, models and scores live."""
+    namespace: str = "conveyor"
+    """Prefix of the exchange, queues and Redis keys; tests use one namespace each."""
+    heartbeat_s: int = 30
+    """AMQP heartbeat interval in seconds."""
+    prefetch: int = 100
+    """Messages a consumer may hold unacknowledged."""
+    max_attempts: int = 5
+    """Handler attempts before a message goes to the dead-letter queue."""
+    retry_delays_s: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0)
+    """Back-off before each retry; the last value repeats for later attempts."""
+    reconnect_max_delay_s: float = 30.0
+    """Upper bound of the exponential back-off between reconnection attempts."""
+    processed_ttl_s: int = 7 * 24 * 3600
+    """How long a processed event id is remembered for idempotency."""
+    http_host: str = "0.0.0.0"
+    """Interface of the /metrics, /healthz and /readyz server."""
+    http_port: int = 9100
+    """Port of the /metrics, /healthz and /readyz server (0 = pick a free port)."""
+    model_signing_key: SecretStr = SecretStr("conveyor-local-dev-key-change-me")
+    """HMAC-SHA256 key that signs model artifacts; set a real secret outside local runs."""
+    log_level: str = "INFO"
+    """Root log level."""
+    online_ttl_s: int = Field(default=0, ge=0)
+    """TTL of online feature hashes in seconds (0 = keep forever)."""
+    score_stream_maxlen: int = 100_000
+    """Approximate bound of the online score stream."""
+
+    @property
+    def exchange(self) -> str:
+        """Name of the durable topic exchange every event is published on."""
+        return f"{self.namespace}.events"
+
+    def queue(self, service: str) -> str:
+        """Name of a service's durable quorum queue."""
+        return f"{self.namespace}.{service}"
+
+    def dead_letter_queue(self, service: str) -> str:
+        """Name of a service's dead-letter queue."""
+        return f"{self.namespace}.{service}.dlq"
+
+    def redis_key(self, *parts: str) -> str:
+        """A Redis key inside this namespace."""
+        return ":".join((self.namespace, *parts))

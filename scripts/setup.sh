@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Installs what Conveyor needs, idempotently: the .venv with the project and its packages,
+# generated gRPC code where protos exist, and a running RabbitMQ and Redis.
+# Usage: scripts/setup.sh            (everything)
+#        scripts/setup.sh services   (only RabbitMQ and Redis)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+AMQP_PORT=${CONVEYOR_AMQP_PORT:-5672}
+REDIS_PORT=${CONVEYOR_REDIS_PORT:-6379}
+
+say() { printf '[setup] %s\n' "$*"; }
+die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() {  # wait_port PORT SECONDS
+  for _ in $(seq 1 "$2"); do port_open "$1" && return 0; sleep 1; done
+  return 1
+}
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi; }
+
+apt_install() {
+  command -v apt-get >/dev/null || die "$1 is missing and this machine has no apt-get: install $1 yourself"
+  say "installing Debian package(s): $*"
+  as_root apt-get update -qq || die "apt-get update failed (root or sudo needed to install $*)"
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$@" >/dev/null \
+    || die "apt-get install $* failed"
+}
+
+ensure_rabbitmq() {
+  if port_open "$AMQP_PORT"; then say "RabbitMQ answers on 127.0.0.1:$AMQP_PORT"; return; fi
+  command -v rabbitmq-server >/dev/null || [ -x /usr/sbin/rabbitmq-server ] || apt_install rabbitmq-server
+  say "starting RabbitMQ"
+  as_root rabbitmq-server -detached >/dev/null 2>&1 || true
+  wait_port "$AMQP_PORT" 60 || die "RabbitMQ did not answer on 127.0.0.1:$AMQP_PORT within 60 s (see /var/log/rabbitmq)"
+  as_root rabbitmqctl await_startup >/dev/null 2>&1 || true
+  say "RabbitMQ is up"
+}
+
+ensure_redis() {
+  if port_open "$REDIS_PORT"; then say "Redis answers on 127.0.0.1:$REDIS_PORT"; return; fi
+  command -v redis-server >/dev/null || apt_install redis-server
+  say "starting Redis"
+  mkdir -p /var/lib/redis /var/log/redis 2>/dev/null || true
+  redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --dir /var/lib/redis \
+    --logfile /var/log/redis/conveyor.log >/dev/null || die "redis-server failed to start"
+  wait_port "$REDIS_PORT" 30 || die "Redis did not answer on 127.0.0.1:$REDIS_PORT within 30 s"
+  say "Redis is up"
+}
+
+ensure_venv() {
+  [ -x "$VENV/bin/python" ] || { say "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
+  local stamp="$VENV/.conveyor-installed" want
+  want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    say "installing Python packages into $VENV"
+    "$VENV/bin/pip" install -q --upgrade pip
+    "$VENV/bin/pip" install -q -e '.[dev]'
+    echo "$want" > "$stamp"
+  else
+    say "Python packages up to date"
+  fi
+}
+
+generate_protos() {
+  shopt -s nullglob
+  local protos=(protos/*.proto protos/**/*.proto)
+  [ ${#protos[@]} -gt 0 ] || return 0
+  say "generating gRPC code from ${#protos[@]} proto file(s)"
+  "$VENV/bin/python" -m grpc_tools.protoc -Iprotos --python_out=protos --grpc_python_out=protos \
+    --pyi_out=protos "${protos[@]}"
+}
+
+case "${1:-all}" in
+  services) ensure_rabbitmq; ensure_redis ;;
+  python) ensure_venv; generate_protos ;;
+  all) ensure_venv; generate_protos; ensure_rabbitmq; ensure_redis ;;
+  *) die "unknown target '$1' (all, services, python)" ;;
+esac

@@ -8,10 +8,10 @@ one table. Subclasses build their message from their arguments, as MLServer does
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class Status(str, Enum):
+class Status(StrEnum):
     """Transport-neutral outcome classes, mapped to gRPC codes or HTTP statuses at the edge."""
 
     INVALID_ARGUMENT = "invalid_argument"

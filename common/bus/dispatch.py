@@ -1,0 +1,242 @@
+"""The transport-free core of consuming: one delivery in, one outcome out.
+
+Both buses (RabbitMQ and in-process) hand every message to a ``Dispatcher`` and carry
+out the ``Outcome`` it returns, so they share the same semantics:
+
+- a message that is not a valid event, or whose handler raises an *expected* error
+  (the input's fault), is dead-lettered at once with the error in its headers;
+- any other handler error is retried after a back-off, then dead-lettered after
+  ``max_attempts`` attempts;
+- on success the events the handler returned are published (confirmed) first, then the
+  event id is recorded as processed, and only then is the message acknowledged;
+- an event already recorded as processed is acknowledged without running the handler.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from common.bus.idempotency import ProcessedEvents
+from common.errors import InvalidEvent, InvalidInput
+from common.events import Event, parse_event
+from common.logs import event_context
+from common.metrics import BusMetrics
+
+log = logging.getLogger(__name__)
+
+HEADER_PREFIX = "x-conveyor-"
+ATTEMPT = f"{HEADER_PREFIX}attempt"
+LAST_ERROR = f"{HEADER_PREFIX}last-error"
+ERROR_TYPE = f"{HEADER_PREFIX}error-type"
+ERROR_MESSAGE = f"{HEADER_PREFIX}error-message"
+ERROR_FIELD = f"{HEADER_PREFIX}error-field"
+TRACEBACK = f"{HEADER_PREFIX}traceback"
+FAILED_SERVICE = f"{HEADER_PREFIX}failed-service"
+ROUTING_KEY = f"{HEADER_PREFIX}routing-key"
+DEAD_LETTERED_AT = f"{HEADER_PREFIX}dead-lettered-at"
+MAX_TRACEBACK_CHARS = 8000
+
+HandlerResult = Event | Iterable[Event] | None
+
+
+@dataclass(frozen=True)
+class HandlerSpec:
+    """A handler of one event type, and the errors that are the input's fault."""
+
+    event_type: str
+    fn: Callable[[Any], HandlerResult]
+    expected: tuple[type[BaseException], ...] = ()
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A message as it came off a queue."""
+
+    body: bytes
+    routing_key: str
+    headers: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def attempt(self) -> int:
+        """The attempt this delivery is (1 for a first delivery)."""
+        return int(self.headers.get(ATTEMPT, 1))
+
+
+@dataclass(frozen=True)
+class Ack:
+    """The message is done with: acknowledge it."""
+
+    duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Send the message to a delay and back, with these headers."""
+
+    delay_s: float
+    headers: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """Send the message to the service's dead-letter queue, with these headers."""
+
+    headers: dict[str, Any]
+
+
+Outcome = Ack | Retry | DeadLetter
+Publish = Callable[[Sequence[Event]], None]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how late a failing handler is tried again."""
+
+    max_attempts: int = 5
+    delays_s: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0)
+
+    def delay(self, attempt: int) -> float:
+        """Back-off after the given failed attempt (1-based); the last delay repeats."""
+        return self.delays_s[min(attempt, len(self.delays_s)) - 1]
+
+
+def derived_event_id(cause: Event, service: str, index: int, event_type: str) -> uuid.UUID:
+    """A deterministic id for the index-th event a service emits for a cause.
+
+    A redelivered cause therefore re-publishes events with the same ids, and the
+    consumers downstream recognise them as already processed.
+    """
+    return uuid.uuid5(cause.event_id, f"{service}/{index}/{event_type}")
+
+
+class Dispatcher:
+    """Turns deliveries for one service into outcomes, running its handlers."""
+
+    def __init__(
+        self,
+        service: str,
+        handlers: Mapping[str, HandlerSpec],
+        publish: Publish,
+        *,
+        policy: RetryPolicy | None = None,
+        processed: ProcessedEvents | None = None,
+        metrics: BusMetrics | None = None,
+    ) -> None:
+        self.service = service
+        self.handlers = dict(handlers)
+        self.publish = publish
+        self.policy = policy or RetryPolicy()
+        self.processed = processed
+        self.metrics = metrics or BusMetrics()
+
+    @property
+    def event_types(self) -> list[str]:
+        """The event types this service handles (its queue bindings)."""
+        return sorted(self.handlers)
+
+    def dispatch(self, delivery: Delivery) -> Outcome:
+        """Handle one delivery and say what to do with the message."""
+        try:
+            event = parse_event(delivery.body)
+        except InvalidEvent as exc:
+            return self._invalid(delivery, exc)
+        with event_context(event):
+            return self._dispatch_event(delivery, event)
+
+    def _dispatch_event(self, delivery: Delivery, event: Event) -> Outcome:
+        spec = self.handlers.get(event.event_type)
+        if spec is None:
+            problem = f"service {self.service} has no handler for {event.event_type}"
+            return self._invalid(delivery, InvalidEvent(problem, field="event_type"))
+        if self.processed and self.processed.seen(self.service, event.event_id):
+            log.info("duplicate delivery acknowledged; work already done")
+            self._count(self.metrics.duplicates, event.event_type)
+            return Ack(duplicate=True)
+        return self._run(spec, delivery, event)
+
+    def _run(self, spec: HandlerSpec, delivery: Delivery, event: Event) -> Outcome:
+        started = time.perf_counter()
+        try:
+            emitted = self._emitted(event, spec.fn(event))
+            self.publish(emitted)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an outcome
+            self._count(self.metrics.failed, event.event_type)
+            return self._failed(spec, delivery, event, exc)
+        finally:
+            self.metrics.duration.labels(self.service, event.event_type).observe(
+                time.perf_counter() - started
+            )
+        if self.processed:
+            self.processed.mark(self.service, event.event_id)
+        self._count(self.metrics.handled, event.event_type)
+        log.debug("handled", extra={"fields": {"emitted": len(emitted)}})
+        return Ack()
+
+    def _emitted(self, cause: Event, result: HandlerResult) -> list[Event]:
+        def derive(i: int, ev: Event) -> Event:
+            return ev.model_copy(
+                update={"event_id": derived_event_id(cause, self.service, i, ev.event_type)}
+            )
+
+        events = [] if result is None else [result] if isinstance(result, Event) else list(result)
+        return [derive(i, ev) for i, ev in enumerate(events)]
+
+    def _failed(
+        self, spec: HandlerSpec, delivery: Delivery, event: Event, exc: Exception
+    ) -> Outcome:
+        expected = isinstance(exc, (InvalidInput, *spec.expected))
+        if expected or delivery.attempt >= self.policy.max_attempts:
+            return self._dead_letter(delivery, exc, event.event_type, expected=expected)
+        delay = self.policy.delay(delivery.attempt)
+        log.exception(
+            "handler failed; retrying",
+            extra={"fields": {"attempt": delivery.attempt, "retry_in_s": delay}},
+        )
+        self._count(self.metrics.retried, event.event_type)
+        headers = {**delivery.headers, ATTEMPT: delivery.attempt + 1, LAST_ERROR: _describe(exc)}
+        return Retry(delay, headers)
+
+    def _invalid(self, delivery: Delivery, exc: InvalidEvent) -> Outcome:
+        return self._dead_letter(delivery, exc, exc.event_type or delivery.routing_key, True)
+
+    def _dead_letter(
+        self, delivery: Delivery, exc: Exception, event_type: str, expected: bool
+    ) -> DeadLetter:
+        if expected:
+            log.warning("dead-lettered: %s", _describe(exc))
+        else:
+            log.error("dead-lettered after %d attempts", delivery.attempt, exc_info=exc)
+        self._count(self.metrics.dead_lettered, event_type)
+        return DeadLetter(dead_letter_headers(delivery, exc, self.service))
+
+    def _count(self, counter: Any, event_type: str) -> None:
+        counter.labels(self.service, event_type).inc()
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def dead_letter_headers(delivery: Delivery, exc: BaseException, service: str) -> dict[str, Any]:
+    """The headers that tell an operator why a message was dead-lettered."""
+    trace = "".join(traceback.format_exception(exc))[-MAX_TRACEBACK_CHARS:]
+    headers = {
+        **delivery.headers,
+        ERROR_TYPE: type(exc).__name__,
+        ERROR_MESSAGE: str(exc),
+        TRACEBACK: trace,
+        FAILED_SERVICE: service,
+        ROUTING_KEY: delivery.routing_key,
+        DEAD_LETTERED_AT: datetime.now(UTC).isoformat(),
+        LAST_ERROR: _describe(exc),
+    }
+    if isinstance(exc, InvalidEvent) and exc.field:
+        headers[ERROR_FIELD] = exc.field
+    return headers

@@ -1,0 +1,346 @@
+"""The RabbitMQ message bus (pika): topology, confirmed publishing, resilient consuming.
+
+Topology per namespace: one durable topic exchange ``<ns>.events``; per service a durable
+quorum queue ``<ns>.<service>`` bound to its event types, a dead-letter queue
+``<ns>.<service>.dlq`` and one delay queue per back-off step ``<ns>.<service>.retry.<ms>ms``
+whose expired messages dead-letter back to the service queue (at-least-once).
+
+Example::
+
+    bus = RabbitMQBus(Settings())
+    bus.declare("ingestion", ["SourceDataAvailable"])
+    bus.publish(event)
+    bus.consume(dispatcher, stop)   # until stop is set (SIGTERM in a service)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections import deque
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pika
+from pika.adapters.blocking_connection import BlockingChannel
+from pika.exceptions import AMQPChannelError, AMQPConnectionError, ChannelClosed
+
+from common.bus.base import DeadLetterMessage, MessageBus
+from common.bus.dispatch import (
+    ATTEMPT,
+    ROUTING_KEY,
+    Ack,
+    DeadLetter,
+    Delivery,
+    Dispatcher,
+    Outcome,
+    Retry,
+)
+from common.bus.publisher import AsyncPublisher, Message
+from common.events import Event
+from common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PERSISTENT = pika.DeliveryMode.Persistent
+DELIVERY_LIMIT = 20  # a message that crashes its consumer this often goes to the DLQ
+CONNECTION_ERRORS = (AMQPConnectionError, AMQPChannelError, ConnectionError, OSError)
+
+
+def connection_parameters(settings: Settings, name: str = "conveyor") -> pika.URLParameters:
+    """pika parameters from the settings, with heartbeats on."""
+    params = pika.URLParameters(settings.amqp_url)
+    params.heartbeat = settings.heartbeat_s
+    params.blocked_connection_timeout = 60
+    params.client_properties = {"connection_name": name}
+    return params
+
+
+def delay_queue(settings: Settings, service: str, delay_s: float) -> str:
+    """Name of the service's delay queue for one back-off step."""
+    return f"{settings.queue(service)}.retry.{round(delay_s * 1000)}ms"
+
+
+def _at_least_once_dead_lettering(target_queue: str) -> dict[str, Any]:
+    return {
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": target_queue,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+
+
+def declare_topology(
+    channel: BlockingChannel, settings: Settings, service: str, event_types: Sequence[str]
+) -> None:
+    """Declare the exchange and the service's queue, bindings, delay queues and DLQ."""
+    main, dlq = settings.queue(service), settings.dead_letter_queue(service)
+    channel.exchange_declare(settings.exchange, exchange_type="topic", durable=True)
+    channel.queue_declare(dlq, durable=True, arguments={"x-queue-type": "quorum"})
+    main_args = {**_at_least_once_dead_lettering(dlq), "x-delivery-limit": DELIVERY_LIMIT}
+    channel.queue_declare(main, durable=True, arguments=main_args)
+    for event_type in event_types:
+        channel.queue_bind(main, settings.exchange, routing_key=event_type)
+    for delay_s in sorted(set(settings.retry_delays_s)):
+        args = {**_at_least_once_dead_lettering(main), "x-message-ttl": round(delay_s * 1000)}
+        channel.queue_declare(delay_queue(settings, service, delay_s), durable=True, arguments=args)
+
+
+def properties(headers: dict[str, Any] | None = None, event: Event | None = None) -> Any:
+    """Persistent JSON message properties, carrying the event's ids where there is one."""
+    return pika.BasicProperties(
+        content_type="application/json",
+        delivery_mode=PERSISTENT,
+        headers=headers or {},
+        message_id=str(event.event_id) if event else None,
+        correlation_id=str(event.correlation_id) if event else None,
+        type=event.event_type if event else None,
+    )
+
+
+class RabbitMQBus(MessageBus):
+    """The production bus: RabbitMQ through pika."""
+
+    def __init__(self, settings: Settings, *, name: str = "conveyor") -> None:
+        self.settings = settings
+        self.name = name
+        self._publisher: AsyncPublisher | None = None
+        self._publisher_lock = threading.Lock()
+
+    @property
+    def publisher(self) -> AsyncPublisher:
+        """The shared confirming publisher, connected on first use."""
+        with self._publisher_lock:
+            if self._publisher is None:
+                params = connection_parameters(self.settings, f"{self.name}-publisher")
+                self._publisher = AsyncPublisher(
+                    params, max_reconnect_delay_s=self.settings.reconnect_max_delay_s
+                )
+            return self._publisher
+
+    @contextlib.contextmanager
+    def channel(self) -> Iterator[BlockingChannel]:
+        """A short-lived blocking channel for declarations and inspection."""
+        connection = pika.BlockingConnection(connection_parameters(self.settings, self.name))
+        try:
+            yield connection.channel()
+        finally:
+            with contextlib.suppress(Exception):
+                connection.close()
+
+    def declare(self, service: str, event_types: Sequence[str]) -> None:
+        with self.channel() as channel:
+            declare_topology(channel, self.settings, service, event_types)
+
+    def publish_many(self, events: Sequence[Event]) -> None:
+        if not events:
+            return
+        exchange = self.settings.exchange
+        messages = [
+            Message(exchange, ev.event_type, ev.to_json(), properties(event=ev)) for ev in events
+        ]
+        self.publisher.publish(messages)
+
+    def send_to_queue(self, queue_name: str, body: bytes, headers: dict[str, Any]) -> None:
+        """Publish raw bytes straight to one queue (retry delays, DLQ, replay), confirmed."""
+        props = properties(headers)
+        props.message_id = headers.get("message-id")
+        self.publisher.publish([Message("", queue_name, body, props)])
+
+    def publish_raw(self, routing_key: str, body: bytes) -> None:
+        """Publish bytes on the exchange unvalidated, as a foreign producer would."""
+        message = Message(self.settings.exchange, routing_key, body, properties())
+        self.publisher.publish([message])
+
+    def consume(self, dispatcher: Dispatcher, stop: threading.Event) -> None:
+        Consumer(self, dispatcher, stop).run()
+
+    def dead_letters(self, service: str, limit: int = 100) -> list[DeadLetterMessage]:
+        letters: list[DeadLetterMessage] = []
+        with self.channel() as channel:
+            for _ in range(limit):
+                method, props, body = channel.basic_get(self.settings.dead_letter_queue(service))
+                if method is None:
+                    break
+                letters.append(DeadLetterMessage(body, dict(props.headers or {})))
+        return letters  # closing the channel un-acked puts them back
+
+    def replay_dead_letters(self, service: str) -> int:
+        dlq, main = self.settings.dead_letter_queue(service), self.settings.queue(service)
+        with self.channel() as channel:
+            waiting = channel.queue_declare(dlq, passive=True).method.message_count
+            for count in range(waiting):
+                method, props, body = channel.basic_get(dlq)
+                if method is None:
+                    return count
+                headers = {k: v for k, v in (props.headers or {}).items() if k != ATTEMPT}
+                self.send_to_queue(main, body, headers)
+                channel.basic_ack(method.delivery_tag)
+        return waiting
+
+    def queue_depths(self, service: str) -> dict[str, int]:
+        names = {
+            "ready": self.settings.queue(service),
+            "dead": self.settings.dead_letter_queue(service),
+        }
+        for delay_s in sorted(set(self.settings.retry_delays_s)):
+            names[f"retry_{round(delay_s * 1000)}ms"] = delay_queue(self.settings, service, delay_s)
+        with self.channel() as channel:
+            return {key: _depth(channel, name) for key, name in names.items()}
+
+    def close(self) -> None:
+        if self._publisher is not None:
+            self._publisher.close()
+            self._publisher = None
+
+
+def _depth(channel: BlockingChannel, name: str) -> int:
+    try:
+        return channel.queue_declare(name, passive=True).method.message_count
+    except ChannelClosed:
+        return -1  # the queue does not exist (yet)
+
+
+class Consumer:
+    """Consumes one service queue with manual acks, reconnecting with back-off.
+
+    The pika connection lives on the calling thread, which keeps heartbeats going while a
+    worker thread runs the handlers; acks travel back with ``add_callback_threadsafe``.
+    """
+
+    def __init__(self, bus: RabbitMQBus, dispatcher: Dispatcher, stop: threading.Event) -> None:
+        self.bus, self.dispatcher, self.stop = bus, dispatcher, stop
+        self.settings = bus.settings
+        self.connected = threading.Event()
+
+    def run(self) -> None:
+        """Consume until ``stop`` is set, surviving broker restarts and dropped connections."""
+        delay = 0.2
+        while not self.stop.is_set():
+            try:
+                self._consume_until_stopped()
+                delay = 0.2
+            except CONNECTION_ERRORS as exc:
+                self.connected.clear()
+                log.warning("consumer connection lost (%s); reconnecting in %.1fs", exc, delay)
+                self.stop.wait(delay)
+                delay = min(delay * 2, self.settings.reconnect_max_delay_s)
+
+    def _consume_until_stopped(self) -> None:
+        name = f"{self.dispatcher.service}-consumer"
+        connection = pika.BlockingConnection(connection_parameters(self.settings, name))
+        worker = _Worker(self, connection)
+        try:
+            channel = connection.channel()
+            channel.basic_qos(prefetch_count=self.settings.prefetch)
+            declare_topology(
+                channel, self.settings, self.dispatcher.service, self.dispatcher.event_types
+            )
+            channel.basic_consume(self.settings.queue(self.dispatcher.service), worker.receive)
+            self.connected.set()
+            log.info("consuming %s", self.settings.queue(self.dispatcher.service))
+            while not self.stop.is_set():
+                connection.process_data_events(time_limit=0.2)
+            worker.finish(channel, connection)
+        finally:
+            worker.halt()
+            with contextlib.suppress(Exception):
+                connection.close()
+
+
+class _Worker:
+    """Runs the dispatcher on messages in delivery order; acks travel back in batches."""
+
+    def __init__(self, consumer: Consumer, connection: pika.BlockingConnection) -> None:
+        self.consumer, self.connection = consumer, connection
+        self._inbox: deque[tuple[BlockingChannel, Any, Any, bytes]] = deque()
+        self._settled: list[tuple[BlockingChannel, int, bool]] = []
+        self._cv = threading.Condition()
+        self._in_hand = self._halted = False
+        self._thread = threading.Thread(target=self._loop, name="handler", daemon=True)
+        self._thread.start()
+
+    def receive(self, channel: BlockingChannel, method: Any, props: Any, body: bytes) -> None:
+        with self._cv:
+            self._inbox.append((channel, method, props, body))
+            self._cv.notify()
+
+    def _loop(self) -> None:
+        while (item := self._take()) is not None:
+            acked = self._handle(*item)
+            self._settle(item[0], item[1].delivery_tag, acked)
+
+    def _take(self) -> tuple[BlockingChannel, Any, Any, bytes] | None:
+        with self._cv:
+            self._in_hand = False
+            self._cv.notify_all()
+            while not self._inbox and not self._halted:
+                self._cv.wait()
+            if self._halted:
+                return None
+            self._in_hand = True
+            return self._inbox.popleft()
+
+    def _handle(self, _channel: BlockingChannel, method: Any, props: Any, body: bytes) -> bool:
+        headers = dict(props.headers or {})
+        delivery = Delivery(body, str(headers.get(ROUTING_KEY, method.routing_key)), headers)
+        try:
+            self._carry_out(self.consumer.dispatcher.dispatch(delivery), delivery)
+        except Exception:  # noqa: BLE001 - requeued; the queue's delivery limit bounds loops
+            log.exception("message could not be settled; the broker will deliver it again")
+            return False
+        return True
+
+    def _carry_out(self, outcome: Outcome, delivery: Delivery) -> None:
+        settings, service = self.consumer.settings, self.consumer.dispatcher.service
+        if isinstance(outcome, Retry):
+            headers = {ROUTING_KEY: delivery.routing_key, **outcome.headers}
+            target = delay_queue(settings, service, outcome.delay_s)
+            self.consumer.bus.send_to_queue(target, delivery.body, headers)
+        elif isinstance(outcome, DeadLetter):
+            dlq = settings.dead_letter_queue(service)
+            self.consumer.bus.send_to_queue(dlq, delivery.body, outcome.headers)
+        else:
+            assert isinstance(outcome, Ack)
+
+    def _settle(self, channel: BlockingChannel, tag: int, ack: bool) -> None:
+        with self._cv:
+            self._settled.append((channel, tag, ack))
+            first = len(self._settled) == 1
+        if first:
+            with contextlib.suppress(Exception):  # connection gone: redelivery will follow
+                self.connection.add_callback_threadsafe(self._flush_settled)
+
+    def _flush_settled(self) -> None:
+        with self._cv:
+            settled, self._settled = self._settled, []
+        for channel, tag, ack in settled:
+            if not channel.is_open:
+                continue  # the broker requeued it when the channel closed
+            if ack:
+                channel.basic_ack(tag)
+            else:
+                channel.basic_nack(tag, requeue=True)
+
+    def finish(self, channel: BlockingChannel, connection: pika.BlockingConnection) -> None:
+        """Stop taking messages, let the one in hand finish, and ack it (the SIGTERM path)."""
+        channel.stop_consuming()
+        with self._cv:
+            self._inbox.clear()  # not acked: the broker requeues them when the channel closes
+        while self._busy():
+            connection.process_data_events(time_limit=0.1)
+        connection.process_data_events(time_limit=0)
+        self._flush_settled()
+
+    def _busy(self) -> bool:
+        with self._cv:
+            return self._in_hand
+
+    def halt(self) -> None:
+        """Stop the worker thread; messages not yet handled stay unacked."""
+        with self._cv:
+            self._inbox.clear()
+            self._halted = True
+            self._cv.notify_all()

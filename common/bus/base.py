@@ -57,8 +57,16 @@ class MessageBus(ABC):
         self.publish_many([event])
 
     @abstractmethod
-    def consume(self, dispatcher: Dispatcher, stop: threading.Event) -> None:
-        """Feed the dispatcher's service queue to it until ``stop`` is set."""
+    def consume(
+        self,
+        dispatcher: Dispatcher,
+        stop: threading.Event,
+        connected: threading.Event | None = None,
+    ) -> None:
+        """Feed the dispatcher's service queue to it until ``stop`` is set.
+
+        ``connected`` is set while the consumer is attached to its queue (readiness).
+        """
 
     @abstractmethod
     def dead_letters(self, service: str, limit: int = 100) -> list[DeadLetterMessage]:

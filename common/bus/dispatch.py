@@ -148,6 +148,7 @@ class Dispatcher:
         except InvalidEvent as exc:
             return self._invalid(delivery, exc)
         with event_context(event):
+            log.debug("received (attempt %d)", delivery.attempt)
             return self._dispatch_event(delivery, event)
 
     def _dispatch_event(self, delivery: Delivery, event: Event) -> Outcome:
@@ -176,7 +177,7 @@ class Dispatcher:
         if self.processed:
             self.processed.mark(self.service, event.event_id)
         self._count(self.metrics.handled, event.event_type)
-        log.debug("handled", extra={"fields": {"emitted": len(emitted)}})
+        log.debug("handled; emitted %d event(s)", len(emitted))
         return Ack()
 
     def _emitted(self, cause: Event, result: HandlerResult) -> list[Event]:

@@ -97,8 +97,15 @@ class InMemoryBus(MessageBus):
         self.queues[service].append(delivery)
         return True
 
-    def consume(self, dispatcher: Dispatcher, stop: threading.Event) -> None:
+    def consume(
+        self,
+        dispatcher: Dispatcher,
+        stop: threading.Event,
+        connected: threading.Event | None = None,
+    ) -> None:
         self.register(dispatcher)
+        if connected is not None:
+            connected.set()
         while not stop.is_set():
             if not self._step():
                 stop.wait(0.01)

@@ -174,7 +174,8 @@ class AsyncPublisher:
                 _resolve(message, acked=isinstance(method, Basic.Ack))
 
     def _on_channel_closed(self, _channel: Any, reason: Exception) -> None:
-        log.warning("publisher channel closed: %s", reason)
+        if not self._closing.is_set():
+            log.warning("publisher channel closed: %s", reason)
         with self._lock:
             self._channel = None
         if self._connection is not None and self._connection.is_open:

@@ -121,14 +121,20 @@ class RabbitMQBus(MessageBus):
             return self._publisher
 
     @contextlib.contextmanager
-    def channel(self) -> Iterator[BlockingChannel]:
-        """A short-lived blocking channel for declarations and inspection."""
+    def connection(self) -> Iterator[pika.BlockingConnection]:
+        """A short-lived blocking connection for declarations and inspection."""
         connection = pika.BlockingConnection(connection_parameters(self.settings, self.name))
         try:
-            yield connection.channel()
+            yield connection
         finally:
             with contextlib.suppress(Exception):
                 connection.close()
+
+    @contextlib.contextmanager
+    def channel(self) -> Iterator[BlockingChannel]:
+        """A short-lived blocking channel for declarations and inspection."""
+        with self.connection() as connection:
+            yield connection.channel()
 
     def declare(self, service: str, event_types: Sequence[str]) -> None:
         with self.channel() as channel:
@@ -154,8 +160,13 @@ class RabbitMQBus(MessageBus):
         message = Message(self.settings.exchange, routing_key, body, properties())
         self.publisher.publish([message])
 
-    def consume(self, dispatcher: Dispatcher, stop: threading.Event) -> None:
-        Consumer(self, dispatcher, stop).run()
+    def consume(
+        self,
+        dispatcher: Dispatcher,
+        stop: threading.Event,
+        connected: threading.Event | None = None,
+    ) -> None:
+        Consumer(self, dispatcher, stop, connected).run()
 
     def dead_letters(self, service: str, limit: int = 100) -> list[DeadLetterMessage]:
         letters: list[DeadLetterMessage] = []
@@ -187,8 +198,8 @@ class RabbitMQBus(MessageBus):
         }
         for delay_s in sorted(set(self.settings.retry_delays_s)):
             names[f"retry_{round(delay_s * 1000)}ms"] = delay_queue(self.settings, service, delay_s)
-        with self.channel() as channel:
-            return {key: _depth(channel, name) for key, name in names.items()}
+        with self.connection() as connection:
+            return {key: _depth(connection, name) for key, name in names.items()}
 
     def close(self) -> None:
         if self._publisher is not None:
@@ -196,11 +207,15 @@ class RabbitMQBus(MessageBus):
             self._publisher = None
 
 
-def _depth(channel: BlockingChannel, name: str) -> int:
+def _depth(connection: pika.BlockingConnection, name: str) -> int:
+    channel = connection.channel()  # a failed passive declare closes its channel
     try:
         return channel.queue_declare(name, passive=True).method.message_count
     except ChannelClosed:
         return -1  # the queue does not exist (yet)
+    finally:
+        if channel.is_open:
+            channel.close()
 
 
 class Consumer:
@@ -210,10 +225,16 @@ class Consumer:
     worker thread runs the handlers; acks travel back with ``add_callback_threadsafe``.
     """
 
-    def __init__(self, bus: RabbitMQBus, dispatcher: Dispatcher, stop: threading.Event) -> None:
+    def __init__(
+        self,
+        bus: RabbitMQBus,
+        dispatcher: Dispatcher,
+        stop: threading.Event,
+        connected: threading.Event | None = None,
+    ) -> None:
         self.bus, self.dispatcher, self.stop = bus, dispatcher, stop
         self.settings = bus.settings
-        self.connected = threading.Event()
+        self.connected = connected if connected is not None else threading.Event()
 
     def run(self) -> None:
         """Consume until ``stop`` is set, surviving broker restarts and dropped connections."""
@@ -245,6 +266,7 @@ class Consumer:
                 connection.process_data_events(time_limit=0.2)
             worker.finish(channel, connection)
         finally:
+            self.connected.clear()
             worker.halt()
             with contextlib.suppress(Exception):
                 connection.close()
@@ -323,6 +345,7 @@ class _Worker:
                 channel.basic_ack(tag)
             else:
                 channel.basic_nack(tag, requeue=True)
+            log.debug("%s delivery %d", "acked" if ack else "requeued", tag)
 
     def finish(self, channel: BlockingChannel, connection: pika.BlockingConnection) -> None:
         """Stop taking messages, let the one in hand finish, and ack it (the SIGTERM path)."""

@@ -1,0 +1,208 @@
+"""The ``conveyor`` command line: run services, publish events, inspect queues.
+
+Examples::
+
+    conveyor run eventlog
+    conveyor publish SourceDataAvailable --json '{"dataset": "paysim", "uri": "tx.csv"}'
+    conveyor events schema SourceDataAvailable
+    conveyor dlq list eventlog
+    conveyor status
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from typing import Any
+
+import click
+import pika
+import redis
+
+from common.bus.rabbitmq import RabbitMQBus
+from common.errors import ConveyorError
+from common.eventlog import EventLog
+from common.events import event_class, json_schemas, parse_event
+from common.logs import configure_logging
+from common.runtime import ServiceRunner, redis_processed, stop_on_signals
+from common.services import build_service, service_names
+from common.settings import Settings
+
+
+class ConveyorGroup(click.Group):
+    """Turns Conveyor errors into one clear line and exit status 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ConveyorError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+@click.group(cls=ConveyorGroup)
+def main() -> None:
+    """Conveyor: an event-driven machine-learning pipeline."""
+
+
+@main.command()
+@click.argument("service")
+def run(service: str) -> None:
+    """Run one service until SIGTERM (what each Kubernetes Deployment runs)."""
+    settings = Settings()
+    configure_logging(settings.log_level)
+    try:
+        built = build_service(service, settings)
+    except KeyError as exc:
+        raise click.BadParameter(str(exc.args[0]), param_hint="SERVICE") from exc
+    stop = threading.Event()
+    stop_on_signals(stop)
+    runner = ServiceRunner(built, RabbitMQBus(settings, name=service), settings,
+                           processed=redis_processed(settings))
+    runner.run(stop)
+
+
+@main.command()
+@click.argument("event_type")
+@click.option("--json", "payload", required=True, help="Payload fields as JSON, or @file.")
+def publish(event_type: str, payload: str) -> None:
+    """Publish an event (envelope fields are filled in unless given)."""
+    fields = _load_json(payload)
+    event = parse_event({"producer": "cli", **fields, "event_type": event_class(event_type)
+                         .model_fields["event_type"].default})
+    bus = RabbitMQBus(Settings(), name="cli")
+    try:
+        bus.publish(event)
+    finally:
+        bus.close()
+    click.echo(f"published {event.event_type} {event.event_id} (confirmed by the broker)")
+
+
+def _load_json(text: str) -> dict[str, Any]:
+    raw = open(text[1:]).read() if text.startswith("@") else text  # noqa: SIM115
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--json") from exc
+    if not isinstance(data, dict):
+        raise click.BadParameter("expected a JSON object", param_hint="--json")
+    return data
+
+
+@main.group()
+def events() -> None:
+    """Event schemas and the event log."""
+
+
+@events.command("schema")
+@click.argument("event_type", required=False)
+def events_schema(event_type: str | None) -> None:
+    """Print the JSON Schema of one event type, or of all of them."""
+    schemas = json_schemas()
+    if event_type:
+        schemas = {event_type: event_class(event_type).model_json_schema()}
+    click.echo(json.dumps(schemas, indent=2))
+
+
+@events.command("log")
+@click.option("--limit", default=50, show_default=True, help="How many recent events.")
+def events_log(limit: int) -> None:
+    """Print the latest events recorded by the eventlog service."""
+    settings = Settings()
+    log = EventLog(redis.Redis.from_url(settings.redis_url), settings.namespace)
+    for entry in log.recent(limit):
+        click.echo(format_log_entry(entry))
+
+
+def format_log_entry(entry: dict[str, str]) -> str:
+    """One event-log entry as a line."""
+    return (f"{entry['occurred_at'][:23]}  {entry['event_type']:<22} {entry['event_id']}  "
+            f"by {entry['producer']:<10} run {entry['correlation_id'][:8]}  {entry['payload']}")
+
+
+@main.group()
+def dlq() -> None:
+    """Inspect and replay dead letters."""
+
+
+@dlq.command("list")
+@click.argument("service")
+@click.option("--limit", default=20, show_default=True)
+@click.option("--traceback", "show_traceback", is_flag=True, help="Show each traceback.")
+def dlq_list(service: str, limit: int, show_traceback: bool) -> None:
+    """Show a service's dead letters with their errors (they stay in the queue)."""
+    bus = RabbitMQBus(Settings(), name="cli")
+    letters = bus.dead_letters(service, limit)
+    click.echo(f"{len(letters)} dead letter(s) shown for {service}")
+    for letter in letters:
+        click.echo(f"- [{letter.routing_key}] {letter.error}")
+        click.echo(f"    body: {letter.body[:200].decode(errors='replace')}")
+        if show_traceback:
+            click.echo(str(letter.headers.get("x-conveyor-traceback", "")))
+
+
+@dlq.command("replay")
+@click.argument("service")
+def dlq_replay(service: str) -> None:
+    """Put a service's dead letters back in its queue with fresh attempts."""
+    bus = RabbitMQBus(Settings(), name="cli")
+    try:
+        count = bus.replay_dead_letters(service)
+    finally:
+        bus.close()
+    click.echo(f"replayed {count} dead letter(s) to {service}")
+
+
+@main.command()
+def status() -> None:
+    """Broker and Redis reachability, queue depths and dead-letter counts."""
+    settings = Settings()
+    broker_ok, redis_ok = broker_reachable(settings), redis_reachable(settings)
+    click.echo(f"RabbitMQ {settings.amqp_url.split('@')[-1]}: {'up' if broker_ok else 'DOWN'}")
+    click.echo(f"Redis    {settings.redis_url}: {'up' if redis_ok else 'DOWN'}")
+    if broker_ok:
+        click.echo(queue_table(RabbitMQBus(settings, name="cli")))
+    sys.exit(0 if broker_ok and redis_ok else 1)
+
+
+def broker_reachable(settings: Settings) -> bool:
+    """Whether RabbitMQ accepts a connection with the configured credentials."""
+    try:
+        pika.BlockingConnection(pika.URLParameters(settings.amqp_url)).close()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means unreachable here
+        return False
+
+
+def redis_reachable(settings: Settings) -> bool:
+    """Whether Redis answers PING."""
+    try:
+        return bool(redis.Redis.from_url(settings.redis_url, socket_timeout=2).ping())
+    except redis.RedisError:
+        return False
+
+
+def queue_table(bus: RabbitMQBus) -> str:
+    """Queue depths per service, one line each."""
+    lines = [f"{'service':<14} {'ready':>7} {'retrying':>9} {'dead':>6}"]
+    for name in service_names():
+        depths = bus.queue_depths(name)
+        if depths["ready"] < 0:
+            lines.append(f"{name:<14} {'(queue not declared yet)':>24}")
+            continue
+        retrying = sum(v for k, v in depths.items() if k.startswith("retry") and v > 0)
+        lines.append(f"{name:<14} {depths['ready']:>7} {retrying:>9} {depths['dead']:>6}")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait per step.")
+def demo(timeout: float) -> None:
+    """The whole story on a bundled data set (grows with each stage)."""
+    from common.demo import run_demo
+
+    sys.exit(run_demo(Settings(), timeout))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""The event log: every event on the exchange, recorded in Redis for operators and lineage.
+
+``EventLog`` is the store (a bounded stream in arrival order, each event by id, and the
+events each one caused); ``EventLogService`` is the service that fills it.
+
+Example::
+
+    log = EventLog(redis.Redis(), "conveyor")
+    for entry in log.recent(20): print(entry["event_type"], entry["event_id"])
+    log.caused_by(source_event_id)   # the events it led to
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from uuid import UUID
+
+import redis
+
+from common.bus.dispatch import HandlerSpec
+from common.events import EVENT_TYPES, Event, parse_event
+from common.runtime import Service
+from common.settings import Settings
+
+STREAM_MAXLEN = 1_000_000
+
+
+class EventLog:
+    """Events recorded in Redis under one namespace."""
+
+    def __init__(self, client: redis.Redis, namespace: str, maxlen: int = STREAM_MAXLEN) -> None:
+        self.client, self.namespace, self.maxlen = client, namespace, maxlen
+        self.stream = f"{namespace}:eventlog"
+        self.bodies = f"{namespace}:events"
+
+    def _children_key(self, event_id: UUID | str) -> str:
+        return f"{self.namespace}:caused-by:{event_id}"
+
+    def record(self, event: Event) -> None:
+        """Record an event (idempotent for the id and the children; the stream may repeat)."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(self.bodies, str(event.event_id), event.model_dump_json())
+        if event.causation_id:
+            pipe.sadd(self._children_key(event.causation_id), str(event.event_id))
+        pipe.xadd(self.stream, _summary(event), maxlen=self.maxlen, approximate=True)
+        pipe.execute()
+
+    def recent(self, count: int = 50) -> list[dict[str, str]]:
+        """The latest entries, oldest first."""
+        entries = self.client.xrevrange(self.stream, count=count)
+        return [_decoded(fields) for _, fields in reversed(entries)]
+
+    def get(self, event_id: UUID | str) -> Event | None:
+        """An event by id, or None if it was never recorded."""
+        body = self.client.hget(self.bodies, str(event_id))
+        return parse_event(body) if body else None
+
+    def caused_by(self, event_id: UUID | str) -> list[Event]:
+        """The events directly caused by an event."""
+        ids = sorted(m.decode() for m in self.client.smembers(self._children_key(event_id)))
+        bodies = self.client.hmget(self.bodies, ids) if ids else []
+        return sorted((parse_event(b) for b in bodies if b), key=lambda e: e.occurred_at)
+
+
+def _summary(event: Event) -> dict[str, str]:
+    return {
+        "event_id": str(event.event_id),
+        "event_type": event.event_type,
+        "correlation_id": str(event.correlation_id),
+        "causation_id": str(event.causation_id or ""),
+        "producer": event.producer,
+        "occurred_at": event.occurred_at.isoformat(),
+        "payload": json.dumps(_payload(event), default=str),
+    }
+
+
+def _payload(event: Event) -> dict[str, Any]:
+    envelope = set(Event.model_fields)
+    return {k: v for k, v in event.model_dump(mode="json").items() if k not in envelope}
+
+
+def _decoded(fields: dict[bytes, bytes]) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in fields.items()}
+
+
+class EventLogService(Service):
+    """Subscribes to every event type and records each event in the event log."""
+
+    name = "eventlog"
+
+    def __init__(self, event_log: EventLog) -> None:
+        self.event_log = event_log
+
+    def handler_specs(self) -> dict[str, HandlerSpec]:
+        return {t: HandlerSpec(t, self.on_event) for t in EVENT_TYPES}
+
+    def on_event(self, event: Event) -> None:
+        """Record the event; it causes nothing."""
+        self.event_log.record(event)
+
+    def ready(self) -> bool:
+        return bool(self.event_log.client.ping())
+
+
+def build(settings: Settings) -> EventLogService:
+    """The event-log service for the settings."""
+    client = redis.Redis.from_url(settings.redis_url)
+    return EventLogService(EventLog(client, settings.namespace))

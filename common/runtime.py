@@ -1,0 +1,152 @@
+"""The service runtime: services declare handlers; the runner wires them to a bus.
+
+A service is a class with a ``name`` and one ``@handles`` method per event type; its
+stores and settings come in through its constructor. A handler returns the events it
+causes (or ``None``); the runtime publishes them with confirms before acknowledging.
+
+Example::
+
+    class IngestionService(Service):
+        name = "ingestion"
+
+        def __init__(self, raw_store: RawBatchStore) -> None:
+            self.raw_store = raw_store
+
+        @handles(SourceDataAvailable, expected=(FileNotFoundError,))
+        def on_source_data_available(self, event: SourceDataAvailable) -> RawDataExtracted:
+            ...
+
+    ServiceRunner(IngestionService(store), RabbitMQBus(settings), settings).run(stop)
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
+
+import redis
+from prometheus_client import CollectorRegistry
+
+from common.bus.base import MessageBus
+from common.bus.dispatch import Dispatcher, HandlerSpec, RetryPolicy
+from common.bus.idempotency import ProcessedEvents, RedisProcessedEvents
+from common.events import Event
+from common.health import HealthServer
+from common.metrics import BusMetrics
+from common.settings import Settings
+
+log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
+_HANDLES = "__conveyor_handles__"
+
+
+def handles(
+    event_cls: type[Event], *, expected: tuple[type[BaseException], ...] = ()
+) -> Callable[[F], F]:
+    """Mark a service method as the handler of one event type.
+
+    ``expected`` lists errors that are the input's fault: they are dead-lettered at
+    once, logged as warnings, never retried.
+    """
+
+    def mark(fn: F) -> F:
+        setattr(fn, _HANDLES, (event_cls.model_fields["event_type"].default, expected))
+        return fn
+
+    return mark
+
+
+class Service:
+    """Base of every service: a name, decorated handlers and a readiness check."""
+
+    name: ClassVar[str]
+
+    def handler_specs(self) -> dict[str, HandlerSpec]:
+        """The service's handlers by event type."""
+        specs: dict[str, HandlerSpec] = {}
+        for _, method in inspect.getmembers(self, inspect.ismethod):
+            marked = getattr(method, _HANDLES, None)
+            if marked:
+                specs[marked[0]] = HandlerSpec(marked[0], method, marked[1])
+        return specs
+
+    def ready(self) -> bool:
+        """Whether the service can do its work (models loaded, stores reachable...)."""
+        return True
+
+    def close(self) -> None:  # noqa: B027 - services without resources need no cleanup
+        """Release the service's own resources at shutdown."""
+
+
+def policy_from(settings: Settings) -> RetryPolicy:
+    """The retry policy the settings describe."""
+    return RetryPolicy(max_attempts=settings.max_attempts, delays_s=settings.retry_delays_s)
+
+
+class ServiceRunner:
+    """Runs one service: HTTP probes and metrics, then consuming until stopped."""
+
+    def __init__(
+        self,
+        service: Service,
+        bus: MessageBus,
+        settings: Settings,
+        *,
+        processed: ProcessedEvents | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.service, self.bus, self.settings = service, bus, settings
+        self.metrics = BusMetrics(registry or CollectorRegistry())
+        self.processed = processed
+        self.connected = threading.Event()
+        self.http: HealthServer | None = None
+
+    def dispatcher(self) -> Dispatcher:
+        """The dispatcher that runs this service's handlers."""
+        return Dispatcher(
+            self.service.name,
+            self.service.handler_specs(),
+            self.bus.publish_many,
+            policy=policy_from(self.settings),
+            processed=self.processed,
+            metrics=self.metrics,
+        )
+
+    def ready(self) -> bool:
+        """Ready means consuming and the service itself ready."""
+        return self.connected.is_set() and self.service.ready()
+
+    def run(self, stop: threading.Event) -> None:
+        """Serve probes and consume until ``stop`` is set; the message in hand finishes."""
+        self.http = HealthServer(
+            self.metrics.registry, self.ready, self.settings.http_host, self.settings.http_port
+        ).start()
+        log.info("service %s started; http on port %d", self.service.name, self.http.port)
+        try:
+            self.bus.consume(self.dispatcher(), stop, self.connected)
+        finally:
+            self.http.stop()
+            self.service.close()
+            self.bus.close()
+            log.info("service %s stopped", self.service.name)
+
+
+def redis_processed(settings: Settings) -> RedisProcessedEvents:
+    """The Redis record of processed events for the settings' namespace."""
+    client = redis.Redis.from_url(settings.redis_url)
+    return RedisProcessedEvents(client, settings.namespace, settings.processed_ttl_s)
+
+
+def stop_on_signals(stop: threading.Event) -> None:
+    """Set ``stop`` on SIGTERM or SIGINT (call from the main thread)."""
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        log.info("received %s; finishing the message in hand", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)

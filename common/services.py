@@ -1,0 +1,31 @@
+"""The catalogue of runnable services: name → factory taking the settings.
+
+``conveyor run NAME`` and each Kubernetes Deployment start one entry of it. Stage
+packages add theirs here as they are built.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from common.runtime import Service
+from common.settings import Settings
+
+SERVICES: dict[str, str] = {
+    "eventlog": "common.eventlog:build",
+}
+
+
+def service_names() -> list[str]:
+    """Names of every runnable service."""
+    return sorted(SERVICES)
+
+
+def build_service(name: str, settings: Settings) -> Service:
+    """Build a service by name; ``KeyError`` lists the known names."""
+    if name not in SERVICES:
+        raise KeyError(f"unknown service {name!r}; known: {', '.join(service_names())}")
+    module_name, _, attr = SERVICES[name].partition(":")
+    factory: Callable[[Settings], Service] = getattr(importlib.import_module(module_name), attr)
+    return factory(settings)

@@ -50,11 +50,11 @@ def main() -> None:
 def run(service: str) -> None:
     """Run one service until SIGTERM (what each Kubernetes Deployment runs)."""
     settings = Settings()
-    configure_logging(settings.log_level)
     try:
         built = build_service(service, settings)
     except KeyError as exc:
         raise click.BadParameter(str(exc.args[0]), param_hint="SERVICE") from exc
+    configure_logging(settings.log_level)
     stop = threading.Event()
     stop_on_signals(stop)
     runner = ServiceRunner(built, RabbitMQBus(settings, name=service), settings,

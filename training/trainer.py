@@ -1,0 +1,253 @@
+"""Training candidates in parallel: one process per candidate, a timeout, retries.
+
+Pure core of the Model Training Service: frames in, fitted models and metadata out. One
+failing candidate never sinks the others; it is reported in ``failures``.
+
+Example::
+
+    result = train_candidates(config, X_train, y_train, feature_set_id="fs1", batch_ids=["b1"])
+    for trained in result.trained: print(trained.model_id, trained.metadata["timings"])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import sklearn
+from pebble import ProcessExpired, ProcessPool
+
+from common.errors import InvalidInput
+from training.config import Candidate, TrainingConfig, expand, resolve_estimator
+
+log = logging.getLogger(__name__)
+TRANSIENT = (ProcessExpired, OSError, MemoryError, ConnectionError)
+LABEL_COLUMN = "__label__"
+_worker_data: dict[str, Any] = {}
+
+
+@dataclass(frozen=True)
+class TrainedCandidate:
+    """A fitted candidate with the metadata the model store keeps beside it."""
+
+    model_id: str
+    name: str
+    model: Any
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A candidate that could not be trained, and why."""
+
+    name: str
+    error: str
+
+
+@dataclass
+class TrainingResult:
+    """What a training run produced."""
+
+    trained: list[TrainedCandidate] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+
+
+def model_id_for(candidate: Candidate, feature_set_id: str) -> str:
+    """Content-derived model id: hash of the candidate config and the feature set."""
+    canonical = json.dumps(
+        {"candidate": candidate.model_dump(mode="json"), "feature_set_id": feature_set_id},
+        sort_keys=True, default=str,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def select_features(frame: pd.DataFrame, features: list[str] | None) -> pd.DataFrame:
+    """The configured feature columns; ``InvalidInput`` names any that are missing."""
+    if features is None:
+        return frame
+    missing = [f for f in features if f not in frame.columns]
+    if missing:
+        raise InvalidInput(f"training features not in the feature set: {missing}")
+    return frame[features]
+
+
+def train_candidates(
+    config: TrainingConfig,
+    X: pd.DataFrame,
+    y: pd.Series,
+    *,
+    feature_set_id: str,
+    batch_ids: list[str],
+    progress: Callable[[str], None] | None = None,
+) -> TrainingResult:
+    """Train every candidate of the config in parallel on (X, y)."""
+    candidates = expand(config)
+    X = select_features(X, config.features)
+    with tempfile.TemporaryDirectory(prefix="conveyor-train-") as tmp:
+        data_path = Path(tmp) / "train.parquet"
+        X.assign(**{LABEL_COLUMN: y.to_numpy()}).to_parquet(data_path)
+        outcomes = _run_pool(config, candidates, str(data_path), progress or log.info)
+    context = _Context(feature_set_id, batch_ids, list(X.columns), y)
+    return _collect(candidates, outcomes, context)
+
+
+def _run_pool(
+    config: TrainingConfig, candidates: list[Candidate], data_path: str,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    workers = min(config.workers, len(candidates))
+    ctx = multiprocessing.get_context("forkserver")
+    with ProcessPool(workers, initializer=_load_data, initargs=(data_path,), context=ctx) as pool:
+        return _Scheduler(pool, config, progress).run(candidates)
+
+
+class _Scheduler:
+    """Schedules candidates, retries transient failures, collects outcomes by name."""
+
+    def __init__(self, pool: ProcessPool, config: TrainingConfig, progress: Callable) -> None:
+        self.pool, self.config, self.progress = pool, config, progress
+        self.attempts: dict[str, int] = {}
+        self.pending: dict[Future, Candidate] = {}
+        self.outcomes: dict[str, Any] = {}
+
+    def run(self, candidates: list[Candidate]) -> dict[str, Any]:
+        for candidate in candidates:
+            self._schedule(candidate)
+        while self.pending:
+            done, _ = wait(list(self.pending), return_when=FIRST_COMPLETED)
+            for future in done:
+                self._settle(self.pending.pop(future), future)
+        return self.outcomes
+
+    def _schedule(self, candidate: Candidate) -> None:
+        self.attempts[candidate.name] = self.attempts.get(candidate.name, 0) + 1
+        future = self.pool.schedule(_fit, args=(candidate,), timeout=self.config.timeout_s)
+        self.pending[future] = candidate
+
+    def _settle(self, candidate: Candidate, future: Future) -> None:
+        try:
+            self.outcomes[candidate.name] = future.result()
+            self.progress(f"trained {candidate.name}")
+        except TimeoutError:
+            self.outcomes[candidate.name] = Failure(
+                candidate.name, f"timed out after {self.config.timeout_s:g}s"
+            )
+        except TRANSIENT as exc:
+            self._retry_or_fail(candidate, exc)
+        except Exception as exc:  # noqa: BLE001 - a candidate's own error sinks only it
+            self.outcomes[candidate.name] = Failure(candidate.name, _describe(exc))
+
+    def _retry_or_fail(self, candidate: Candidate, exc: BaseException) -> None:
+        if self.attempts[candidate.name] <= self.config.retries:
+            self.progress(f"retrying {candidate.name} after transient failure: {_describe(exc)}")
+            self._schedule(candidate)
+        else:
+            self.outcomes[candidate.name] = Failure(candidate.name, _describe(exc))
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _load_data(path: str) -> None:
+    frame = pd.read_parquet(path)
+    _worker_data["y"] = frame.pop(LABEL_COLUMN)
+    _worker_data["X"] = frame
+
+
+def _fit(candidate: Candidate) -> tuple[Any, float]:
+    model = resolve_estimator(candidate.estimator, candidate.name)(**candidate.params)
+    started = time.perf_counter()
+    model.fit(_worker_data["X"], _worker_data["y"])
+    return model, time.perf_counter() - started
+
+
+@dataclass(frozen=True)
+class _Context:
+    feature_set_id: str
+    batch_ids: list[str]
+    features: list[str]
+    y: pd.Series
+
+
+def _collect(
+    candidates: list[Candidate], outcomes: dict[str, Any], ctx: _Context
+) -> TrainingResult:
+    result = TrainingResult()
+    for candidate in candidates:
+        outcome = outcomes[candidate.name]
+        if isinstance(outcome, Failure):
+            result.failures.append(outcome)
+        else:
+            result.trained.append(_trained(candidate, *outcome, ctx))
+    return result
+
+
+def _trained(candidate: Candidate, model: Any, fit_s: float, ctx: _Context) -> TrainedCandidate:
+    model_id = model_id_for(candidate, ctx.feature_set_id)
+    return TrainedCandidate(model_id, candidate.name, model, {
+        "model_id": model_id,
+        "name": candidate.name,
+        "algorithm": f"{type(model).__module__}.{type(model).__qualname__}",
+        "config": candidate.model_dump(mode="json"),
+        "params": _json_safe(model.get_params()),
+        "learned": learned_summary(model),
+        "feature_set_id": ctx.feature_set_id,
+        "batch_ids": ctx.batch_ids,
+        "features": ctx.features,
+        "training_rows": int(len(ctx.y)),
+        "class_balance": class_balance(ctx.y),
+        "timings": {"fit_s": round(fit_s, 4)},
+        "library_versions": library_versions(),
+        "trained_at": datetime.now(UTC).isoformat(),
+        "status": "candidate",
+    })
+
+
+def class_balance(y: pd.Series) -> dict[str, float]:
+    """Share of each class in the training labels."""
+    return {str(k): round(float(v), 6) for k, v in y.value_counts(normalize=True).items()}
+
+
+def learned_summary(model: Any, max_values: int = 20) -> dict[str, Any]:
+    """Learned attributes (ending in ``_``): small ones by value, large ones by shape."""
+    summary: dict[str, Any] = {}
+    for name, value in vars(model).items():
+        if name.endswith("_") and not name.startswith("_"):
+            summary[name] = _summarise(value, max_values)
+    return summary
+
+
+def _summarise(value: Any, max_values: int) -> Any:
+    if isinstance(value, np.ndarray):
+        if value.size <= max_values and value.dtype.kind in "biuf":
+            return np.round(value.astype(float), 6).tolist()
+        return {"shape": list(value.shape), "dtype": str(value.dtype)}
+    if isinstance(value, (int, float, str, bool, np.generic)):
+        return value.item() if isinstance(value, np.generic) else value
+    return type(value).__name__
+
+
+def _json_safe(params: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(params, default=lambda v: repr(v)))
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries a model depends on."""
+    return {
+        "python": platform.python_version(), "scikit-learn": sklearn.__version__,
+        "numpy": np.__version__, "pandas": pd.__version__,
+    }

@@ -93,3 +93,12 @@ class ImmutableBatchError(ConveyorError):
     """A raw batch id already holds different content."""
 
     status = Status.INVALID_ARGUMENT
+
+
+class ModelIdNotFound(ModelNotFound):
+    """A model id that the model store or the registry does not hold."""
+
+    def __init__(self, model_id: str):
+        super().__init__(model_id)
+        self.ident = model_id
+        self.args = (f"model {model_id} not found",)

@@ -1,0 +1,211 @@
+"""Chunked conversion of a CSV, JSON-lines or Parquet source to one Parquet file.
+
+Memory stays bounded by the chunk size: pandas reads ``chunk_rows`` rows at a time (Parquet
+sources are read one record batch at a time) and ``pyarrow.parquet.ParquetWriter`` appends
+each chunk as a row group. Pandas infers types per chunk, so a later chunk can disagree
+with the first one that fixed the file's schema (an int column meets a missing value and
+turns float, a number column meets text, a JSON line brings a new key). The conversion
+then starts over with the wider type forced for that column; every restart widens at
+least one column, so restarts are few. A CSV's result does not depend on the chunk size
+(text columns keep their exact text); a JSON field mixing numbers and text becomes text.
+Example::
+
+    result = to_parquet(lambda: open("tx.csv", "rb"), "csv",
+                        lambda: root.atomic_open("raw/x/data.parquet"), chunk_rows=100_000)
+    result.rows, result.schema
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, suppress
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from common.errors import InvalidInput
+
+Opener = Callable[[], AbstractContextManager[IO[bytes]]]
+_CAST_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, ValueError)
+# What a malformed source raises (pandas' parser errors and ArrowInvalid are ValueErrors);
+# I/O errors stay I/O errors, so a full disk is retried rather than blamed on the input.
+_READ_ERRORS = (ValueError, pa.ArrowTypeError, pa.ArrowNotImplementedError)
+
+
+@dataclass(frozen=True)
+class Converted:
+    """What a conversion wrote: the Parquet schema and the number of rows."""
+
+    schema: pa.Schema
+    rows: int
+
+
+@dataclass
+class _Layout:
+    """What earlier attempts learned: every column, in order, and the types to force."""
+
+    columns: list[str] = field(default_factory=list)
+    forced: dict[str, pa.DataType] = field(default_factory=dict)
+
+
+class _Drift(Exception):
+    """A chunk does not fit the schema fixed by the first chunk: start over, wider."""
+
+    def __init__(self, layout: _Layout):
+        super().__init__("schema drift")
+        self.layout = layout
+
+
+def to_parquet(source: Opener, fmt: str, target: Opener, chunk_rows: int, name: str) -> Converted:
+    """Convert ``source`` (opened anew per attempt) to Parquet written through ``target``."""
+    layout = _Layout()
+    while True:
+        try:
+            return _attempt(source, fmt, target, chunk_rows, layout)
+        except _Drift as drift:
+            if drift.layout == layout:
+                raise InvalidInput(f"cannot reconcile the column types of {name}") from None
+            layout = drift.layout
+        except _READ_ERRORS as exc:
+            raise InvalidInput(f"cannot read {name} as {fmt}: {exc}") from exc
+
+
+def _attempt(
+    source: Opener, fmt: str, target: Opener, chunk_rows: int, layout: _Layout
+) -> Converted:
+    with source() as src, target() as dst:
+        return _write(_tables(src, fmt, chunk_rows, layout), dst, layout)
+
+
+def _write(tables: Iterator[pa.Table], dst: IO[bytes], layout: _Layout) -> Converted:
+    first = next(tables, None)
+    if first is None:
+        pq.write_table(pa.table({}), dst)
+        return Converted(pa.schema([]), 0)
+    rows = first.num_rows
+    with pq.ParquetWriter(dst, first.schema) as writer:
+        writer.write_table(first)
+        for table in tables:
+            writer.write_table(_conform(table, first.schema, layout))
+            rows += table.num_rows
+    return Converted(first.schema, rows)
+
+
+def _conform(table: pa.Table, schema: pa.Schema, layout: _Layout) -> pa.Table:
+    if table.schema.equals(schema):
+        return table
+    if table.schema.names != schema.names:
+        raise _Drift(_Layout(_union(schema.names, table.schema.names), layout.forced))
+    try:
+        return table.cast(schema)
+    except _CAST_ERRORS:
+        raise _Drift(_Layout(schema.names, _widened(schema, table.schema, layout))) from None
+
+
+def _union(first: list[str], second: list[str]) -> list[str]:
+    return first + [name for name in second if name not in first]
+
+
+def _widened(schema: pa.Schema, chunk: pa.Schema, layout: _Layout) -> dict[str, pa.DataType]:
+    forced = dict(layout.forced)
+    for column in schema:
+        other = chunk.field(column.name).type
+        if other != column.type:
+            forced[column.name] = wider(column.type, other)
+    return forced
+
+
+def wider(a: pa.DataType, b: pa.DataType) -> pa.DataType:
+    """The narrowest type that holds values of both: null < int < float < string."""
+    if a == b or pa.types.is_null(b):
+        return a
+    if pa.types.is_null(a):
+        return b
+    if _is_number(a) and _is_number(b):
+        return pa.float64()
+    return pa.string()
+
+
+def _is_number(kind: pa.DataType) -> bool:
+    return bool(pa.types.is_integer(kind) or pa.types.is_floating(kind))
+
+
+def _tables(src: IO[bytes], fmt: str, chunk_rows: int, layout: _Layout) -> Iterator[pa.Table]:
+    if fmt == "parquet":
+        for batch in pq.ParquetFile(src).iter_batches(batch_size=chunk_rows):
+            yield pa.Table.from_batches([batch])
+        return
+    for frame in _frames(src, fmt, chunk_rows, layout):
+        yield _table(frame, layout)
+
+
+def _frames(src: IO[bytes], fmt: str, chunk_rows: int, layout: _Layout) -> Iterator[pd.DataFrame]:
+    if fmt == "csv":
+        text = {name: str for name, kind in layout.forced.items() if pa.types.is_string(kind)}
+        return iter(pd.read_csv(src, chunksize=chunk_rows, dtype=text or None))
+    # dtype=False keeps "007" a string; precise_float keeps every digit of a double.
+    return iter(
+        pd.read_json(
+            src,
+            lines=True,
+            chunksize=chunk_rows,
+            dtype=False,
+            convert_dates=False,
+            keep_default_dates=False,
+            precise_float=True,
+        )
+    )
+
+
+def _table(frame: pd.DataFrame, layout: _Layout) -> pa.Table:
+    if layout.columns:
+        frame = frame.reindex(columns=_union(layout.columns, [str(c) for c in frame.columns]))
+    for name, kind in layout.forced.items():
+        frame[name] = _force(frame[name], kind)
+    table = _from_pandas(frame)
+    return _cast_forced(table, layout.forced)
+
+
+def _force(column: pd.Series, kind: pa.DataType) -> pd.Series:
+    if pa.types.is_string(kind):
+        return column.map(_as_text, na_action="ignore").astype(object)
+    if pa.types.is_floating(kind):
+        try:
+            return pd.to_numeric(column).astype("float64")
+        except (ValueError, TypeError):
+            return column  # text in a number column: the cast check widens it to string
+    return column
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value) if isinstance(value, dict | list) else str(value)
+
+
+def _from_pandas(frame: pd.DataFrame) -> pa.Table:
+    arrays = [_column(frame[name]) for name in frame.columns]
+    return pa.Table.from_arrays(arrays, names=[str(name) for name in frame.columns])
+
+
+def _column(column: pd.Series) -> pa.Array:
+    try:
+        array = pa.array(column, from_pandas=True)
+    except (pa.ArrowTypeError, pa.ArrowInvalid):
+        # Mixed Python types in one column (JSON lines: 1 here, "a" there) are kept as text.
+        array = pa.array(_force(column, pa.string()), from_pandas=True)
+    # A chunk with no value in a column says nothing of its type: null fits any later one.
+    return pa.nulls(len(array)) if len(array) and array.null_count == len(array) else array
+
+
+def _cast_forced(table: pa.Table, forced: dict[str, pa.DataType]) -> pa.Table:
+    for name, kind in forced.items():
+        index = table.schema.get_field_index(name)
+        # Still too narrow if the cast fails: the schema check then widens it, starts over.
+        with suppress(*_CAST_ERRORS):
+            table = table.set_column(index, name, table.column(index).cast(kind))
+    return table

@@ -1,0 +1,380 @@
+"""Model store (signed artifacts and their metadata) and model registry (versions, aliases).
+
+``ModelStore`` keeps ``models/<model_id>/`` under the data root: the model serialised with
+dill, its HMAC-SHA256 signature beside it, and a metadata JSON written last. The signature
+covers the model id and the artifact bytes, so an artifact is refused if it was changed,
+has no signature, was signed with another key, or was copied under another model's id;
+``load`` checks all that before dill ever sees the bytes. Model ids are derived from their
+content, so saving an id that is already stored returns the stored record untouched.
+
+``ModelRegistry`` is one JSON document per registry name under ``registry/``: versions
+(``v1``, ``v2``, ... in registration order), the serving chain (champion, previous, older)
+and a history of who promoted or demoted what, when and why. Every change is a
+read-modify-write under an exclusive ``fcntl`` lock, written to a temporary file and moved
+into place with ``os.replace``, so concurrent processes on one machine never lose an
+update. An object-storage root has no such lock: give it a single writer. Example::
+
+    store = ModelStore(settings.data_root, settings.model_signing_key.get_secret_value().encode())
+    store.save("m-3f2a", model, {"algorithm": "xgboost", "feature_set_id": "fs1"})
+    model = store.load("m-3f2a")          # ArtifactSignatureError if tampered or unsigned
+
+    registry = ModelRegistry(settings.data_root)
+    registry.promote("m-3f2a", reason="auc 0.91 > 0.89")     # -> "v1", now the champion
+    registry.demote(reason="latency p99 over budget")         # champion <- previous
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import hmac
+import os
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Literal, TypeVar, get_args
+
+import dill
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from common.errors import ArtifactSignatureError, InvalidInput, ModelIdNotFound, ModelNotFound
+from common.events import utc_now
+from common.settings import Settings
+from common.stores._fs import DataRoot, check_id
+
+ModelStatus = Literal["candidate", "champion", "previous", "rejected"]
+_SIGNATURE_CONTEXT = b"conveyor-model-v1\x00"
+T = TypeVar("T")
+
+
+def sign(key: bytes, model_id: str, payload: bytes) -> str:
+    """The hex HMAC-SHA256 of an artifact, bound to its model id."""
+    message = _SIGNATURE_CONTEXT + model_id.encode() + b"\x00" + payload
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def default_actor() -> str:
+    """Who acts when nobody is named: this host and process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class ModelRecord(BaseModel):
+    """A stored model's metadata; the free-form part is ``metadata``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model_id: str
+    status: ModelStatus = "candidate"
+    created_at: AwareDatetime
+    updated_at: AwareDatetime
+    artifact_sha256: str
+    artifact_bytes: int = Field(ge=0)
+    signature: Literal["hmac-sha256"] = "hmac-sha256"
+    metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        description="algorithm, params, feature_set_id, batch ids, metrics, timings, ...",
+    )
+
+
+class ModelStore:
+    """Signed model artifacts and their metadata under a data root."""
+
+    def __init__(self, root: str, signing_key: bytes):
+        if not signing_key:
+            raise InvalidInput("the model signing key is empty")
+        self._root = DataRoot(root)
+        self._key = signing_key
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ModelStore:
+        """A store under ``settings.data_root`` signing with ``settings.model_signing_key``."""
+        return cls(settings.data_root, settings.model_signing_key.get_secret_value().encode())
+
+    def save(
+        self, model_id: str, model: Any, metadata: dict[str, Any] | None = None
+    ) -> ModelRecord:
+        """Store a model signed; an id already stored returns its record unchanged.
+
+        A ``status`` key in ``metadata`` sets the record's status (default candidate).
+        """
+        if self.exists(model_id):
+            return self.metadata(model_id)
+        payload = dill.dumps(model)
+        record = _new_record(model_id, payload, dict(metadata or {}))
+        self._root.write_bytes(_artifact(model_id), payload)
+        self._root.write_bytes(_signature(model_id), sign(self._key, model_id, payload).encode())
+        return self._write_record(record)  # last: the record marks the model complete
+
+    def load(self, model_id: str) -> Any:
+        """The model, after its signature is verified; ``ArtifactSignatureError`` if not."""
+        payload = self._verified_payload(model_id)
+        return dill.loads(payload)
+
+    def metadata(self, model_id: str) -> ModelRecord:
+        """The model's record, or ``ModelIdNotFound``."""
+        if not self.exists(model_id):
+            raise ModelIdNotFound(model_id)
+        return ModelRecord.model_validate_json(self._root.read_bytes(_record(model_id)))
+
+    def update_metadata(self, model_id: str, **changes: Any) -> ModelRecord:
+        """Change the status (``status=...``) and merge other keys into ``metadata``."""
+        if not self.exists(model_id):
+            raise ModelIdNotFound(model_id)
+        with self._root.lock(f"models/{model_id}/.lock"):
+            return self._write_record(_changed(self.metadata(model_id), changes))
+
+    def exists(self, model_id: str) -> bool:
+        """Whether a complete model with this id is stored."""
+        return self._root.exists(_record(check_id("model id", model_id)))
+
+    def list(self) -> builtins.list[ModelRecord]:
+        """Every stored model's record, oldest first."""
+        records = [
+            ModelRecord.model_validate_json(self._root.read_bytes(path))
+            for path in self._root.glob("models/*/metadata.json")
+        ]
+        return sorted(records, key=lambda r: (r.created_at, r.model_id))
+
+    def _verified_payload(self, model_id: str) -> bytes:
+        if not self._root.exists(_artifact(check_id("model id", model_id))):
+            raise ModelIdNotFound(model_id)
+        if not self._root.exists(_signature(model_id)):
+            raise ArtifactSignatureError(model_id, "no signature")
+        payload = self._root.read_bytes(_artifact(model_id))
+        stored = self._root.read_bytes(_signature(model_id)).strip()
+        expected = sign(self._key, model_id, payload).encode()
+        if not hmac.compare_digest(stored, expected):
+            raise ArtifactSignatureError(model_id, "signature mismatch")
+        return payload
+
+    def _write_record(self, record: ModelRecord) -> ModelRecord:
+        self._root.write_bytes(_record(record.model_id), record.model_dump_json(indent=2).encode())
+        return record
+
+
+def _new_record(model_id: str, payload: bytes, metadata: dict[str, Any]) -> ModelRecord:
+    now = utc_now()
+    return ModelRecord(
+        model_id=model_id,
+        status=_status(metadata.pop("status", "candidate")),
+        created_at=now,
+        updated_at=now,
+        artifact_sha256=hashlib.sha256(payload).hexdigest(),
+        artifact_bytes=len(payload),
+        metadata=metadata,
+    )
+
+
+def _changed(record: ModelRecord, changes: dict[str, Any]) -> ModelRecord:
+    status = _status(changes.pop("status", record.status))
+    return record.model_copy(
+        update={"status": status, "updated_at": utc_now(), "metadata": record.metadata | changes}
+    )
+
+
+def _status(status: Any) -> ModelStatus:
+    if status not in get_args(ModelStatus):
+        known = ", ".join(get_args(ModelStatus))
+        raise InvalidInput(f"unknown model status {status!r} (known: {known})")
+    return status  # type: ignore[no-any-return]
+
+
+def _artifact(model_id: str) -> str:
+    return f"models/{model_id}/model.dill"
+
+
+def _signature(model_id: str) -> str:
+    return f"models/{model_id}/model.dill.sig"
+
+
+def _record(model_id: str) -> str:
+    return f"models/{model_id}/metadata.json"
+
+
+class RegistryEntry(BaseModel):
+    """A registered version and the model it names."""
+
+    model_config = ConfigDict(frozen=True)
+
+    version: str
+    model_id: str
+
+
+class HistoryEntry(BaseModel):
+    """One change of the registry: who did what, when, from which version to which, why."""
+
+    model_config = ConfigDict(frozen=True)
+
+    at: AwareDatetime
+    by: str
+    action: Literal["register", "promote", "demote"]
+    model_id: str
+    from_version: str | None = None
+    to_version: str | None = None
+    reason: str = ""
+
+
+class RegistryState(BaseModel):
+    """The registry document."""
+
+    name: str
+    versions: dict[str, str] = Field(default_factory=dict, description="version -> model id")
+    chain: list[str] = Field(default_factory=list, description="served versions, champion last")
+    history: list[HistoryEntry] = Field(default_factory=list)
+    revision: int = 0
+
+
+class ModelRegistry:
+    """Versions and the champion/previous aliases of one model name, in one JSON file."""
+
+    def __init__(self, root: str, name: str = "default"):
+        self._root = DataRoot(root)
+        self.name = check_id("registry name", name)
+        self._path = f"registry/{name}.json"
+
+    def register(self, model_id: str, *, by: str | None = None) -> str:
+        """The model's version, assigned now (``v<n+1>``) if it has none yet."""
+        return self._update(lambda state: _register(state, model_id, by or default_actor()))
+
+    def promote(
+        self,
+        model_id: str | None = None,
+        *,
+        version: str | None = None,
+        reason: str = "",
+        by: str | None = None,
+    ) -> str:
+        """Make a model (by id, or by version) the champion; the old one becomes previous.
+
+        Promoting the current champion changes nothing. Returns the champion's version.
+        """
+        actor = by or default_actor()
+        return self._update(lambda state: _promote(state, model_id, version, reason, actor))
+
+    def demote(self, *, reason: str = "", by: str | None = None) -> str:
+        """Put the previous model back as champion; returns its version."""
+        return self._update(lambda state: _demote(state, reason, by or default_actor()))
+
+    def champion(self) -> RegistryEntry:
+        """The serving version, or ``ModelNotFound``."""
+        return self._alias(1, "champion")
+
+    def previous(self) -> RegistryEntry:
+        """The version served before the champion, or ``ModelNotFound``."""
+        return self._alias(2, "previous")
+
+    def chain(self) -> builtins.list[RegistryEntry]:
+        """The fallback chain: champion first, then previous, then older."""
+        state = self._load()
+        return [RegistryEntry(version=v, model_id=state.versions[v]) for v in reversed(state.chain)]
+
+    def history(self) -> builtins.list[HistoryEntry]:
+        """Every registration, promotion and demotion, oldest first."""
+        return self._load().history
+
+    def version_of(self, model_id: str) -> str:
+        """The version of a registered model, or ``ModelIdNotFound``."""
+        for version, known in self._load().versions.items():
+            if known == model_id:
+                return version
+        raise ModelIdNotFound(model_id)
+
+    def model_id_of(self, version: str) -> str:
+        """The model a version names, or ``ModelNotFound``."""
+        try:
+            return self._load().versions[version]
+        except KeyError:
+            raise ModelNotFound(self.name, version) from None
+
+    def versions(self) -> dict[str, str]:
+        """Every version and the model it names, in registration order."""
+        return self._load().versions
+
+    def _alias(self, depth: int, alias: str) -> RegistryEntry:
+        state = self._load()
+        if len(state.chain) < depth:
+            raise ModelNotFound(self.name, alias)
+        version = state.chain[-depth]
+        return RegistryEntry(version=version, model_id=state.versions[version])
+
+    def _load(self) -> RegistryState:
+        if not self._root.exists(self._path):
+            return RegistryState(name=self.name)
+        return RegistryState.model_validate_json(self._root.read_bytes(self._path))
+
+    def _update(self, change: Callable[[RegistryState], tuple[bool, T]]) -> T:
+        with self._locked() as state:
+            changed, result = change(state)
+            if changed:
+                state.revision += 1
+                self._root.write_bytes(self._path, state.model_dump_json(indent=2).encode())
+            return result
+
+    @contextmanager
+    def _locked(self) -> Iterator[RegistryState]:
+        with self._root.lock(f"registry/{self.name}.lock"):
+            yield self._load()
+
+
+def _register(state: RegistryState, model_id: str, by: str) -> tuple[bool, str]:
+    for version, known in state.versions.items():
+        if known == model_id:
+            return False, version
+    version = f"v{len(state.versions) + 1}"
+    state.versions[version] = check_id("model id", model_id)
+    state.history.append(
+        HistoryEntry(at=utc_now(), by=by, action="register", model_id=model_id, to_version=version)
+    )
+    return True, version
+
+
+def _promote(
+    state: RegistryState, model_id: str | None, version: str | None, reason: str, by: str
+) -> tuple[bool, str]:
+    registered, target = _target_version(state, model_id, version, by)
+    old = state.chain[-1] if state.chain else None
+    if target == old:
+        return registered, target
+    state.chain = [v for v in state.chain if v != target] + [target]
+    state.history.append(
+        HistoryEntry(
+            at=utc_now(),
+            by=by,
+            action="promote",
+            model_id=state.versions[target],
+            from_version=old,
+            to_version=target,
+            reason=reason,
+        )
+    )
+    return True, target
+
+
+def _target_version(
+    state: RegistryState, model_id: str | None, version: str | None, by: str
+) -> tuple[bool, str]:
+    if (model_id is None) == (version is None):
+        raise InvalidInput("promote needs exactly one of model_id or version")
+    if model_id is not None:
+        return _register(state, model_id, by)
+    if version not in state.versions:
+        raise ModelNotFound(state.name, version)
+    return False, version
+
+
+def _demote(state: RegistryState, reason: str, by: str) -> tuple[bool, str]:
+    if len(state.chain) < 2:
+        raise ModelNotFound(state.name, "previous")
+    demoted = state.chain.pop()
+    state.history.append(
+        HistoryEntry(
+            at=utc_now(),
+            by=by,
+            action="demote",
+            model_id=state.versions[demoted],
+            from_version=demoted,
+            to_version=state.chain[-1],
+            reason=reason,
+        )
+    )
+    return True, state.chain[-1]

@@ -1,0 +1,114 @@
+"""Score store: online scores in a bounded Redis stream, batch scores as Parquet.
+
+``OnlineScoreStore`` appends each ``ServedScore`` as one stream entry (field ``s``, the
+score's JSON) to ``score_stream_key(namespace)``, many per pipeline, trimmed with
+``XADD MAXLEN ~`` so the stream stays near ``maxlen`` entries at little cost (pass
+``approximate=False`` for an exact bound). ``BatchScoreStore`` keeps one Parquet file per
+scoring run under ``scores/<run_id>/`` in the data root. Example::
+
+    online = OnlineScoreStore(redis.Redis.from_url(settings.redis_url), settings.namespace,
+                              maxlen=settings.score_stream_maxlen)
+    online.append_many([ServedScore(request_id="r1", entity_id="C1", model_version="v3",
+                                    score=0.93, latency_ms=0.8)])
+    online.recent(100)                  # the last 100 scores, oldest first
+
+    batch = BatchScoreStore(settings.data_root)
+    uri = batch.write("run-42", scores_frame)
+    batch.read("run-42")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, cast
+
+import pandas as pd
+import redis
+
+from common.errors import InvalidInput, NotFound
+from common.events import ServedScore
+from common.stores._fs import DataRoot, check_id
+
+FIELD_SCORE = b"s"
+"""Stream entry field holding the score's JSON."""
+
+
+def score_stream_key(namespace: str) -> bytes:
+    """The Redis key of the online score stream."""
+    return f"{namespace}:scores".encode()
+
+
+class OnlineScoreStore:
+    """Recent online scores in a Redis stream bounded to about ``maxlen`` entries."""
+
+    def __init__(
+        self,
+        redis_client: redis.Redis,
+        namespace: str = "conveyor",
+        maxlen: int = 100_000,
+        *,
+        approximate: bool = True,
+    ):
+        if maxlen < 1:
+            raise InvalidInput(f"score stream maxlen must be at least 1, not {maxlen}")
+        self._redis = redis_client
+        self._key = score_stream_key(namespace)
+        self._maxlen = maxlen
+        self._approximate = approximate
+
+    def append_many(self, scores: Sequence[ServedScore]) -> list[bytes]:
+        """Append scores in one round trip; returns their stream entry ids."""
+        if not scores:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for score in scores:
+            fields: dict[Any, Any] = {FIELD_SCORE: score.model_dump_json()}
+            pipe.xadd(self._key, fields, maxlen=self._maxlen, approximate=self._approximate)
+        return [_as_bytes(entry) for entry in pipe.execute()]
+
+    def recent(self, n: int) -> list[ServedScore]:
+        """The last ``n`` scores, oldest first."""
+        entries = cast(list[Any], self._redis.xrevrange(self._key, count=n) if n > 0 else [])
+        return [_score(fields) for _, fields in reversed(entries)]
+
+    def length(self) -> int:
+        """How many scores the stream holds now."""
+        return int(cast(int, self._redis.xlen(self._key)))
+
+
+def _score(fields: dict[bytes | str, bytes | str]) -> ServedScore:
+    raw = fields.get(FIELD_SCORE) or fields[FIELD_SCORE.decode()]  # either client mode
+    return ServedScore.model_validate_json(raw)
+
+
+def _as_bytes(entry: bytes | str) -> bytes:
+    return entry if isinstance(entry, bytes) else entry.encode()
+
+
+class BatchScoreStore:
+    """Batch scores as one Parquet file per run under a data root."""
+
+    def __init__(self, root: str):
+        self._root = DataRoot(root)
+
+    def write(self, run_id: str, frame: pd.DataFrame) -> str:
+        """Store a run's scores (atomically); returns the file's URL."""
+        path = _scores(check_id("run id", run_id))
+        with self._root.atomic_open(path) as handle:
+            frame.to_parquet(handle)
+        return self._root.uri(path)
+
+    def read(self, run_id: str) -> pd.DataFrame:
+        """A run's scores, or ``NotFound``."""
+        if not self.exists(run_id):
+            raise NotFound("batch scores of run", run_id)
+        with self._root.open(_scores(run_id)) as handle:
+            return pd.read_parquet(handle)
+
+    def exists(self, run_id: str) -> bool:
+        """Whether scores of this run are stored."""
+        return self._root.exists(_scores(check_id("run id", run_id)))
+
+
+def _scores(run_id: str) -> str:
+    return f"scores/{run_id}/scores.parquet"

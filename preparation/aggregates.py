@@ -1,0 +1,155 @@
+"""Per-entity aggregates over past rows: count, sum and mean of a column per entity.
+
+No leakage: a row's value comes from its entity's rows strictly before it, never from the
+row itself (so never from its label) nor from any later row. Windows:
+
+- an int ``n``: the entity's previous ``n`` rows in timestamp order (ties keep the
+  frame's order; without a timestamp, the frame's order is the time order);
+- a duration such as ``"24h"`` or ``"7d"``: the entity's rows timed in ``[t - window, t)``,
+  so rows at the same instant as the current row are never counted as past.
+
+An empty window gives count and sum 0 and mean NaN (impute it in a later step). Missing
+values of the column are skipped. Columns are named ``{key}_{column}_{stat}_{span}``, span
+``last5`` or ``24h``.
+
+Vectorised without a Python loop per row or per entity: rows are sorted by entity and
+time, each row's window becomes a range ``[lo, hi)`` of positions (``merge_asof`` finds
+time bounds), and sums and counts are differences of per-entity prefix sums. pandas'
+groupby-rolling gives the same numbers but costs about 0.25 s per statistic per 5,000
+entities, which PaySim-sized data (millions of accounts) cannot afford.
+
+Example::
+
+    past_aggregates(frame, key="nameOrig", column="amount", window="24h",
+                    stats=("count", "sum"), timestamp="timestamp")
+    # -> columns nameOrig_amount_count_24h, nameOrig_amount_sum_24h, indexed like frame
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, get_args
+
+import numpy as np
+import pandas as pd
+from sklearn.utils.validation import check_is_fitted
+
+from common.errors import InvalidInput
+from preparation.transformers import FrameStep, require_numeric, to_utc
+
+Stat = Literal["count", "sum", "mean"]
+STATS: tuple[str, ...] = get_args(Stat)
+_ZERO_WHEN_EMPTY = ("count", "sum")
+
+
+def aggregate_name(key: str, column: str, stat: str, window: int | str) -> str:
+    """The output column of one statistic, e.g. ``nameOrig_amount_mean_last5``."""
+    span = f"last{window}" if isinstance(window, int) else str(window)
+    return f"{key}_{column}_{stat}_{span}"
+
+
+def past_aggregates(frame: pd.DataFrame, *, key: str, column: str, window: int | str,
+                    stats: Sequence[str] = STATS,
+                    timestamp: str | None = None) -> pd.DataFrame:
+    """One column per stat, indexed like ``frame``, from each entity's strictly past rows."""
+    ordered = _entity_time_order(frame, key, timestamp)
+    lo, hi = _bounds(ordered, key, window, timestamp)
+    sums, counts = _exclusive_prefix(ordered[key], ordered[column])
+    total, count = sums[hi] - sums[lo], counts[hi] - counts[lo]
+    found = {"count": count, "sum": total, "mean": _mean(total, count)}
+    names = [aggregate_name(key, column, stat, window) for stat in stats]
+    values = pd.DataFrame({n: found[s] for n, s in zip(names, stats, strict=True)},
+                          index=ordered.index, dtype=float)
+    empty = {n: 0.0 for n, s in zip(names, stats, strict=True) if s in _ZERO_WHEN_EMPTY}
+    return values.reindex(frame.index).fillna(empty)
+
+
+def _entity_time_order(frame: pd.DataFrame, key: str, timestamp: str | None) -> pd.DataFrame:
+    # Entities become contiguous runs of rows, each in time order.
+    by = [key, timestamp] if timestamp else [key]
+    rows = frame.dropna(subset=by)
+    if timestamp:
+        rows = rows.assign(**{timestamp: to_utc(rows[timestamp]).dt.tz_localize(None)})
+    return rows.sort_values(by, kind="stable")
+
+
+def _bounds(ordered: pd.DataFrame, key: str, window: int | str,
+            timestamp: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the positions ``[lo, hi)`` in ``ordered`` of its past rows in the window."""
+    if isinstance(window, str):
+        assert timestamp is not None  # the registry refuses time windows without one
+        return _time_bounds(ordered, key, pd.Timedelta(window), timestamp)
+    here = np.arange(len(ordered))
+    first = here - ordered.groupby(key, sort=False).cumcount().to_numpy()
+    return np.maximum(first, here - window), here
+
+
+def _time_bounds(ordered: pd.DataFrame, key: str, window: pd.Timedelta,
+                 timestamp: str) -> tuple[np.ndarray, np.ndarray]:
+    rows = pd.DataFrame({"key": ordered[key].to_numpy(), "at": ordered[timestamp].to_numpy(),
+                         "pos": np.arange(len(ordered))}).sort_values("at", kind="stable")
+    return _first_since(rows, rows["at"] - window), _first_since(rows, rows["at"])
+
+
+def _first_since(rows: pd.DataFrame, since: pd.Series) -> np.ndarray:
+    """Per row, the position of its entity's first row timed at or after ``since``."""
+    asked = pd.DataFrame({"key": rows["key"], "at": since, "row": rows["pos"]})
+    found = pd.merge_asof(asked, rows, on="at", by="key", direction="forward")
+    first = np.empty(len(rows), dtype=np.int64)
+    first[found["row"].to_numpy()] = found["pos"].to_numpy()  # a row always finds itself
+    return first
+
+
+def _exclusive_prefix(keys: pd.Series, values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the sum and count of the non-missing values of its entity's earlier rows."""
+    numbers = values.to_numpy(dtype=float)
+    present = ~np.isnan(numbers)
+    parts = pd.DataFrame({"sum": np.where(present, numbers, 0.0), "count": present * 1.0})
+    groups = keys.to_numpy()
+    before = parts.groupby(groups, sort=False).cumsum().groupby(groups, sort=False).shift(
+        1, fill_value=0.0)
+    return before["sum"].to_numpy(), before["count"].to_numpy()
+
+
+def _mean(total: np.ndarray, count: np.ndarray) -> np.ndarray:
+    return np.divide(total, count, out=np.full(len(total), np.nan), where=count > 0)
+
+
+class EntityAggregate(FrameStep):
+    """Add ``past_aggregates`` columns for ``column`` per ``key`` entity.
+
+    Online, when a frame already carries all of this step's columns (read from the online
+    store), they are used as they are; otherwise they are computed from the frame itself,
+    which then must hold the entity's history as earlier rows.
+    """
+
+    def __init__(self, key: str, column: str, window: int | str,
+                 stats: Sequence[str] = ("count", "sum", "mean"),
+                 timestamp: str | None = None):
+        self.key, self.column, self.window = key, column, window
+        self.stats, self.timestamp = stats, timestamp
+
+    def output_names(self) -> list[str]:
+        """The columns this step adds, in ``stats`` order."""
+        return [aggregate_name(self.key, self.column, s, self.window) for s in self.stats]
+
+    def _reads(self) -> list[str]:
+        return [self.key, self.column, *([self.timestamp] if self.timestamp else [])]
+
+    def _learn(self, X: pd.DataFrame) -> None:
+        require_numeric(X[[self.column]], "entity_aggregate needs numbers")
+
+    def _apply(self, X: pd.DataFrame) -> pd.DataFrame:
+        values = past_aggregates(X, key=self.key, column=self.column, window=self.window,
+                                 stats=self.stats, timestamp=self.timestamp)
+        return X.assign(**{c: values[c] for c in values.columns})
+
+    def transform_online(self, X: pd.DataFrame) -> pd.DataFrame:
+        check_is_fitted(self)
+        present = [c for c in self.output_names() if c in X.columns]
+        if len(present) == len(self.output_names()):
+            return X
+        if present:
+            missing = sorted(set(self.output_names()) - set(present))
+            raise InvalidInput(f"rows carry some aggregates but not {missing}")
+        return self.transform(X)

@@ -4,11 +4,12 @@ A row is stored as a JSON array of the feature values in schema order, e.g.
 ``[0.25,3,"CASH_OUT",null]``; the schema (feature names and kinds) is stored once per
 feature set. JSON keeps Python types apart without a type map on the hot path: a float
 always carries a ``.`` or an exponent, an int does not, text is quoted and null is None.
-Columns are encoded one at a time and vectorised: numbers go through orjson's numpy path
-(shortest round-trip representation, an order of magnitude faster than ``repr`` per value
-on the machines we measured), so a materialisation of 100,000 entities × 20 features
-encodes in a fraction of a second. NaN, NaT and None become null. JSON has no infinity:
-±inf is stored as null too, with a warning naming the feature. Example::
+Numbers are encoded vectorised through orjson's numpy path (shortest round-trip
+representation, an order of magnitude faster than ``repr`` per value where we measured):
+in one call for the whole block when every feature has the same numeric dtype, else one
+column at a time. So 100,000 entities × 20 features encode in a fraction of a second.
+NaN, NaT and None become null. JSON has no infinity: ±inf is stored as null too, with a
+warning naming the feature. Example::
 
     schema, rows = encode_rows(frame, ["amount", "kind"])
     schema.decode(rows[0])          # {"amount": 12.5, "kind": "TRANSFER"}

@@ -226,4 +226,5 @@ def test_any_fsspec_root_works(csv_file):
     batch = RawBatchStore(root, chunk_rows=10).put("paysim", str(csv_file))
     again = RawBatchStore(root)
     assert again.manifest(batch.batch_id) == batch
+    assert again.list() == [batch]
     pd.testing.assert_frame_equal(again.read_frame(batch.batch_id), pd.read_csv(csv_file))

@@ -14,6 +14,10 @@ from common.settings import Settings
 
 SERVICES: dict[str, str] = {
     "eventlog": "common.eventlog:build",
+    "ingestion": "ingestion.service:build",
+    "preparation": "preparation.service:build",
+    "training": "training.service:build",
+    "evaluation": "evaluation.service:build",
 }
 
 

@@ -21,6 +21,8 @@ class Settings(BaseSettings):
     """RabbitMQ URL (pika URLParameters syntax)."""
     redis_url: str = "redis://127.0.0.1:6379/0"
     """Redis URL for the online stores, idempotency records and score stream."""
+    pipeline_config: str = "config/pipeline.yaml"
+    """The pipeline YAML (datasets, features, split, training, evaluation)."""
     data_root: str = "./var/data"
     """Folder or fsspec URL under which raw batches, feature sets, models and scores live."""
     namespace: str = "conveyor"

@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -164,3 +165,23 @@ def _convert(values: pd.Series, kind: str) -> pd.Series:
 
 
 _BOOLS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+
+
+def typed_chunks(
+    chunks: Iterable[pd.DataFrame], checker: ContractChecker
+) -> Iterator[pd.DataFrame]:
+    """Each chunk checked and typed by ``checker``, row numbers counted across chunks."""
+    offset = 0
+    for chunk in chunks:
+        yield checker.check(chunk.reset_index(drop=True), offset)
+        offset += len(chunk)
+
+
+def read_typed(
+    chunks: Iterable[pd.DataFrame], contract: DatasetContract, source: str
+) -> pd.DataFrame:
+    """The whole batch typed by its contract (bad rows dropped under quarantine)."""
+    checker = ContractChecker(contract, source)
+    frames = list(typed_chunks(chunks, checker))
+    checker.finish()
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -26,6 +26,7 @@ and the TTL is set. A read of any number of entities is one round trip. Example:
 
 from __future__ import annotations
 
+import builtins
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -367,3 +368,11 @@ class OfflineFeatureStore:
         """Whether a complete feature set with this id is stored."""
         check_id("feature set id", feature_set_id)
         return self._root.exists(f"features/{feature_set_id}/metadata.json")
+
+    def list(self) -> builtins.list[FeatureSetRecord]:
+        """Every complete feature set's record, oldest first."""
+        records = [
+            FeatureSetRecord.model_validate_json(self._root.read_bytes(path))
+            for path in self._root.glob("features/*/metadata.json")
+        ]
+        return sorted(records, key=lambda r: (r.created_at, r.feature_set_id))

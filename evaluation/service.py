@@ -1,0 +1,169 @@
+"""Model Evaluation Service: CandidatesTrained → ModelReady or ModelRejected.
+
+Scores the candidates on the evaluation part of the split, picks the best by the
+configured metric, gates it against the current champion on the same rows (through the
+champion's own feature pipeline when it was trained on another feature set) and against
+the latency budget, then promotes it in the registry. Promotion is atomic and promoting
+the champion again changes nothing, so a redelivered event re-announces the same result.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pandas as pd
+
+from common.config import PipelineConfig, load_pipeline_config
+from common.errors import ModelNotFound
+from common.events import CandidatesTrained, ModelReady, ModelRejected
+from common.runtime import Service, handles
+from common.settings import Settings
+from common.stores import ModelRegistry, ModelStore, OfflineFeatureStore, RawBatchStore
+from common.wiring import Stores
+from evaluation.report import EvaluationReport, evaluate_candidates
+from preparation.service import joined_frame
+
+log = logging.getLogger(__name__)
+
+
+class OnRows:
+    """A model trained on another feature set, answering for rows by their index.
+
+    Evaluation hands every model the new feature set's rows; this adapter looks up the
+    same rows in the champion's own features, so both are judged on the same data.
+    """
+
+    def __init__(self, model: Any, own_features: pd.DataFrame) -> None:
+        self.model, self.own_features = model, own_features
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def predict(self, X: pd.DataFrame) -> Any:
+        return self.model.predict(self.own_features.loc[X.index])
+
+    def predict_proba(self, X: pd.DataFrame) -> Any:
+        return self.model.predict_proba(self.own_features.loc[X.index])
+
+
+class EvaluationService(Service):
+    """Chooses, gates and promotes the best candidate of each training run."""
+
+    name = "evaluation"
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        offline: OfflineFeatureStore,
+        models: ModelStore,
+        pipelines: ModelStore,
+        registry: ModelRegistry,
+        raw_store: RawBatchStore,
+    ) -> None:
+        self.config, self.offline, self.models = config, offline, models
+        self.pipelines, self.registry, self.raw_store = pipelines, registry, raw_store
+
+    @handles(CandidatesTrained)
+    def on_candidates_trained(self, event: CandidatesTrained) -> ModelReady | ModelRejected:
+        """Promote the best candidate that passes the gate, or say why none did."""
+        if not event.model_ids:
+            reasons = [f"{f.name}: {f.error}" for f in event.failures] or ["no candidates"]
+            return self._rejected(event, [f"no candidate was trained ({'; '.join(reasons)})"])
+        X_test, y_test = self._evaluation_part(event.feature_set_id)
+        candidates = {model_id: self.models.load(model_id) for model_id in event.model_ids}
+        champion = self._champion_on(X_test, event.feature_set_id)
+        report = evaluate_candidates(candidates, champion, X_test, y_test, self.config.evaluation)
+        if not report.accepted:
+            self._record(report, accepted=None)
+            return self._rejected(event, report.reasons())
+        return self._promote(event, report)
+
+    def _evaluation_part(self, fsid: str) -> tuple[pd.DataFrame, pd.Series]:
+        record = self.offline.metadata(fsid)
+        frame = self.offline.read(fsid)
+        part = self.config.split.apply(frame, record.metadata["label"])
+        return part.X_test[record.metadata["features"]], part.y_test
+
+    def _champion_on(self, X_test: pd.DataFrame, fsid: str) -> Any | None:
+        try:
+            champion_id = self.registry.champion().model_id
+        except ModelNotFound:
+            return None
+        model = self.models.load(champion_id)
+        champion_fsid = self.models.metadata(champion_id).metadata["feature_set_id"]
+        if champion_fsid == fsid:
+            return model
+        return OnRows(model, self._features_by(champion_fsid, fsid))
+
+    def _features_by(self, champion_fsid: str, fsid: str) -> pd.DataFrame:
+        """The new feature set's input rows, transformed by the champion's pipeline."""
+        fitted = self.pipelines.load(champion_fsid)
+        batches = self.offline.metadata(fsid).metadata["batch_ids"]
+        frame = joined_frame(self.raw_store, self.config, batches)
+        return fitted.transform(frame)[list(fitted.feature_names)]
+
+    def _promote(self, event: CandidatesTrained, report: EvaluationReport) -> ModelReady:
+        chosen = report.chosen_id
+        old = self._champion_id()
+        version = self.registry.promote(chosen, reason=_why(report))
+        self._record(report, accepted=chosen)
+        if old and old != chosen:
+            self.models.update_metadata(old, status="previous")
+        log.info("model %s promoted as %s", chosen, version)
+        return event.caused(
+            ModelReady, producer=self.name, model_id=chosen, version=version,
+            previous_version=self._previous_version(), metrics=report.candidates[chosen],
+        )
+
+    def _champion_id(self) -> str | None:
+        try:
+            return self.registry.champion().model_id
+        except ModelNotFound:
+            return None
+
+    def _previous_version(self) -> str | None:
+        try:
+            return self.registry.previous().version
+        except ModelNotFound:
+            return None
+
+    def _record(self, report: EvaluationReport, accepted: str | None) -> None:
+        """Keep metrics, curves and the gate's verdict with every candidate."""
+        for model_id, metrics in report.candidates.items():
+            decision = report.decisions.get(model_id)
+            self.models.update_metadata(
+                model_id,
+                status="champion" if model_id == accepted else "rejected",
+                metrics=metrics,
+                evaluation={
+                    "metric": report.metric, "ranking": report.ranking,
+                    "accepted": model_id == accepted,
+                    "reasons": decision.reasons if decision else ["a better candidate passed"],
+                    "latency": report.latency.get(model_id),
+                    "champion_metrics": report.champion_metrics,
+                },
+                **({"curves": report.curves} if model_id == report.chosen_id else {}),
+            )
+
+    def _rejected(self, event: CandidatesTrained, reasons: list[str]) -> ModelRejected:
+        log.warning("candidates rejected: %s", "; ".join(reasons))
+        return event.caused(
+            ModelRejected, producer=self.name, feature_set_id=event.feature_set_id,
+            model_ids=event.model_ids, reasons=reasons,
+        )
+
+
+def _why(report: EvaluationReport) -> str:
+    value = report.candidates[report.chosen_id][report.metric]
+    return f"{report.metric} {value:.4f} on the evaluation part; passed the gate"
+
+
+def build(settings: Settings) -> EvaluationService:
+    """The evaluation service for the settings."""
+    stores = Stores.from_settings(settings)
+    config = load_pipeline_config(settings.pipeline_config)
+    return EvaluationService(
+        config, stores.offline, stores.models, stores.feature_pipelines,
+        stores.registry(settings, config.name), stores.raw,
+    )

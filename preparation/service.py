@@ -1,0 +1,137 @@
+"""Preparation Service: RawDataExtracted → fitted feature set → FeaturesGenerated.
+
+For the pipeline whose features read the batch's dataset it waits until every input
+dataset has a batch, joins them, fits the feature pipeline on the training part of the
+split (so evaluation rows never shape it), transforms every row, writes the offline
+feature set, stores the fitted pipeline signed, and materialises each entity's latest
+values into the Redis online store. The feature set id is a hash of the spec and the
+input batch ids, so a redelivered event finds its work done and only re-announces it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pandas as pd
+
+from common.config import PipelineConfig, load_pipeline_config
+from common.events import FeaturesGenerated, RawDataExtracted
+from common.runtime import Service, handles
+from common.settings import Settings
+from common.stores import ModelStore, OfflineFeatureStore, OnlineFeatureStore, RawBatchStore
+from common.wiring import Stores
+from ingestion.contract import read_typed
+from preparation import FittedFeatureSet, build_pipeline, feature_set_id, join_inputs
+from preparation.join import missing_inputs
+
+log = logging.getLogger(__name__)
+
+
+def joined_frame(
+    raw_store: RawBatchStore, config: PipelineConfig, batches: dict[str, str]
+) -> pd.DataFrame:
+    """The input rows of a feature set: each batch typed by its contract, then joined."""
+    frames = {dataset: _typed(raw_store, config, batch_id) for dataset, batch_id in batches.items()}
+    if config.features.join is None:
+        return frames[config.features.inputs[0]]
+    return join_inputs(frames, config.features)
+
+
+def _typed(raw_store: RawBatchStore, config: PipelineConfig, batch_id: str) -> pd.DataFrame:
+    batch = raw_store.manifest(batch_id)
+    contract = config.datasets[batch.dataset]
+    return read_typed(raw_store.iter_frames(batch_id), contract, batch.source_uri)
+
+
+class PreparationService(Service):
+    """Turns raw batches into versioned feature sets, offline and online."""
+
+    name = "preparation"
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        raw_store: RawBatchStore,
+        offline: OfflineFeatureStore,
+        online: OnlineFeatureStore,
+        pipelines: ModelStore,
+    ) -> None:
+        self.config, self.raw_store, self.offline = config, raw_store, offline
+        self.online, self.pipelines = online, pipelines
+
+    @handles(RawDataExtracted)
+    def on_raw_data_extracted(self, event: RawDataExtracted) -> FeaturesGenerated | None:
+        """Build the feature set the batch completes, or wait for the other inputs."""
+        if not self.config.reads(event.dataset):
+            log.info("dataset %s feeds no feature set; nothing to do", event.dataset)
+            return None
+        batches = self._input_batches(event)
+        missing = missing_inputs(self.config.features, batches)
+        if missing:
+            log.info("waiting for batches of %s before joining", missing)
+            return None
+        fsid = feature_set_id(self.config.features, batches.values())
+        if not self.offline.exists(fsid):
+            self._prepare(fsid, batches)
+        return self._announce(event, fsid, batches)
+
+    def _input_batches(self, event: RawDataExtracted) -> dict[str, str]:
+        """The batch of each input: this event's for its dataset, the latest for others."""
+        latest = {b.dataset: b.batch_id for b in self.raw_store.list()}
+        batches = {d: latest[d] for d in self.config.features.inputs if d in latest}
+        return {**batches, event.dataset: event.batch_id}
+
+    def _prepare(self, fsid: str, batches: dict[str, str]) -> None:
+        frame = self._joined_frame(batches)
+        label = self.config.features.label
+        train = self.config.split.apply(frame, label).train
+        fitted = build_pipeline(self.config.features).fit(train, batches.values())
+        features = fitted.transform(frame)
+        self.pipelines.save(fsid, fitted, {"kind": "feature_pipeline", "batch_ids": batches})
+        self._materialise(fitted, frame)
+        self.offline.write(fsid, features, self._metadata(fitted, batches, len(train)))
+        log.info("feature set %s: %d rows, %d features", fsid, len(features),
+                 len(fitted.feature_names))
+
+    def _joined_frame(self, batches: dict[str, str]) -> pd.DataFrame:
+        return joined_frame(self.raw_store, self.config, batches)
+
+    def _materialise(self, fitted: FittedFeatureSet, frame: pd.DataFrame) -> int:
+        """Each entity's latest online values: its aggregates, or its latest features."""
+        key, timestamp = fitted.entity_key, fitted.spec.timestamp
+        if key is None:
+            return 0
+        if fitted.aggregate_columns:
+            latest = fitted.latest_aggregates(frame).reset_index()
+            return self.online.write_batch(fitted.feature_set_id, latest, key)
+        features = fitted.transform(frame).drop(columns=[c for c in [fitted.label] if c])
+        return self.online.materialize(fitted.feature_set_id, features, key, timestamp)
+
+    def _metadata(self, fitted: FittedFeatureSet, batches: dict[str, str], fit_rows: int) -> dict:
+        return {
+            "name": self.config.features.name, "pipeline": self.config.name,
+            "batch_ids": batches, "features": list(fitted.feature_names),
+            "label": fitted.label, "entity_key": fitted.entity_key,
+            "timestamp": fitted.spec.timestamp, "fitted_on_rows": fit_rows,
+            "spec": self.config.features.model_dump(mode="json"),
+        }
+
+    def _announce(
+        self, event: RawDataExtracted, fsid: str, batches: dict[str, str]
+    ) -> FeaturesGenerated:
+        record = self.offline.metadata(fsid)
+        return event.caused(
+            FeaturesGenerated, producer=self.name, feature_set_id=fsid,
+            datasets=sorted(batches), batch_ids=sorted(batches.values()), rows=record.rows,
+            features=record.metadata["features"], label=record.metadata["label"],
+            entity_key=record.metadata["entity_key"],
+        )
+
+
+def build(settings: Settings) -> PreparationService:
+    """The preparation service for the settings."""
+    stores = Stores.from_settings(settings)
+    config = load_pipeline_config(settings.pipeline_config)
+    return PreparationService(
+        config, stores.raw, stores.offline, stores.online, stores.feature_pipelines
+    )

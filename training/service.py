@@ -1,0 +1,109 @@
+"""Model Training Service: FeaturesGenerated / RetrainRequested → CandidatesTrained.
+
+Trains the configured candidates in parallel on the training part of the split and saves
+each to the model store with its metadata. Model ids are hashes of the candidate config
+and the feature set, so a redelivered event re-trains nothing that is already stored.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pandas as pd
+
+from common.config import PipelineConfig, load_pipeline_config
+from common.errors import InvalidInput
+from common.events import (
+    CandidateFailure,
+    CandidatesTrained,
+    Event,
+    FeaturesGenerated,
+    RetrainRequested,
+)
+from common.runtime import Service, handles
+from common.settings import Settings
+from common.stores import FeatureSetRecord, ModelStore, OfflineFeatureStore
+from common.wiring import Stores
+from training.config import TrainingConfig, expand
+from training.trainer import model_id_for, train_candidates
+
+log = logging.getLogger(__name__)
+
+
+class TrainingService(Service):
+    """Trains candidate models for each new feature set."""
+
+    name = "training"
+
+    def __init__(
+        self, config: PipelineConfig, offline: OfflineFeatureStore, models: ModelStore
+    ) -> None:
+        self.config, self.offline, self.models = config, offline, models
+
+    @handles(FeaturesGenerated)
+    def on_features_generated(self, event: FeaturesGenerated) -> CandidatesTrained:
+        """Train the candidates on the new feature set."""
+        return self._train(event, event.feature_set_id)
+
+    @handles(RetrainRequested)
+    def on_retrain_requested(self, event: RetrainRequested) -> CandidatesTrained:
+        """Train again on the latest feature set of this pipeline."""
+        return self._train(event, self._latest_feature_set())
+
+    def _latest_feature_set(self) -> str:
+        records = [r for r in self.offline.list() if r.metadata.get("pipeline") == self.config.name]
+        if not records:
+            raise InvalidInput(f"no feature set of pipeline {self.config.name} to retrain on")
+        return max(records, key=lambda r: r.created_at).feature_set_id
+
+    def _train(self, event: Event, fsid: str) -> CandidatesTrained:
+        record = self.offline.metadata(fsid)
+        todo = self._untrained(self.config.training, fsid)
+        failures: list[CandidateFailure] = []
+        if todo is not None:
+            failures = self._fit_and_save(todo, record)
+        return event.caused(
+            CandidatesTrained, producer=self.name, feature_set_id=fsid,
+            model_ids=self._stored_ids(fsid), failures=failures,
+        )
+
+    def _untrained(self, training: TrainingConfig, fsid: str) -> TrainingConfig | None:
+        """The config restricted to candidates not stored yet (None if all are)."""
+        stored = set(self._stored_ids(fsid))
+        names = {c.name for c in expand(training) if model_id_for(c, fsid) not in stored}
+        if not names:
+            return None
+        keep = [s for s in training.candidates if any(n.split("[")[0] == s.name for n in names)]
+        return training.model_copy(update={"candidates": keep})
+
+    def _stored_ids(self, fsid: str) -> list[str]:
+        ids = [model_id_for(c, fsid) for c in expand(self.config.training)]
+        return [model_id for model_id in ids if self.models.exists(model_id)]
+
+    def _fit_and_save(
+        self, training: TrainingConfig, record: FeatureSetRecord
+    ) -> list[CandidateFailure]:
+        X, y = self._training_part(record)
+        result = train_candidates(
+            training, X, y, feature_set_id=record.feature_set_id,
+            batch_ids=sorted(record.metadata["batch_ids"].values()),
+        )
+        for trained in result.trained:
+            self.models.save(trained.model_id, trained.model, {
+                **trained.metadata, "pipeline": self.config.name})
+        for failure in result.failures:
+            log.warning("candidate %s failed: %s", failure.name, failure.error)
+        return [CandidateFailure(name=f.name, error=f.error) for f in result.failures]
+
+    def _training_part(self, record: FeatureSetRecord) -> tuple[pd.DataFrame, pd.Series]:
+        frame = self.offline.read(record.feature_set_id)
+        label = record.metadata["label"]
+        part = self.config.split.apply(frame, label)
+        return part.X_train[record.metadata["features"]], part.y_train
+
+
+def build(settings: Settings) -> TrainingService:
+    """The training service for the settings."""
+    stores = Stores.from_settings(settings)
+    return TrainingService(load_pipeline_config(settings.pipeline_config), stores.offline,
+                           stores.models)

@@ -22,8 +22,9 @@ import redis
 
 from common.bus.rabbitmq import RabbitMQBus
 from common.errors import ConveyorError
-from common.eventlog import EventLog
+from common.eventlog import EventLog, summary
 from common.events import event_class, json_schemas, parse_event
+from common.lineage import trace
 from common.logs import configure_logging
 from common.runtime import ServiceRunner, redis_processed, stop_on_signals
 from common.services import build_service, service_names
@@ -120,6 +121,22 @@ def format_log_entry(entry: dict[str, str]) -> str:
             f"by {entry['producer']:<10} run {entry['correlation_id'][:8]}  {entry['payload']}")
 
 
+@main.command()
+@click.argument("ident")
+def lineage(ident: str) -> None:
+    """Walk from a model, feature set, batch or event back to its source and forward."""
+    settings = Settings()
+    found = trace(EventLog(redis.Redis.from_url(settings.redis_url), settings.namespace), ident)
+    click.echo(f"lineage of {ident} (run {found.subject.correlation_id})")
+    click.echo("came from:")
+    for event in found.ancestors:
+        click.echo("  " + format_log_entry(summary(event)))
+    click.echo("  > " + format_log_entry(summary(found.subject)))
+    click.echo("led to:")
+    for depth, event in found.descendants:
+        click.echo("  " + "  " * depth + format_log_entry(summary(event)))
+
+
 @main.group()
 def dlq() -> None:
     """Inspect and replay dead letters."""
@@ -196,12 +213,14 @@ def queue_table(bus: RabbitMQBus) -> str:
 
 
 @main.command()
-@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait per step.")
-def demo(timeout: float) -> None:
-    """The whole story on a bundled data set (grows with each stage)."""
+@click.option("--rows", default=200_000, show_default=True, help="Transactions to generate.")
+@click.option("--seed", type=int, default=None, help="Data seed (default: a fresh one).")
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for the run.")
+def demo(rows: int, seed: int | None, timeout: float) -> None:
+    """The whole story on a generated PaySim-style data set, through the real services."""
     from common.demo import run_demo
 
-    sys.exit(run_demo(Settings(), timeout))
+    sys.exit(run_demo(Settings(), rows=rows, seed=seed, timeout=timeout))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""``conveyor demo``: the story so far, told on the real RabbitMQ and Redis.
+"""``conveyor demo``: the pipeline's story, told on the real RabbitMQ and Redis.
 
 It starts the services that are not running yet as local processes, writes a seeded
-PaySim-style data set, publishes ``SourceDataAvailable`` and shows the event being
-routed, consumed and acknowledged; then an invalid event going to the dead-letter queue
-with the field at fault named. The stages of the pipeline extend it as they land.
+PaySim-style data set, publishes ``SourceDataAvailable`` and follows the run stage by
+stage through the event log until a model is promoted (or rejected), then prints the
+champion, its metrics and its lineage. A second run on fresh data trains a challenger
+that is gated against the champion. Last, an invalid event shows the dead-letter path.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -24,13 +25,16 @@ from typing import Any
 import redis
 
 from common.bus.rabbitmq import RabbitMQBus
-from common.cli import broker_reachable, format_log_entry, queue_table, redis_reachable
+from common.cli import broker_reachable, queue_table, redis_reachable
+from common.config import load_pipeline_config
 from common.datasets import paysim
 from common.eventlog import EventLog
-from common.events import SourceDataAvailable
+from common.events import Event, SourceDataAvailable
 from common.settings import Settings
+from common.stores import ModelRegistry, ModelStore
 
-DEMO_ROWS = 2_000
+PIPELINE_SERVICES = ("eventlog", "ingestion", "preparation", "training", "evaluation")
+FINAL_EVENTS = {"ModelReady", "ModelRejected", "IngestionFailed"}
 
 
 def say(text: str = "") -> None:
@@ -54,7 +58,7 @@ class LocalService:
     def __init__(self, name: str, settings: Settings, log_dir: Path) -> None:
         self.name, self.port = name, _free_port()
         self.log_path = log_dir / f"{name}.log"
-        env = {**os.environ, "CONVEYOR_HTTP_PORT": str(self.port), "CONVEYOR_LOG_LEVEL": "DEBUG",
+        env = {**os.environ, "CONVEYOR_HTTP_PORT": str(self.port),
                "CONVEYOR_NAMESPACE": settings.namespace}
         self._log = self.log_path.open("w")
         cmd = [sys.executable, "-m", "common.cli", "run", name]
@@ -70,15 +74,10 @@ class LocalService:
         except OSError:
             return False
 
-    def log_lines(self, needle: str) -> list[dict[str, Any]]:
-        """Its JSON log records that mention ``needle`` (or all with an empty needle)."""
-        lines = self.log_path.read_text().splitlines()
-        return [json.loads(line) for line in lines if needle in line and line.startswith("{")]
-
     def stop(self) -> int:
         """SIGTERM, then wait: the service finishes the message in hand and exits."""
         self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(timeout=30)
+        code = self.process.wait(timeout=60)
         self._log.close()
         return code
 
@@ -89,7 +88,37 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def run_demo(settings: Settings, timeout: float = 60.0) -> int:
+def consumers(bus: RabbitMQBus, service: str) -> int:
+    """How many consumers the service's queue has (0 if it does not exist)."""
+    with bus.channel() as channel:
+        try:
+            declared = channel.queue_declare(bus.settings.queue(service), passive=True)
+        except Exception:  # noqa: BLE001 - no queue yet means no consumer
+            return 0
+        return int(declared.method.consumer_count)
+
+
+def start_missing_services(
+    settings: Settings, bus: RabbitMQBus, stack: ExitStack, log_dir: Path
+) -> None:
+    """Start, as local processes, the pipeline services that have no consumer yet."""
+    started = [LocalService(n, settings, log_dir) for n in PIPELINE_SERVICES
+               if consumers(bus, n) == 0]
+    for service in started:
+        stack.callback(_stopper(service))
+    for service in started:
+        wait_for(f"{service.name} to be ready", service.ready, 60)
+        say(f"  started {service.name:<12} pid {service.process.pid}, "
+            f"http://127.0.0.1:{service.port}/metrics, log {service.log_path}")
+    if len(started) < len(PIPELINE_SERVICES):
+        say(f"  {len(PIPELINE_SERVICES) - len(started)} service(s) were already running")
+
+
+def _stopper(service: LocalService) -> Callable[[], None]:
+    return lambda: say(f"  {service.name} stopped on SIGTERM (exit status {service.stop()})")
+
+
+def run_demo(settings: Settings, *, rows: int, seed: int | None, timeout: float) -> int:
     """Run the demo; returns the process exit status."""
     say("== Conveyor demo ==")
     if not (broker_reachable(settings) and redis_reachable(settings)):
@@ -98,46 +127,104 @@ def run_demo(settings: Settings, timeout: float = 60.0) -> int:
     work = Path("var/demo")
     work.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
-        service = LocalService("eventlog", settings, work)
-        stack.callback(lambda: say(f"eventlog stopped on SIGTERM, exit status {service.stop()}"))
-        wait_for("the eventlog service to be ready", service.ready, timeout)
-        say(f"started service eventlog (pid {service.process.pid}, /metrics on :{service.port})")
         bus = RabbitMQBus(settings, name="demo")
         stack.callback(bus.close)
-        _happy_path(settings, bus, service, work, timeout)
+        say("\n1. services")
+        start_missing_services(settings, bus, stack, work)
+        final = _pipeline_run(settings, bus, work, rows, seed, timeout)
+        _show_outcome(settings, final)
         _dead_letter_path(settings, bus, timeout)
-        say("\nQueues now:")
+        say("\n6. queues (0 ready everywhere: every event was acknowledged)")
         say(queue_table(bus))
-    say("\nDone. Try: conveyor status | conveyor events log | conveyor dlq list eventlog")
-    return 0
+        say("\nstopping the services this demo started:")
+    say("\nTry: conveyor status | conveyor events log | conveyor lineage <id> | make demo again")
+    return 0 if final.event_type == "ModelReady" or _second_run(settings) else 1
 
 
-def _happy_path(
-    settings: Settings, bus: RabbitMQBus, service: LocalService, work: Path, timeout: float
-) -> None:
-    source = work / "transactions.csv"
-    paysim(DEMO_ROWS, seed=int(time.time()) % 1000).to_csv(source, index=False)
-    say(f"\n1. wrote {DEMO_ROWS} PaySim-style transactions to {source}")
+def _second_run(settings: Settings) -> bool:
+    """A rejected challenger is a good ending when a champion already serves."""
+    config = load_pipeline_config(settings.pipeline_config)
+    return bool(ModelRegistry(settings.data_root, config.name).chain())
+
+
+def _pipeline_run(
+    settings: Settings, bus: RabbitMQBus, work: Path, rows: int, seed: int | None, timeout: float
+) -> Event:
+    seed = seed if seed is not None else int(time.time()) % 100_000
+    source = work / f"transactions-{seed}.csv"
+    say(f"\n2. data: {rows:,} PaySim-style transactions (seed {seed}) -> {source}")
+    paysim(rows, seed=seed).to_csv(source, index=False)
     event = SourceDataAvailable(dataset="paysim", uri=str(source.resolve()), producer="demo")
-    bus.publish(event)
-    say(f"2. published {event.event_type} {event.event_id}")
-    say(f"   confirmed by the broker; routed by key {event.event_type} on {settings.exchange}")
     log = EventLog(redis.Redis.from_url(settings.redis_url), settings.namespace)
-    wait_for("the event to be recorded", lambda: log.get(event.event_id), timeout)
-    wait_for("the ack", lambda: service.log_lines("acked delivery"), timeout)
-    say("3. consumed, handled and acknowledged by eventlog; its log says:")
-    for record in service.log_lines(str(event.event_id)) + service.log_lines("acked delivery")[-1:]:
-        say(f"   {record['ts']} {record['level']:<7} {record['msg']}")
-    say("4. the event log (conveyor events log):")
-    say("   " + format_log_entry(log.recent(1)[-1]))
+    cursor = _stream_end(log)
+    bus.publish(event)
+    say(f"\n3. published SourceDataAvailable {event.event_id} (confirmed by the broker);"
+        " following the run:")
+    return _follow(log, cursor, event, timeout)
+
+
+def _stream_end(log: EventLog) -> str:
+    last = log.client.xrevrange(log.stream, count=1)
+    return last[0][0].decode() if last else "0-0"
+
+
+def _follow(log: EventLog, cursor: str, source: Event, timeout: float) -> Event:
+    started = time.monotonic()
+    for event in _run_events(log, cursor, source, started + timeout):
+        say(f"   +{time.monotonic() - started:6.1f}s  {event.event_type:<20} {_gist(event)}")
+        if event.event_type in FINAL_EVENTS:
+            return event
+    raise TimeoutError(f"the run did not finish within {timeout:.0f}s; see var/demo/*.log")
+
+
+def _run_events(log: EventLog, cursor: str, source: Event, deadline: float) -> Iterator[Event]:
+    while time.monotonic() < deadline:
+        for _, entries in log.client.xread({log.stream: cursor}, block=1000) or []:
+            for entry_id, fields in entries:
+                cursor = entry_id.decode()
+                if fields[b"correlation_id"].decode() == str(source.correlation_id):
+                    yield log.get(fields[b"event_id"].decode()) or source
+
+
+def _gist(event: Event) -> str:
+    data = event.model_dump(mode="json")
+    keep = ("dataset", "batch_id", "rows", "feature_set_id", "model_ids", "failures",
+            "model_id", "version", "previous_version", "reasons", "reason", "errors")
+    return json.dumps({k: data[k] for k in keep if data.get(k) not in (None, [], {})})[:300]
+
+
+def _show_outcome(settings: Settings, final: Event) -> None:
+    config = load_pipeline_config(settings.pipeline_config)
+    registry = ModelRegistry(settings.data_root, config.name)
+    store = ModelStore.from_settings(settings)
+    say("\n4. outcome")
+    if final.event_type == "ModelRejected":
+        say("   the challenger was rejected by the gate:")
+        for reason in getattr(final, "reasons", []):
+            say(f"   - {reason}")
+    if final.event_type == "IngestionFailed":
+        say(f"   ingestion failed: {getattr(final, 'reason', '')}")
+    if not registry.chain():
+        return
+    champion = registry.champion()
+    record = store.metadata(champion.model_id)
+    metrics = record.metadata.get("metrics", {})
+    say(f"   champion of '{config.name}': {champion.version} = model {champion.model_id} "
+        f"({record.metadata.get('algorithm')})")
+    say("   metrics on the evaluation part: " + ", ".join(
+        f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    say("   registry history: " + "; ".join(
+        f"{h.action} {h.to_version}" for h in registry.history()[-4:]))
+    say(f"   lineage: conveyor lineage {champion.model_id}")
 
 
 def _dead_letter_path(settings: Settings, bus: RabbitMQBus, timeout: float) -> None:
-    before = bus.queue_depths("eventlog")["dead"]
+    before = bus.queue_depths("ingestion")["dead"]
     bad = {"event_type": "SourceDataAvailable", "uri": "s3://bucket/missing-dataset.csv"}
     bus.publish_raw("SourceDataAvailable", json.dumps(bad).encode())
     say("\n5. published an invalid SourceDataAvailable (no 'dataset' field)")
-    wait_for("the dead letter", lambda: bus.queue_depths("eventlog")["dead"] > before, timeout)
-    letter = bus.dead_letters("eventlog", limit=before + 1)[-1]
-    say(f"6. dead-lettered at once to {settings.dead_letter_queue('eventlog')}: {letter.error}")
-    say("   the service keeps consuming; `conveyor dlq list eventlog` shows it")
+    wait_for("the dead letter", lambda: bus.queue_depths("ingestion")["dead"] > before, timeout)
+    letter = bus.dead_letters("ingestion", limit=before + 1)[-1]
+    say(f"   dead-lettered at once to {settings.dead_letter_queue('ingestion')}: {letter.error}")
+    say("   the services keep consuming; `conveyor dlq list ingestion` shows it")
+

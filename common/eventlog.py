@@ -37,13 +37,18 @@ class EventLog:
     def _children_key(self, event_id: UUID | str) -> str:
         return f"{self.namespace}:caused-by:{event_id}"
 
+    def _artifact_key(self, ident: str) -> str:
+        return f"{self.namespace}:artifact:{ident}"
+
     def record(self, event: Event) -> None:
         """Record an event (idempotent for the id and the children; the stream may repeat)."""
         pipe = self.client.pipeline(transaction=True)
         pipe.hset(self.bodies, str(event.event_id), event.model_dump_json())
         if event.causation_id:
             pipe.sadd(self._children_key(event.causation_id), str(event.event_id))
-        pipe.xadd(self.stream, _summary(event), maxlen=self.maxlen, approximate=True)
+        for ident in artifact_ids(event):
+            pipe.sadd(self._artifact_key(ident), str(event.event_id))
+        pipe.xadd(self.stream, summary(event), maxlen=self.maxlen, approximate=True)
         pipe.execute()
 
     def recent(self, count: int = 50) -> list[dict[str, str]]:
@@ -56,14 +61,33 @@ class EventLog:
         body = self.client.hget(self.bodies, str(event_id))
         return parse_event(body) if body else None
 
+    def mentioning(self, ident: str) -> list[Event]:
+        """The events that name an artifact (batch, feature set or model id), oldest first."""
+        return self._events(self.client.smembers(self._artifact_key(ident)))
+
     def caused_by(self, event_id: UUID | str) -> list[Event]:
         """The events directly caused by an event."""
-        ids = sorted(m.decode() for m in self.client.smembers(self._children_key(event_id)))
+        return self._events(self.client.smembers(self._children_key(event_id)))
+
+    def _events(self, members: set[bytes]) -> list[Event]:
+        ids = sorted(m.decode() for m in members)
         bodies = self.client.hmget(self.bodies, ids) if ids else []
         return sorted((parse_event(b) for b in bodies if b), key=lambda e: e.occurred_at)
 
 
-def _summary(event: Event) -> dict[str, str]:
+ARTIFACT_FIELDS = ("batch_id", "feature_set_id", "model_id")
+ARTIFACT_LIST_FIELDS = ("batch_ids", "model_ids")
+
+
+def artifact_ids(event: Event) -> set[str]:
+    """The ids of the batches, feature sets and models an event names."""
+    names = {getattr(event, f) for f in ARTIFACT_FIELDS if getattr(event, f, None)}
+    for field in ARTIFACT_LIST_FIELDS:
+        names.update(getattr(event, field, None) or [])
+    return names
+
+
+def summary(event: Event) -> dict[str, str]:
     return {
         "event_id": str(event.event_id),
         "event_type": event.event_type,

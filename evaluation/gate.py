@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from threadpoolctl import threadpool_limits
 
 from common.errors import InvalidInput
 from evaluation.metrics import get_evaluator, higher_is_better
@@ -120,12 +121,17 @@ def measure_latency(
     """Timings of the call scoring makes (``predict_proba`` if the model has it, else
     ``predict``): p50 and p99 of single-row calls over rows of ``X`` in turn, and the
     median batch-call time per row for batches of ``batch_size`` rows (fewer if ``X`` is
-    smaller). One untimed call warms the model up first."""
+    smaller). One untimed call warms the model up first.
+
+    Timed with native thread pools limited to one thread, as the scoring service runs
+    each request: OpenMP start-up on a busy machine otherwise dominates single-row calls.
+    """
     predict = getattr(model, "predict_proba", None) or model.predict
     batch = _rows(X, 0, min(batch_size, len(X)))
-    predict(batch)
-    single = [_time(predict, _rows(X, i % len(X), i % len(X) + 1)) for i in range(repeats)]
-    batched = [_time(predict, batch) for _ in range(repeats)]
+    with threadpool_limits(limits=1):
+        predict(batch)
+        single = [_time(predict, _rows(X, i % len(X), i % len(X) + 1)) for i in range(repeats)]
+        batched = [_time(predict, batch) for _ in range(repeats)]
     return {
         "single_p50_ms": float(np.percentile(single, 50)),
         "single_p99_ms": float(np.percentile(single, 99)),

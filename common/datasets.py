@@ -20,6 +20,7 @@ TYPE_AMOUNT_MU = np.array([11.5, 11.7, 8.5, 8.9, 12.8])  # log-amount means, as 
 HOURS = 24 * 31
 START = pd.Timestamp("2026-01-01T00:00:00Z")
 FLAG_THRESHOLD = 200_000.0
+EMPTYING_SHARE = 0.15
 
 
 def paysim(rows: int, seed: int = 0, fraud_rate: float = 0.01) -> pd.DataFrame:
@@ -44,6 +45,9 @@ def _normal(rng: np.random.Generator, n: int) -> pd.DataFrame:
     kind = rng.choice(len(TYPES), n, p=TYPE_SHARES)
     amount = np.round(rng.lognormal(TYPE_AMOUNT_MU[kind], 1.0), 2)
     old_orig = np.round(rng.lognormal(10.5, 2.0, n) * (rng.random(n) > 0.3), 2)
+    # Honest customers empty their accounts too, now and then (a fraud-like look-alike).
+    empties = np.isin(TYPES[kind], ["TRANSFER", "CASH_OUT"]) & (rng.random(n) < EMPTYING_SHARE)
+    old_orig = np.where(empties, amount, old_orig)
     credit = TYPES[kind] == "CASH_IN"
     new_orig = np.where(credit, old_orig + amount, np.maximum(old_orig - amount, 0.0))
     merchant = TYPES[kind] == "PAYMENT"
@@ -61,10 +65,12 @@ def _normal(rng: np.random.Generator, n: int) -> pd.DataFrame:
 def _fraud_pairs(rng: np.random.Generator, n: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     night = rng.integers(0, 31, n) * 24 + rng.integers(0, 7, n)  # fraud favours the night
     amount = np.round(rng.lognormal(12.5, 1.2, n), 2)
+    # Most frauds empty the account; careful fraudsters leave a little behind.
+    balance = np.where(rng.random(n) < 0.8, amount, np.round(amount / rng.uniform(0.6, 0.95, n), 2))
     victim, mule = _accounts(rng, n), _accounts(rng, n)
     transfer = pd.DataFrame({
         "step": night, "type": "TRANSFER", "amount": amount, "nameOrig": victim,
-        "oldbalanceOrg": amount, "newbalanceOrig": 0.0, "nameDest": mule,
+        "oldbalanceOrg": balance, "newbalanceOrig": balance - amount, "nameDest": mule,
         "oldbalanceDest": 0.0, "newbalanceDest": 0.0, "isFraud": 1,
     })
     cash_out = transfer.assign(

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import os
 import platform
 import tempfile
 import time
@@ -29,6 +30,7 @@ import numpy as np
 import pandas as pd
 import sklearn
 from pebble import ProcessExpired, ProcessPool
+from threadpoolctl import threadpool_limits
 
 from common.errors import InvalidInput
 from training.config import Candidate, TrainingConfig, expand, resolve_estimator
@@ -109,8 +111,10 @@ def _run_pool(
     progress: Callable[[str], None],
 ) -> dict[str, Any]:
     workers = min(config.workers, len(candidates))
+    threads = max(1, (os.cpu_count() or 1) // workers)  # no oversubscribed OpenMP pools
     ctx = multiprocessing.get_context("forkserver")
-    with ProcessPool(workers, initializer=_load_data, initargs=(data_path,), context=ctx) as pool:
+    init = (data_path, threads)
+    with ProcessPool(workers, initializer=_load_data, initargs=init, context=ctx) as pool:
         return _Scheduler(pool, config, progress).run(candidates)
 
 
@@ -162,7 +166,8 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _load_data(path: str) -> None:
+def _load_data(path: str, threads: int) -> None:
+    _worker_data["limits"] = threadpool_limits(limits=threads)  # held for the worker's life
     frame = pd.read_parquet(path)
     _worker_data["y"] = frame.pop(LABEL_COLUMN)
     _worker_data["X"] = frame

@@ -11,6 +11,7 @@ Examples::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import threading
@@ -61,6 +62,28 @@ def run(service: str) -> None:
     runner = ServiceRunner(built, RabbitMQBus(settings, name=service), settings,
                            processed=redis_processed(settings))
     runner.run(stop)
+
+
+@main.command()
+def up() -> None:
+    """Start every service not running yet as a local process; Ctrl-C stops them."""
+    from contextlib import ExitStack
+    from pathlib import Path
+
+    from common.local import start_missing_services
+
+    settings = Settings()
+    if not (broker_reachable(settings) and redis_reachable(settings)):
+        raise click.ClickException("RabbitMQ or Redis is not reachable: run scripts/setup.sh")
+    stop = threading.Event()
+    stop_on_signals(stop)
+    logs = Path("var/run")
+    logs.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        bus = stack.enter_context(contextlib.closing(RabbitMQBus(settings, name="up")))
+        start_missing_services(settings, bus, stack, logs, click.echo)
+        click.echo("all services up; Ctrl-C or SIGTERM stops the ones started here")
+        stop.wait()
 
 
 @main.command()

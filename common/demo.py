@@ -10,17 +10,10 @@ that is gated against the champion. Last, an invalid event shows the dead-letter
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
 import redis
 
@@ -30,92 +23,16 @@ from common.config import load_pipeline_config
 from common.datasets import paysim
 from common.eventlog import EventLog
 from common.events import Event, SourceDataAvailable
+from common.local import start_missing_services, wait_for
 from common.settings import Settings
 from common.stores import ModelRegistry, ModelStore
 
-PIPELINE_SERVICES = ("eventlog", "ingestion", "preparation", "training", "evaluation")
 FINAL_EVENTS = {"ModelReady", "ModelRejected", "IngestionFailed"}
 
 
 def say(text: str = "") -> None:
     """Print a line of the demo's story."""
     print(text, flush=True)
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float) -> Any:
-    """Poll an outside condition (a process, a queue) until it holds; fail clearly."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-class LocalService:
-    """A service started as a local process, its JSON log captured to a file."""
-
-    def __init__(self, name: str, settings: Settings, log_dir: Path) -> None:
-        self.name, self.port = name, _free_port()
-        self.log_path = log_dir / f"{name}.log"
-        env = {**os.environ, "CONVEYOR_HTTP_PORT": str(self.port),
-               "CONVEYOR_NAMESPACE": settings.namespace}
-        self._log = self.log_path.open("w")
-        cmd = [sys.executable, "-m", "common.cli", "run", name]
-        self.process = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=self._log)
-
-    def ready(self) -> bool:
-        """Whether its /readyz answers 200."""
-        if self.process.poll() is not None:
-            raise RuntimeError(f"{self.name} exited early; see {self.log_path}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    def stop(self) -> int:
-        """SIGTERM, then wait: the service finishes the message in hand and exits."""
-        self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(timeout=60)
-        self._log.close()
-        return code
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def consumers(bus: RabbitMQBus, service: str) -> int:
-    """How many consumers the service's queue has (0 if it does not exist)."""
-    with bus.channel() as channel:
-        try:
-            declared = channel.queue_declare(bus.settings.queue(service), passive=True)
-        except Exception:  # noqa: BLE001 - no queue yet means no consumer
-            return 0
-        return int(declared.method.consumer_count)
-
-
-def start_missing_services(
-    settings: Settings, bus: RabbitMQBus, stack: ExitStack, log_dir: Path
-) -> None:
-    """Start, as local processes, the pipeline services that have no consumer yet."""
-    started = [LocalService(n, settings, log_dir) for n in PIPELINE_SERVICES
-               if consumers(bus, n) == 0]
-    for service in started:
-        stack.callback(_stopper(service))
-    for service in started:
-        wait_for(f"{service.name} to be ready", service.ready, 60)
-        say(f"  started {service.name:<12} pid {service.process.pid}, "
-            f"http://127.0.0.1:{service.port}/metrics, log {service.log_path}")
-    if len(started) < len(PIPELINE_SERVICES):
-        say(f"  {len(PIPELINE_SERVICES) - len(started)} service(s) were already running")
-
-
-def _stopper(service: LocalService) -> Callable[[], None]:
-    return lambda: say(f"  {service.name} stopped on SIGTERM (exit status {service.stop()})")
 
 
 def run_demo(settings: Settings, *, rows: int, seed: int | None, timeout: float) -> int:
@@ -130,7 +47,7 @@ def run_demo(settings: Settings, *, rows: int, seed: int | None, timeout: float)
         bus = RabbitMQBus(settings, name="demo")
         stack.callback(bus.close)
         say("\n1. services")
-        start_missing_services(settings, bus, stack, work)
+        start_missing_services(settings, bus, stack, work, say)
         final = _pipeline_run(settings, bus, work, rows, seed, timeout)
         _show_outcome(settings, final)
         _dead_letter_path(settings, bus, timeout)

@@ -1,0 +1,111 @@
+"""Local processes of the services: what ``conveyor up`` and ``conveyor demo`` start.
+
+A service counts as running when its queue has a consumer, wherever that consumer runs;
+only the missing ones are started, each as ``python -m common.cli run NAME`` with its
+JSON log captured to a file.
+
+Example::
+
+    with ExitStack() as stack:
+        start_missing_services(settings, bus, stack, Path("var/run"), print)
+        ...   # the services stop with SIGTERM when the stack closes
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from common.bus.rabbitmq import RabbitMQBus
+from common.settings import Settings
+
+PIPELINE_SERVICES = ("eventlog", "ingestion", "preparation", "training", "evaluation")
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float) -> Any:
+    """Poll an outside condition (a process, a queue) until it holds; fail clearly."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+class LocalService:
+    """A service started as a local process, its JSON log captured to a file."""
+
+    def __init__(self, name: str, settings: Settings, log_dir: Path) -> None:
+        self.name, self.port = name, _free_port()
+        self.log_path = log_dir / f"{name}.log"
+        env = {**os.environ, "CONVEYOR_HTTP_PORT": str(self.port),
+               "CONVEYOR_NAMESPACE": settings.namespace}
+        self._log = self.log_path.open("w")
+        cmd = [sys.executable, "-m", "common.cli", "run", name]
+        # A session of its own: a Ctrl-C meant for the parent must not hit it mid-shutdown.
+        self.process = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=self._log,
+                                        start_new_session=True)
+
+    def ready(self) -> bool:
+        """Whether its /readyz answers 200."""
+        if self.process.poll() is not None:
+            raise RuntimeError(f"{self.name} exited early; see {self.log_path}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> int:
+        """SIGTERM, then wait: the service finishes the message in hand and exits."""
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=60)
+        self._log.close()
+        return code
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def consumers(bus: RabbitMQBus, service: str) -> int:
+    """How many consumers the service's queue has (0 if it does not exist)."""
+    with bus.channel() as channel:
+        try:
+            declared = channel.queue_declare(bus.settings.queue(service), passive=True)
+        except Exception:  # noqa: BLE001 - no queue yet means no consumer
+            return 0
+        return int(declared.method.consumer_count)
+
+
+def start_missing_services(
+    settings: Settings, bus: RabbitMQBus, stack: ExitStack, log_dir: Path,
+    say: Callable[[str], None],
+) -> list[LocalService]:
+    """Start, as local processes, the pipeline services that have no consumer yet."""
+    started = [LocalService(n, settings, log_dir) for n in PIPELINE_SERVICES
+               if consumers(bus, n) == 0]
+    for service in started:
+        stack.callback(_stopper(service, say))
+    for service in started:
+        wait_for(f"{service.name} to be ready", service.ready, 60)
+        say(f"  started {service.name:<12} pid {service.process.pid}, "
+            f"http://127.0.0.1:{service.port}/metrics, log {service.log_path}")
+    if len(started) < len(PIPELINE_SERVICES):
+        say(f"  {len(PIPELINE_SERVICES) - len(started)} service(s) were already running")
+    return started
+
+
+def _stopper(service: LocalService, say: Callable[[str], None]) -> Callable[[], None]:
+    return lambda: say(f"  {service.name} stopped on SIGTERM (exit status {service.stop()})")

@@ -99,6 +99,12 @@ class TrainingService(Service):
         frame = self.offline.read(record.feature_set_id)
         label = record.metadata["label"]
         part = self.config.split.apply(frame, label)
+        values = part.y_train.unique()
+        if len(values) < 2:  # nothing to learn; say so here, not as a metric error later
+            raise InvalidInput(
+                f"label {label!r} of feature set {record.feature_set_id} has a single value "
+                f"{sorted(values.tolist())} in the training part; nothing to learn"
+            )
         return part.X_train[record.metadata["features"]], part.y_train
 
 

@@ -135,6 +135,7 @@ class Dispatcher:
         self.policy = policy or RetryPolicy()
         self.processed = processed
         self.metrics = metrics or BusMetrics()
+        self._children: dict[tuple[int, str], Any] = {}
 
     @property
     def event_types(self) -> list[str]:
@@ -144,7 +145,7 @@ class Dispatcher:
     def dispatch(self, delivery: Delivery) -> Outcome:
         """Handle one delivery and say what to do with the message."""
         try:
-            event = parse_event(delivery.body)
+            event = parse_event(delivery.body, hint=delivery.routing_key)
         except InvalidEvent as exc:
             return self._invalid(delivery, exc)
         with event_context(event):
@@ -171,7 +172,7 @@ class Dispatcher:
             self._count(self.metrics.failed, event.event_type)
             return self._failed(spec, delivery, event, exc)
         finally:
-            self.metrics.duration.labels(self.service, event.event_type).observe(
+            self._labelled(self.metrics.duration, event.event_type).observe(
                 time.perf_counter() - started
             )
         if self.processed:
@@ -218,7 +219,15 @@ class Dispatcher:
         return DeadLetter(dead_letter_headers(delivery, exc, self.service))
 
     def _count(self, counter: Any, event_type: str) -> None:
-        counter.labels(self.service, event_type).inc()
+        self._labelled(counter, event_type).inc()
+
+    def _labelled(self, metric: Any, event_type: str) -> Any:
+        # labels() costs microseconds per call (a lock, a tuple): keep the children
+        key = (id(metric), event_type)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(self.service, event_type)
+        return child
 
 
 def _describe(exc: BaseException) -> str:

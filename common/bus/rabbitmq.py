@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 PERSISTENT = pika.DeliveryMode.Persistent
 DELIVERY_LIMIT = 20  # a message that crashes its consumer this often goes to the DLQ
+MAX_ACK_DELAY_S = 0.05  # a batched ack waits about this long at most (+ one 0.2 s loop turn)
 CONNECTION_ERRORS = (AMQPConnectionError, AMQPChannelError, ConnectionError, OSError)
 
 
@@ -207,6 +209,12 @@ class RabbitMQBus(MessageBus):
             self._publisher = None
 
 
+def _ack_up_to(channel: BlockingChannel, tag: int) -> None:
+    """Acknowledge every outstanding delivery up to ``tag`` on the channel."""
+    channel.basic_ack(tag, multiple=True)
+    log.debug("acked deliveries up to %d", tag)
+
+
 def _depth(connection: pika.BlockingConnection, name: str) -> int:
     channel = connection.channel()  # a failed passive declare closes its channel
     try:
@@ -264,6 +272,7 @@ class Consumer:
             log.info("consuming %s", self.settings.queue(self.dispatcher.service))
             while not self.stop.is_set():
                 connection.process_data_events(time_limit=0.2)
+                worker.flush_overdue()
             worker.finish(channel, connection)
         finally:
             self.connected.clear()
@@ -279,8 +288,10 @@ class _Worker:
         self.consumer, self.connection = consumer, connection
         self._inbox: deque[tuple[BlockingChannel, Any, Any, bytes]] = deque()
         self._settled: list[tuple[BlockingChannel, int, bool]] = []
+        self._settled_since = 0.0  # when the oldest unsent settlement was made
+        self._ack_batch = max(1, consumer.settings.prefetch // 4)
         self._cv = threading.Condition()
-        self._in_hand = self._halted = False
+        self._in_hand = self._halted = self._flush_requested = False
         self._thread = threading.Thread(target=self._loop, name="handler", daemon=True)
         self._thread.start()
 
@@ -300,8 +311,8 @@ class _Worker:
             self._cv.notify_all()
             while not self._inbox and not self._halted:
                 self._cv.wait()
-            if self._halted:
-                return None
+            if self._halted or self.consumer.stop.is_set():
+                return None  # stopping: prefetched messages stay unacked and are requeued
             self._in_hand = True
             return self._inbox.popleft()
 
@@ -328,24 +339,51 @@ class _Worker:
             assert isinstance(outcome, Ack)
 
     def _settle(self, channel: BlockingChannel, tag: int, ack: bool) -> None:
+        # Waking the connection thread for every message was most of the consumer's cost:
+        # while more messages wait, acks are sent in batches (or by the connection thread
+        # once overdue); when the worker is about to go idle they go at once.
         with self._cv:
+            if not self._settled:
+                self._settled_since = time.monotonic()
             self._settled.append((channel, tag, ack))
-            first = len(self._settled) == 1
-        if first:
+            urgent = len(self._settled) >= self._ack_batch or not self._inbox
+            wake = urgent and not self._flush_requested
+            self._flush_requested |= wake
+        if wake:
             with contextlib.suppress(Exception):  # connection gone: redelivery will follow
                 self.connection.add_callback_threadsafe(self._flush_settled)
 
+    def flush_overdue(self) -> None:
+        """Send settlements that waited too long for a batch (on the connection thread)."""
+        with self._cv:
+            overdue = bool(self._settled) and (
+                time.monotonic() - self._settled_since >= MAX_ACK_DELAY_S
+            )
+        if overdue:
+            self._flush_settled()
+
     def _flush_settled(self) -> None:
+        # Messages are handled and settled in delivery order, so every outstanding tag
+        # below an ack's was settled already: a run of acks goes out as one multiple ack
+        # (each BlockingChannel call flushes the socket; one per message was the
+        # consumer's bottleneck). A requeue first sends the acks before it.
         with self._cv:
             settled, self._settled = self._settled, []
+            self._flush_requested = False
+        run: tuple[BlockingChannel, int] | None = None  # acks not yet sent: channel, last tag
         for channel, tag, ack in settled:
             if not channel.is_open:
                 continue  # the broker requeued it when the channel closed
+            if run is not None and (not ack or run[0] is not channel):
+                _ack_up_to(*run)
+                run = None
             if ack:
-                channel.basic_ack(tag)
+                run = (channel, tag)
             else:
                 channel.basic_nack(tag, requeue=True)
-            log.debug("%s delivery %d", "acked" if ack else "requeued", tag)
+                log.debug("requeued delivery %d", tag)
+        if run is not None:
+            _ack_up_to(*run)
 
     def finish(self, channel: BlockingChannel, connection: pika.BlockingConnection) -> None:
         """Stop taking messages, let the one in hand finish, and ack it (the SIGTERM path)."""

@@ -62,6 +62,7 @@ class IngestionService(Service):
         contract = self._contract(event.dataset)
         batch = self.raw_store.put(event.dataset, event.uri, event.format or contract.format)
         quarantined = check_batch(self.raw_store, batch, contract)
+        self.raw_store.accept(batch.batch_id)
         log.info("stored batch %s: %d rows (%d quarantined)", batch.batch_id, batch.rows,
                  quarantined)
         return event.caused(

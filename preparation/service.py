@@ -76,8 +76,9 @@ class PreparationService(Service):
         return self._announce(event, fsid, batches)
 
     def _input_batches(self, event: RawDataExtracted) -> dict[str, str]:
-        """The batch of each input: this event's for its dataset, the latest for others."""
-        latest = {b.dataset: b.batch_id for b in self.raw_store.list()}
+        """The batch of each input: this event's for its dataset, the latest accepted one
+        for the others."""
+        latest = {b.dataset: b.batch_id for b in self.raw_store.list(accepted_only=True)}
         batches = {d: latest[d] for d in self.config.features.inputs if d in latest}
         return {**batches, event.dataset: event.batch_id}
 

@@ -168,14 +168,32 @@ class RawBatchStore:
         """The URL of the batch's original bytes."""
         return self._root.uri(self.manifest(batch_id).paths["original"])
 
-    def list(self, dataset: str | None = None) -> builtins.list[RawBatch]:
-        """Every complete batch (of one dataset, if named), oldest first."""
+    def list(
+        self, dataset: str | None = None, *, accepted_only: bool = False
+    ) -> builtins.list[RawBatch]:
+        """Every complete batch (of one dataset, if named; accepted ones only, if asked),
+        oldest first."""
         found = [
             RawBatch.model_validate_json(self._root.read_bytes(path))
             for path in self._root.glob("raw/*/manifest.json")
         ]
         chosen = [b for b in found if dataset is None or b.dataset == dataset]
+        if accepted_only:
+            chosen = [b for b in chosen if self.is_accepted(b.batch_id)]
         return sorted(chosen, key=lambda b: (b.created_at, b.batch_id))
+
+    def accept(self, batch_id: str) -> None:
+        """Record that a batch passed its dataset's contract (the batch itself never changes).
+
+        A refused batch stays stored, for inspection, but is never accepted, so nothing
+        downstream (a join waiting for the latest batch of an input) picks it up.
+        """
+        self.manifest(batch_id)
+        self._root.write_bytes(_accepted_path(batch_id), b"{}")
+
+    def is_accepted(self, batch_id: str) -> bool:
+        """Whether the batch passed its dataset's contract."""
+        return _is_batch_id(batch_id) and self._root.exists(_accepted_path(batch_id))
 
     def _existing(self, source: _Source, dataset: str) -> RawBatch | None:
         if not self.exists(source.batch_id):
@@ -257,6 +275,10 @@ def _chunks(handle: IO[bytes]) -> Iterator[bytes]:
 
 def _manifest_path(batch_id: str) -> str:
     return f"raw/{batch_id}/manifest.json"
+
+
+def _accepted_path(batch_id: str) -> str:
+    return f"raw/{batch_id}/accepted.json"
 
 
 def _is_batch_id(batch_id: str) -> bool:

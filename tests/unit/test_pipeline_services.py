@@ -205,10 +205,6 @@ def test_join_waits_for_the_missing_input_then_uses_both_batches(
     no_dead_letters(pipeline.bus)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug: ingestion leaves a refused batch in the raw store (stored before the "
-    "contract check) and preparation joins the latest batch of each other input, refused "
-    "or not, so the join dead-letters until a good batch of that input arrives"))
 def test_join_skips_a_batch_that_ingestion_refused(tmp_path: Path, source: Path) -> None:
     pipeline = Pipeline(parsed(joined_config()), tmp_path / "data")
     pipeline.start("ingestion", "preparation")

@@ -64,6 +64,10 @@ class Service:
     """Base of every service: a name, decorated handlers and a readiness check."""
 
     name: ClassVar[str]
+    concurrency: ClassVar[int] = 1
+    """Consumers run side by side: several events (different datasets) in parallel."""
+    prefetch: ClassVar[int | None] = None
+    """Messages each consumer may hold ahead (None: the settings'); 1 for long handlers."""
 
     def handler_specs(self) -> dict[str, HandlerSpec]:
         """The service's handlers by event type."""
@@ -114,7 +118,22 @@ class ServiceRunner:
             policy=policy_from(self.settings),
             processed=self.processed,
             metrics=self.metrics,
+            prefetch=self.service.prefetch,
         )
+
+    def _consume(self, stop: threading.Event) -> None:
+        """Run the service's consumers (each with its own connection) until ``stop``."""
+        dispatcher = self.dispatcher()
+        extra = [
+            threading.Thread(target=self.bus.consume, args=(dispatcher, stop, self.connected),
+                             name=f"consumer-{i}", daemon=True)
+            for i in range(1, self.service.concurrency)
+        ]
+        for thread in extra:
+            thread.start()
+        self.bus.consume(dispatcher, stop, self.connected)
+        for thread in extra:
+            thread.join()
 
     def ready(self) -> bool:
         """Ready means consuming and the service itself ready."""
@@ -127,7 +146,7 @@ class ServiceRunner:
         ).start()
         log.info("service %s started; http on port %d", self.service.name, self.http.port)
         try:
-            self.bus.consume(self.dispatcher(), stop, self.connected)
+            self._consume(stop)
         finally:
             self.http.stop()
             self.service.close()

@@ -51,6 +51,7 @@ class EvaluationService(Service):
     """Chooses, gates and promotes the best candidate of each training run."""
 
     name = "evaluation"
+    prefetch = 1  # long handlers: leave waiting events to the other consumers
 
     def __init__(
         self,

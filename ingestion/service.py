@@ -39,6 +39,8 @@ class IngestionService(Service):
     """Stores sources as raw batches and checks them against their dataset's contract."""
 
     name = "ingestion"
+    concurrency = 2  # batches of different datasets go side by side
+    prefetch = 1  # long handlers: leave waiting events to the other consumers
 
     def __init__(self, config: PipelineConfig, raw_store: RawBatchStore) -> None:
         self.config, self.raw_store = config, raw_store

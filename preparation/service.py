@@ -47,6 +47,8 @@ class PreparationService(Service):
     """Turns raw batches into versioned feature sets, offline and online."""
 
     name = "preparation"
+    concurrency = 2  # batches of different datasets go side by side
+    prefetch = 1  # long handlers: leave waiting events to the other consumers
 
     def __init__(
         self,

@@ -34,6 +34,7 @@ class TrainingService(Service):
     """Trains candidate models for each new feature set."""
 
     name = "training"
+    prefetch = 1  # long handlers: leave waiting events to the other consumers
 
     def __init__(
         self, config: PipelineConfig, offline: OfflineFeatureStore, models: ModelStore

@@ -128,8 +128,12 @@ class Dispatcher:
         policy: RetryPolicy | None = None,
         processed: ProcessedEvents | None = None,
         metrics: BusMetrics | None = None,
+        prefetch: int | None = None,
     ) -> None:
         self.service = service
+        # How many messages a transport may hand over ahead of time (None: the bus's own
+        # setting); services with long handlers and several consumers want 1.
+        self.prefetch = prefetch
         self.handlers = dict(handlers)
         self.publish = publish
         self.policy = policy or RetryPolicy()

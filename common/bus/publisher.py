@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import uuid
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, wait
@@ -26,11 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pika
+from pika.exceptions import ChannelClosedByBroker
 from pika.spec import Basic
 
 from common.errors import PublishError, Unroutable
 
 log = logging.getLogger(__name__)
+REFUSALS = {403, 404}  # access refused, no such exchange: a resend would fail the same way
 
 
 @dataclass
@@ -43,6 +46,11 @@ class Message:
     properties: pika.BasicProperties
     future: Future = field(default_factory=Future, compare=False)
     returned: bool = False
+
+    def __post_init__(self) -> None:
+        # basic.return is matched to its message by message id, so every message has one.
+        if self.properties.message_id is None:
+            self.properties.message_id = uuid.uuid4().hex
 
 
 class AsyncPublisher:
@@ -144,10 +152,11 @@ class AsyncPublisher:
             channel = self._channel
             batch = list(self._outbox)
             self._outbox.clear()
+        if channel is None or not channel.is_open:
+            self._requeue(batch)  # in order, ahead of anything submitted since
+            return
         for message in batch:
-            if channel is None or not channel.is_open:
-                self._requeue([message])
-            elif message.future.set_running_or_notify_cancel():
+            if message.future.set_running_or_notify_cancel():
                 self._send(channel, message)
 
     def _send(self, channel: Any, message: Message) -> None:
@@ -176,10 +185,18 @@ class AsyncPublisher:
     def _on_channel_closed(self, _channel: Any, reason: Exception) -> None:
         if not self._closing.is_set():
             log.warning("publisher channel closed: %s", reason)
+        if isinstance(reason, ChannelClosedByBroker) and reason.reply_code in REFUSALS:
+            self._fail_unconfirmed(PublishError(f"the broker refused the publish: {reason}"))
         with self._lock:
             self._channel = None
         if self._connection is not None and self._connection.is_open:
             self._connection.close()
+
+    def _fail_unconfirmed(self, error: PublishError) -> None:
+        """Sending again cannot help (no such exchange, access refused): tell the callers."""
+        for message in self._unconfirmed.values():
+            message.future.set_exception(error)
+        self._unconfirmed.clear()
 
     def _on_stopped(self, connection: pika.SelectConnection, reason: Any = None) -> None:
         with self._lock:

@@ -243,6 +243,7 @@ class Consumer:
         self.bus, self.dispatcher, self.stop = bus, dispatcher, stop
         self.settings = bus.settings
         self.connected = connected if connected is not None else threading.Event()
+        self.prefetch = dispatcher.prefetch or self.settings.prefetch
 
     def run(self) -> None:
         """Consume until ``stop`` is set, surviving broker restarts and dropped connections."""
@@ -263,7 +264,7 @@ class Consumer:
         worker = _Worker(self, connection)
         try:
             channel = connection.channel()
-            channel.basic_qos(prefetch_count=self.settings.prefetch)
+            channel.basic_qos(prefetch_count=self.prefetch)
             declare_topology(
                 channel, self.settings, self.dispatcher.service, self.dispatcher.event_types
             )
@@ -289,7 +290,7 @@ class _Worker:
         self._inbox: deque[tuple[BlockingChannel, Any, Any, bytes]] = deque()
         self._settled: list[tuple[BlockingChannel, int, bool]] = []
         self._settled_since = 0.0  # when the oldest unsent settlement was made
-        self._ack_batch = max(1, consumer.settings.prefetch // 4)
+        self._ack_batch = max(1, consumer.prefetch // 4)
         self._cv = threading.Condition()
         self._in_hand = self._halted = self._flush_requested = False
         self._thread = threading.Thread(target=self._loop, name="handler", daemon=True)

@@ -50,6 +50,7 @@ from preparation.transformers import require_numeric, to_utc
 ID_LENGTH = 16
 Mode = Literal["fit", "offline", "online"]
 Records: TypeAlias = Sequence[Mapping[str, Any]] | pd.DataFrame
+Indexed: TypeAlias = tuple[int, EntityAggregate]
 
 
 class SkewWarning(UserWarning):
@@ -154,11 +155,15 @@ class FittedFeatureSet:
             raise InvalidInput(f"feature set {self.feature_set_id} has no entity aggregates")
         past = self._online_frame(history)[0]
         probes = self._probes(past, at)
-        parts = [self._run_online(probes, past, stop=index + 1)[step.output_names()]
-                 for index, step in steps]
+        # One run up to the last step of each block of consecutive aggregate steps: such a
+        # step only adds its own columns, so its block-mates' values are what they would
+        # be with the run stopped right after them (a run over past + probes is the cost).
+        parts = [self._run_online(probes, past, stop=block[-1][0] + 1)[
+                     [c for _, step in block for c in step.output_names()]]
+                 for block in _consecutive(steps)]
         return pd.concat(parts, axis=1).set_axis(pd.Index(probes[self.entity_key]))
 
-    def _aggregate_steps(self) -> list[tuple[int, EntityAggregate]]:
+    def _aggregate_steps(self) -> list[Indexed]:
         steps = enumerate(step for _, step in self.pipeline.steps)
         return [(index, step) for index, step in steps if isinstance(step, EntityAggregate)]
 
@@ -171,7 +176,11 @@ class FittedFeatureSet:
                     stop: int | None = None) -> pd.DataFrame:
         if past is None:
             return _run(self.pipeline, frame, "online", stop)
-        both = pd.concat([past, frame], ignore_index=True)
+        with warnings.catch_warnings():
+            # Both frames were conformed to the fit-time dtypes, so pandas' coming change
+            # to all-NA columns in concat cannot change the result's dtypes here.
+            warnings.simplefilter("ignore", FutureWarning)
+            both = pd.concat([past, frame], ignore_index=True)
         out = _run(self.pipeline, both, "online", stop).iloc[len(past):]
         return out.set_axis(frame.index)  # online steps never drop rows
 
@@ -188,6 +197,17 @@ class FittedFeatureSet:
         names = list(self.feature_names)
         features = out.reindex(columns=names) if out.empty else out[names]
         return pd.concat([features, source.loc[features.index, list(carried)]], axis=1)
+
+
+def _consecutive(steps: list[Indexed]) -> list[list[Indexed]]:
+    """Indexed steps grouped into blocks of consecutive indices, in order."""
+    blocks: list[list[Indexed]] = []
+    for index, step in steps:
+        if blocks and blocks[-1][-1][0] == index - 1:
+            blocks[-1].append((index, step))
+        else:
+            blocks.append([(index, step)])
+    return blocks
 
 
 def _run(pipeline: Pipeline, frame: pd.DataFrame, mode: Mode,

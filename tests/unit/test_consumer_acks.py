@@ -61,7 +61,7 @@ class Harness:
         spec = HandlerSpec(SOURCE, self.handle)
         dispatcher = Dispatcher("svc", {SOURCE: spec}, lambda _: None, policy=RetryPolicy(3))
         consumer = SimpleNamespace(
-            settings=Settings(prefetch=prefetch), dispatcher=dispatcher,
+            settings=Settings(prefetch=prefetch), dispatcher=dispatcher, prefetch=prefetch,
             stop=threading.Event(), bus=SimpleNamespace(send_to_queue=unreachable_broker),
         )
         self.worker = _Worker(consumer, self.connection)  # type: ignore[arg-type]

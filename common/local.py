@@ -45,7 +45,7 @@ class LocalService:
     """A service started as a local process, its JSON log captured to a file."""
 
     def __init__(self, name: str, settings: Settings, log_dir: Path) -> None:
-        self.name, self.port = name, _free_port()
+        self.name, self.port = name, free_port()
         self.log_path = log_dir / f"{name}.log"
         env = {**os.environ, "CONVEYOR_HTTP_PORT": str(self.port),
                "CONVEYOR_NAMESPACE": settings.namespace}
@@ -73,7 +73,8 @@ class LocalService:
         return code
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])

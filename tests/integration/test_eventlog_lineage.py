@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from common.events import (
     SourceDataAvailable,
 )
 from common.lineage import trace
+from common.local import free_port
 from common.testing import BusNamespace, wait_until
 
 pytestmark = pytest.mark.integration
@@ -86,9 +88,10 @@ def get(url: str) -> int:
 def test_eventlog_service_process_records_events_and_stops_cleanly_on_sigterm(
     ns: BusNamespace, tmp_path: Path
 ) -> None:
-    port = 19000 + os.getpid() % 1000
+    port = free_port()
     env = {**os.environ, "CONVEYOR_NAMESPACE": ns.namespace, "CONVEYOR_HTTP_PORT": str(port),
-           "CONVEYOR_DATA_ROOT": str(tmp_path)}
+           "CONVEYOR_DATA_ROOT": str(tmp_path),
+           "CONVEYOR_RETRY_DELAYS_S": json.dumps(list(ns.settings.retry_delays_s))}
     ns.services.add("eventlog")
     process = subprocess.Popen([sys.executable, "-m", "common.cli", "run", "eventlog"],
                                cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)

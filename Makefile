@@ -1,5 +1,5 @@
 # The two commands: `make demo` and `make test`. Both set up what they need first.
-.PHONY: setup demo test lint bench-bus bench-features clean
+.PHONY: setup demo test lint bench-bus bench-features bench-pipeline clean
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -21,6 +21,9 @@ bench-bus: setup
 
 bench-features: setup
 	@$(PY) bench/features.py
+
+bench-pipeline: setup
+	@$(PY) bench/pipeline.py
 
 clean:
 	rm -rf var/ .pytest_cache

@@ -111,12 +111,15 @@ class Outputs:
         return self.predictions if needs == "predictions" else self.probabilities
 
 
-def evaluate(model: Any, X: Any, y: Any, metrics: list[str]) -> dict[str, float]:
-    """Each named metric of ``model`` on ``(X, y)``, as plain floats."""
+def evaluate(
+    model: Any, X: Any, y: Any, metrics: list[str], outputs: Outputs | None = None
+) -> dict[str, float]:
+    """Each named metric of ``model`` on ``(X, y)``, as plain floats (``outputs``: the
+    model's outputs on ``X`` if the caller keeps them for ``curves`` too)."""
     chosen = [get_evaluator(name) for name in metrics]
     for evaluator in chosen:
         _check_fits(evaluator, model)
-    outputs, y_true = Outputs(model, X), np.asarray(y)
+    outputs, y_true = outputs or Outputs(model, X), np.asarray(y)
     classes = np.asarray(getattr(model, "classes_", []))
     return {e.name: _compute(e, y_true, outputs.get(e.needs), classes) for e in chosen}
 
@@ -235,7 +238,10 @@ MAX_CURVE_POINTS = 200
 """Curves are thinned to this many points so they fit in model metadata JSON."""
 
 
-def curves(model: Any, X: Any, y: Any, max_points: int = MAX_CURVE_POINTS) -> dict[str, dict]:
+def curves(
+    model: Any, X: Any, y: Any, max_points: int = MAX_CURVE_POINTS,
+    outputs: Outputs | None = None,
+) -> dict[str, dict]:
     """ROC and precision-recall points of a binary classifier, thinned to ``max_points``.
 
     ``{"roc": {"fpr", "tpr", "thresholds"}, "pr": {"precision", "recall", "thresholds"}}``
@@ -245,7 +251,7 @@ def curves(model: Any, X: Any, y: Any, max_points: int = MAX_CURVE_POINTS) -> di
     """
     if not (is_binary(model) and hasattr(model, "predict_proba")):
         raise InvalidInput("curves need a binary classifier with predict_proba")
-    probabilities = Outputs(model, X).probabilities
+    probabilities = (outputs or Outputs(model, X)).probabilities
     positive, probability = _positive(np.asarray(y), probabilities, model.classes_)
     if positive.min() == positive.max():
         raise InvalidInput("curves need both classes in y")

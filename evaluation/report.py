@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict
 
 from common.errors import InvalidInput
 from evaluation.gate import EvaluationConfig, GateDecision, gate, measure_latency, rank_candidates
-from evaluation.metrics import applicable, curves, evaluate, is_binary
+from evaluation.metrics import Outputs, applicable, curves, evaluate, is_binary
 
 
 class EvaluationReport(BaseModel):
@@ -74,7 +74,10 @@ def evaluate_candidates(
     """Score every candidate and the champion on the same data, gate them best first."""
     if not candidates:
         raise InvalidInput("there are no candidates to evaluate")
-    scores = {key: _score(model, X_test, y_test, config) for key, model in candidates.items()}
+    # Each candidate predicts the test rows once, for its metrics and, if chosen, its curves.
+    outputs = {key: Outputs(model, X_test) for key, model in candidates.items()}
+    scores = {key: _score(model, X_test, y_test, config, outputs[key])
+              for key, model in candidates.items()}
     ranking = rank_candidates(scores, config.metric)
     champion_metrics = None if champion is None else _score(champion, X_test, y_test, config)
     decisions, latency = _gate_in_order(
@@ -84,7 +87,8 @@ def evaluate_candidates(
     return EvaluationReport(
         metric=config.metric, candidates=scores, ranking=ranking, chosen_id=chosen,
         decision=decisions[chosen], decisions=decisions, latency=latency,
-        champion_metrics=champion_metrics, curves=_curves(candidates[chosen], X_test, y_test),
+        champion_metrics=champion_metrics,
+        curves=_curves(candidates[chosen], X_test, y_test, outputs[chosen]),
     )
 
 
@@ -94,8 +98,11 @@ def metrics_for(model: Any, config: EvaluationConfig) -> list[str]:
     return [config.metric, *(name for name in names if name != config.metric)]
 
 
-def _score(model: Any, X_test: Any, y_test: Any, config: EvaluationConfig) -> dict[str, float]:
-    return evaluate(model, X_test, y_test, metrics_for(model, config))
+def _score(
+    model: Any, X_test: Any, y_test: Any, config: EvaluationConfig,
+    outputs: Outputs | None = None,
+) -> dict[str, float]:
+    return evaluate(model, X_test, y_test, metrics_for(model, config), outputs)
 
 
 def _gate_in_order(
@@ -118,7 +125,9 @@ def _gate_in_order(
     return decisions, latency
 
 
-def _curves(model: Any, X_test: Any, y_test: Any) -> dict[str, dict[str, list[float]]] | None:
+def _curves(
+    model: Any, X_test: Any, y_test: Any, outputs: Outputs
+) -> dict[str, dict[str, list[float]]] | None:
     if not (is_binary(model) and hasattr(model, "predict_proba")):
         return None
-    return curves(model, X_test, y_test)
+    return curves(model, X_test, y_test, outputs=outputs)

@@ -101,7 +101,7 @@ def checked(result: Any, rows: int, name: str) -> tuple[Positions, Positions]:
             f"got {type(result).__name__}"
         ) from None
     train, test = _part(train, rows, name, "train"), _part(test, rows, name, "test")
-    both = np.intersect1d(train, test).size
+    both = np.count_nonzero(_in_part(train, rows)[test])  # test has no repeats: distinct rows
     if both:
         raise InvalidInput(f"split strategy {name} put {both} row(s) in both train and test")
     return train, test
@@ -124,6 +124,13 @@ def _position_problem(array: np.ndarray, rows: int) -> str | None:
         return f"expected integer positions, got {array.dtype}"
     if array.min() < 0 or array.max() >= rows:
         return f"positions must lie in [0, {rows}), got {array.min()}..{array.max()}"
-    if np.unique(array).size != array.size:
+    if np.bincount(array.astype(np.intp), minlength=rows).max() > 1:  # O(rows), no sort
         return "a row appears more than once"
     return None
+
+
+def _in_part(part: Positions, rows: int) -> np.ndarray:
+    """A mask of the frame's rows: True at the part's positions."""
+    mask = np.zeros(rows, dtype=bool)
+    mask[part] = True
+    return mask

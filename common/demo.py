@@ -130,6 +130,12 @@ def _show_outcome(settings: Settings, final: Event) -> None:
         f"({record.metadata.get('algorithm')})")
     say("   metrics on the evaluation part: " + ", ".join(
         f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    evaluation = record.metadata.get("evaluation", {})
+    if evaluation.get("champion_metrics"):
+        metric = evaluation["metric"]
+        ours, theirs = metrics.get(metric, float("nan")), evaluation["champion_metrics"][metric]
+        say(f"   gated against the previous champion on the same rows: {metric} "
+            f"{ours:.4f} vs {theirs:.4f}")
     say("   registry history: " + "; ".join(
         f"{h.action} {h.to_version}" for h in registry.history()[-4:]))
     say(f"   lineage: conveyor lineage {champion.model_id}")

@@ -8,7 +8,11 @@ Example::
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 HANDLER_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300, 1800)
 
@@ -35,9 +39,31 @@ class BusMetrics:
             buckets=HANDLER_BUCKETS,
             registry=self.registry,
         )
-        self.queue_depth = Gauge(
-            "conveyor_queue_depth", "Messages ready in a queue.", ("queue",), registry=self.registry
-        )
 
     def _counter(self, name: str, doc: str, labels: tuple[str, ...]) -> Counter:
         return Counter(f"conveyor_{name}", doc, labels, registry=self.registry)
+
+
+class QueueDepthCollector(Collector):
+    """``conveyor_queue_depth{service, queue}``, read from the broker at each scrape.
+
+    ``queue`` is ``ready``, ``dead`` or ``retry_<ms>ms``; a broker that cannot be asked
+    yields no sample rather than a failed scrape.
+    """
+
+    def __init__(self, service: str, depths: Callable[[str], dict[str, int]]) -> None:
+        self.service, self.depths = service, depths
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "conveyor_queue_depth", "Messages waiting in a service's queues.",
+            labels=["service", "queue"],
+        )
+        try:
+            depths = self.depths(self.service)
+        except Exception:  # noqa: BLE001 - the scrape must still answer
+            depths = {}
+        for queue, depth in depths.items():
+            if depth >= 0:
+                family.add_metric([self.service, queue], depth)
+        yield family

@@ -36,7 +36,7 @@ from common.bus.dispatch import Dispatcher, HandlerSpec, RetryPolicy
 from common.bus.idempotency import ProcessedEvents, RedisProcessedEvents
 from common.events import Event
 from common.health import HealthServer
-from common.metrics import BusMetrics
+from common.metrics import BusMetrics, QueueDepthCollector
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,7 @@ class ServiceRunner:
     ) -> None:
         self.service, self.bus, self.settings = service, bus, settings
         self.metrics = BusMetrics(registry or CollectorRegistry())
+        self.metrics.registry.register(QueueDepthCollector(service.name, bus.queue_depths))
         self.processed = processed
         self.connected = threading.Event()
         self.http: HealthServer | None = None

@@ -105,6 +105,7 @@ def test_eventlog_service_process_records_events_and_stops_cleanly_on_sigterm(
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
         assert 'conveyor_events_handled_total{event_type="ModelReady",service="eventlog"} 1.0' \
             in metrics
+        assert 'conveyor_queue_depth{queue="dead",service="eventlog"} 0.0' in metrics
     finally:
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=30)

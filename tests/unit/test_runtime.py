@@ -158,3 +158,15 @@ def test_catalogue_builds_services(name: str) -> None:
     assert build_service(name, Settings()).name == name
     with pytest.raises(KeyError, match="unknown service .nope.; known: .*eventlog"):
         build_service("nope", Settings())
+
+
+def test_queue_depths_are_exported_at_scrape_time() -> None:
+    bus = InMemoryBus()
+    runner = ServiceRunner(Ingest(), bus, Settings())
+    bus.register(runner.dispatcher())
+    bus.publish(SourceDataAvailable(dataset="d", uri="ok", producer="t"))
+    value = runner.metrics.registry.get_sample_value
+    assert value("conveyor_queue_depth", {"service": "ingest", "queue": "ready"}) == 1
+    bus.declare("sink", ["RawDataExtracted"])
+    bus.run_until_idle()
+    assert value("conveyor_queue_depth", {"service": "ingest", "queue": "ready"}) == 0

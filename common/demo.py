@@ -73,16 +73,11 @@ def _pipeline_run(
     paysim(rows, seed=seed).to_csv(source, index=False)
     event = SourceDataAvailable(dataset="paysim", uri=str(source.resolve()), producer="demo")
     log = EventLog(redis.Redis.from_url(settings.redis_url), settings.namespace)
-    cursor = _stream_end(log)
+    cursor = log.last_entry_id()
     bus.publish(event)
     say(f"\n3. published SourceDataAvailable {event.event_id} (confirmed by the broker);"
         " following the run:")
     return _follow(log, cursor, event, timeout)
-
-
-def _stream_end(log: EventLog) -> str:
-    last = log.client.xrevrange(log.stream, count=1)
-    return last[0][0].decode() if last else "0-0"
 
 
 def _follow(log: EventLog, cursor: str, source: Event, timeout: float) -> Event:
@@ -96,11 +91,11 @@ def _follow(log: EventLog, cursor: str, source: Event, timeout: float) -> Event:
 
 def _run_events(log: EventLog, cursor: str, source: Event, deadline: float) -> Iterator[Event]:
     while time.monotonic() < deadline:
-        for _, entries in log.client.xread({log.stream: cursor}, block=1000) or []:
-            for entry_id, fields in entries:
-                cursor = entry_id.decode()
-                if fields[b"correlation_id"].decode() == str(source.correlation_id):
-                    yield log.get(fields[b"event_id"].decode()) or source
+        entries = log.read_after(cursor)
+        for _, fields in entries:
+            if fields["correlation_id"] == str(source.correlation_id):
+                yield log.get(fields["event_id"]) or source
+        cursor = entries[-1][0] if entries else cursor
 
 
 def _gist(event: Event) -> str:

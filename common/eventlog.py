@@ -13,7 +13,7 @@ Example::
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 import redis
@@ -48,30 +48,41 @@ class EventLog:
             pipe.sadd(self._children_key(event.causation_id), str(event.event_id))
         for ident in artifact_ids(event):
             pipe.sadd(self._artifact_key(ident), str(event.event_id))
-        pipe.xadd(self.stream, summary(event), maxlen=self.maxlen, approximate=True)
+        fields: dict[Any, Any] = dict(summary(event))
+        pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
         pipe.execute()
 
     def recent(self, count: int = 50) -> list[dict[str, str]]:
         """The latest entries, oldest first."""
-        entries = self.client.xrevrange(self.stream, count=count)
+        entries = cast(list[Any], self.client.xrevrange(self.stream, count=count))
         return [_decoded(fields) for _, fields in reversed(entries)]
+
+    def last_entry_id(self) -> str:
+        """The stream id of the latest entry ("0-0" when empty), to read what follows."""
+        last = cast(list[Any], self.client.xrevrange(self.stream, count=1))
+        return last[0][0].decode() if last else "0-0"
+
+    def read_after(self, entry_id: str, block_ms: int = 1000) -> list[tuple[str, dict[str, str]]]:
+        """Entries after ``entry_id``, waiting up to ``block_ms`` for the first one."""
+        found = cast(list[Any], self.client.xread({self.stream: entry_id}, block=block_ms))
+        return [(i.decode(), _decoded(f)) for _, entries in found or [] for i, f in entries]
 
     def get(self, event_id: UUID | str) -> Event | None:
         """An event by id, or None if it was never recorded."""
-        body = self.client.hget(self.bodies, str(event_id))
+        body = cast(bytes | None, self.client.hget(self.bodies, str(event_id)))
         return parse_event(body) if body else None
 
     def mentioning(self, ident: str) -> list[Event]:
         """The events that name an artifact (batch, feature set or model id), oldest first."""
-        return self._events(self.client.smembers(self._artifact_key(ident)))
+        return self._events(cast(set[bytes], self.client.smembers(self._artifact_key(ident))))
 
     def caused_by(self, event_id: UUID | str) -> list[Event]:
         """The events directly caused by an event."""
-        return self._events(self.client.smembers(self._children_key(event_id)))
+        return self._events(cast(set[bytes], self.client.smembers(self._children_key(event_id))))
 
     def _events(self, members: set[bytes]) -> list[Event]:
         ids = sorted(m.decode() for m in members)
-        bodies = self.client.hmget(self.bodies, ids) if ids else []
+        bodies = cast(list[bytes | None], self.client.hmget(self.bodies, ids) if ids else [])
         return sorted((parse_event(b) for b in bodies if b), key=lambda e: e.occurred_at)
 
 

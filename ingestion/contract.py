@@ -14,7 +14,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -130,9 +130,9 @@ class ContractChecker:
 
 
 def _typed(
-    chunk: pd.DataFrame, columns: dict[str, str], offset: int
+    chunk: pd.DataFrame, columns: Mapping[str, str], offset: int
 ) -> tuple[pd.DataFrame, list[BadRow]]:
-    typed, bad = chunk.copy(), []
+    typed, bad = chunk.copy(), list[BadRow]()
     for name, kind in columns.items():
         typed[name], failed = _coerce(chunk[name], kind)
         bad.extend(

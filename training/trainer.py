@@ -197,7 +197,8 @@ def _collect(
         if isinstance(outcome, Failure):
             result.failures.append(outcome)
         else:
-            result.trained.append(_trained(candidate, *outcome, ctx))
+            model, fit_s = outcome
+            result.trained.append(_trained(candidate, model, fit_s, ctx))
     return result
 
 

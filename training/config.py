@@ -24,7 +24,7 @@ import importlib
 import itertools
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sklearn.base import BaseEstimator
 from sklearn.utils import all_estimators
 
@@ -46,6 +46,14 @@ class CandidateSpec(BaseModel):
     """Constructor parameters."""
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     """Parameter values to try; each combination becomes a candidate of its own."""
+
+    @model_validator(mode="after")
+    def _estimator_resolves(self) -> CandidateSpec:
+        try:
+            resolve_estimator(self.estimator, self.name)
+        except InvalidInput as exc:
+            raise ValueError(str(exc)) from None  # fails at load, naming the candidate
+        return self
 
     @field_validator("grid")
     @classmethod

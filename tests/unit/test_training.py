@@ -100,10 +100,9 @@ def test_resolve_estimator_errors_name_the_candidate(path: str, message: str) ->
     assert str(caught.value).startswith(message)
 
 
-def test_expand_refuses_an_unknown_estimator() -> None:
-    config = training({"name": "x", "estimator": "NoSuchClassifier"})
-    with pytest.raises(InvalidInput, match="candidate 'x': estimator 'NoSuchClassifier'"):
-        expand(config)
+def test_an_unknown_estimator_is_refused_when_the_config_loads() -> None:
+    with pytest.raises(ValidationError, match="candidate 'x': estimator 'NoSuchClassifier'"):
+        training({"name": "x", "estimator": "NoSuchClassifier"})
 
 
 # -- model ids -------------------------------------------------------------------------

@@ -310,7 +310,7 @@ class MicroBatcher(Generic[Row, Result]):
     def _expire(self, expired: list[_Pending[Row, Result]]) -> None:
         now = self._clock()
         for pending in expired:
-            late_by = now - (pending.deadline or now)
+            late_by = now - pending.deadline if pending.deadline is not None else 0.0
             pending.future.set_exception(DeadlineExceeded(self.model, late_by))
         with self._cond:
             self._counters.expired += len(expired)

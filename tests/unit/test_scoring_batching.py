@@ -143,6 +143,16 @@ def test_concurrent_submits_behind_a_busy_model_form_one_batch(make_batcher, mod
     assert sorted(model.batches[1]) == [1, 2, 3, 4, 5, 6]
 
 
+def test_many_threads_each_get_their_own_result(make_batcher, model) -> None:
+    model.gate.set()
+    batcher = make_batcher(max_queue=2000, batch_size=AdaptiveBatchSize(1.0, maximum=32))
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(pool.map(lambda row: batcher.submit(row).result(WAIT_S), range(1000)))
+    assert answers == [row * 10 for row in range(1000)]
+    assert sorted(row for batch in model.batches for row in batch) == list(range(1000))
+    assert batcher.stats().predicted == 1000
+
+
 def test_each_request_gets_its_own_result_in_order(make_batcher, model) -> None:
     batcher = make_batcher()
     first = model.hold_first(batcher)

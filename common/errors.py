@@ -18,6 +18,7 @@ class Status(StrEnum):
     NOT_FOUND = "not_found"
     UNAVAILABLE = "unavailable"
     RESOURCE_EXHAUSTED = "resource_exhausted"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
     PERMISSION_DENIED = "permission_denied"
     INTERNAL = "internal"
 

@@ -57,9 +57,7 @@ class Overloaded(ConveyorError):
 class DeadlineExceeded(ConveyorError):
     """The request's deadline passed before its batch ran, so it was never predicted."""
 
-    # common.errors.Status has no DEADLINE_EXCEEDED; UNAVAILABLE is the closest neutral
-    # class (retryable, not the caller's fault) until the edge table grows one.
-    status = Status.UNAVAILABLE
+    status = Status.DEADLINE_EXCEEDED
 
     def __init__(self, model: str, late_by_s: float):
         self.model, self.late_by_s = model, late_by_s

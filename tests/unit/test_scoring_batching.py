@@ -237,7 +237,7 @@ def test_a_request_past_its_deadline_is_failed_and_not_predicted(model) -> None:
     model.gate.set()
     with pytest.raises(DeadlineExceeded, match="fraud:v3: 49000.0 ms late") as exc:
         late.result(WAIT_S)
-    assert exc.value.status is Status.UNAVAILABLE
+    assert exc.value.status is Status.DEADLINE_EXCEEDED
     assert on_time.result(WAIT_S) == 20
     assert model.batches == [[0], [2]]
     assert batcher.stats().expired == 1

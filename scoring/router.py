@@ -417,7 +417,7 @@ def _ask(
     try:
         value = _run(link, call, timeout, executor)
     except _PastDeadline:
-        link.breaker.record(clock() - began)  # a lower bound of its latency, and enough
+        link.breaker.record_timeout(clock() - began)
         return False, None, f"{link.version} passed its deadline of {ms(timeout or 0.0)}"
     except InvalidInput:
         raise

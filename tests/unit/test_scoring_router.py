@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import pytest
 
 from common.errors import InvalidInput, ModelNotFound, Status
@@ -160,6 +161,31 @@ def test_consecutive_failures_open_the_circuit() -> None:
         breaker.record_failure("RuntimeError: boom")
     assert breaker.state is CircuitState.OPEN
     assert breaker.reason == "3 failures in a row, last: RuntimeError: boom"
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_budget_counter_agrees_with_the_nearest_rank_percentile(seed: int) -> None:
+    rng = random.Random(seed)
+    samples = [rng.choice([0.001, 0.004, 0.006, 0.030]) for _ in range(rng.randint(1, 300))]
+    q = rng.choice([0.5, 0.9, 0.95, 0.99, 0.07])
+    breaker = CircuitBreaker(BUDGET, q, min_samples=len(samples), clock=FakeClock())
+    for sample in samples:
+        breaker.record(sample)
+    nearest_rank = float(np.quantile(samples, q, method="inverted_cdf"))
+    assert (breaker.state is CircuitState.OPEN) == (nearest_rank > BUDGET)
+
+
+def test_a_model_that_hangs_opens_even_when_its_deadline_is_under_budget() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker(0.050, min_samples=1, open_for_s=OPEN_FOR, clock=clock, max_failures=3)
+    for _ in range(3):
+        breaker.record_timeout(0.010)
+    assert breaker.reason == "3 failures in a row, last: no answer after 10.0 ms"
+    clock.advance(OPEN_FOR)
+    assert breaker.allow()
+    breaker.record_timeout(0.010)  # the probe hung too
+    assert breaker.state is CircuitState.OPEN
+    assert breaker.reason == "probe failed: no answer after 10.0 ms"
 
 
 def test_breaker_rejects_nonsense_settings() -> None:

@@ -218,8 +218,10 @@ class ModelRouter:
     def route(self, version: str | None = None, *, request_key: str | None = None) -> RouteDecision:
         """Choose who answers: the named version, else canary by share, else the chain.
 
-        ``request_key`` (an entity or request id) makes the canary choice deterministic
-        per key; without it the share is drawn from the router's random generator.
+        A named version (or alias) is served whatever its circuit says, with no fallbacks:
+        the caller asked for that model, not for any answer. ``request_key`` (an entity or
+        request id) makes the canary choice deterministic per key; without it the share is
+        drawn from the router's random generator.
         """
         state = self._state  # one read: later swaps do not affect this decision
         if version is not None:

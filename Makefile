@@ -15,7 +15,7 @@ test: setup
 
 lint: setup
 	@$(VENV)/bin/ruff check .
-	@$(VENV)/bin/mypy common ingestion preparation segregation training evaluation
+	@$(VENV)/bin/mypy common ingestion preparation segregation training evaluation scoring
 
 bench-bus: setup
 	@$(PY) bench/bus.py

@@ -67,12 +67,18 @@ ensure_venv() {
 }
 
 generate_protos() {
-  shopt -s nullglob
-  local protos=(protos/*.proto protos/**/*.proto)
+  # Stubs land beside their .proto files, in packages importable as
+  # protos.conveyor.scoring.v1.scoring_pb2 (their imports follow the -I. paths).
+  shopt -s nullglob globstar
+  local protos=(protos/**/*.proto)
   [ ${#protos[@]} -gt 0 ] || return 0
   say "generating gRPC code from ${#protos[@]} proto file(s)"
-  "$VENV/bin/python" -m grpc_tools.protoc -Iprotos --python_out=protos --grpc_python_out=protos \
-    --pyi_out=protos "${protos[@]}"
+  "$VENV/bin/python" -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. \
+    --pyi_out=. "${protos[@]}"
+  local dir
+  for dir in $(dirname "${protos[@]}" | sort -u); do
+    while [ "$dir" != "." ]; do [ -f "$dir/__init__.py" ] || : > "$dir/__init__.py"; dir=$(dirname "$dir"); done
+  done
 }
 
 case "${1:-all}" in

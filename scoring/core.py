@@ -1,0 +1,329 @@
+"""The transport-free scoring core (MLServer's "dataplane"): load, route, predict.
+
+``ScoringCore`` loads the registry chain's models and their fitted feature sets (both
+signature-verified by their ``ModelStore``), warms each up through its own
+``MicroBatcher`` and deploys it in a ``ModelRouter``. ``score`` reads the entity's online
+features from Redis in one round trip, merges the request's fields, runs the model's own
+``transform_online`` and predicts through the batcher; ``answer`` lets the previous model
+answer when the champion is slow ("better wrong than late"). The gRPC servicer and the CLI
+only convert messages and call it::
+
+    core = ScoringCore(stores.models, stores.feature_pipelines, registry, stores.online)
+    core.load_chain()                                  # champion, previous, older
+    result = core.score(ScoreQuery("C-42", {"amount": 9.5, ...}), deadline_s=0.020)
+    result.score, result.version, result.fallback      # 0.93, "v3", False
+    core.on_model_ready(event)                         # hot swap: load, warm, put in front
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import redis
+
+from common.errors import ConveyorError, NotFound, Status
+from common.events import ModelReady, ServedScore
+from common.stores import ModelRegistry, ModelStore, OnlineFeatureStore
+from scoring.batching import AdaptiveBatchSize, MicroBatcher
+from scoring.inputs import FieldValue, InputSchema
+from scoring.latency import CircuitBreaker
+from scoring.router import DeployedModel, ModelHealth, ModelRouter, answer
+
+logger = logging.getLogger(__name__)
+
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+class FeaturesUnavailable(ConveyorError):
+    """The online store is unreachable and the request does not carry what it would give."""
+
+    status = Status.UNAVAILABLE
+
+    def __init__(self, feature_set_id: str, missing: Sequence[str]):
+        self.feature_set_id, self.missing = feature_set_id, list(missing)
+        super().__init__(
+            f"online features of feature set {feature_set_id} are unavailable and the request "
+            f"does not carry {', '.join(missing)}"
+        )
+
+
+@dataclass(frozen=True)
+class CoreSettings:
+    """Deadlines, latency budgets and batching of the scoring core."""
+
+    deadline_s: float = 0.050
+    """Deadline of a request that brings none of its own."""
+    latency_budget_s: float = 0.010
+    """A link's circuit opens when its p99 latency breaks this budget."""
+    max_batch: int = 64
+    """Largest micro-batch of one model."""
+    max_queue: int = 1024
+    """Requests one model may hold queued before refusing (RESOURCE_EXHAUSTED)."""
+    max_wait_s: float = 0.0005
+    """How long a batch waits for more rows after its first."""
+    workers: int = 64
+    """Threads that run model links (a slow model is abandoned, not waited for)."""
+    warmup_calls: int = 3
+    """Predict calls made on a model before it takes traffic."""
+
+
+@dataclass(frozen=True)
+class ScoreQuery:
+    """One row to score: the entity, its raw fields, and optionally a version."""
+
+    entity_id: str
+    fields: Mapping[str, FieldValue]
+    model_version: str | None = None
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """The answer to one ``ScoreQuery``."""
+
+    score: float
+    label: str
+    probabilities: dict[str, float]
+    version: str
+    fallback: bool
+    fallback_reason: str | None
+    latency_ms: float
+    request_id: str
+    degraded: bool = False
+
+
+@dataclass(frozen=True)
+class _Request:
+    """A query with its online rows (by feature set) and its deadline on the monotonic clock."""
+
+    query: ScoreQuery
+    online: Mapping[str, Mapping[str, Any] | None]
+    deadline: float | None
+    degraded: bool = False
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """A model version with its fitted feature set and its micro-batcher."""
+
+    version: str
+    model_id: str
+    estimator: Any
+    features: Any  # preparation.FittedFeatureSet
+    feature_names: list[str]
+    schema: InputSchema
+    batcher: MicroBatcher[np.ndarray, np.ndarray] = field(init=False)
+
+    @property
+    def feature_set_id(self) -> str:
+        """The id of the feature set the model was trained on."""
+        return str(self.features.feature_set_id)
+
+    @property
+    def classes(self) -> list[str]:
+        """The model's classes as labels; the last one is the positive class."""
+        return [str(c) for c in self.estimator.classes_]
+
+    def predict_batch(self, rows: list[np.ndarray]) -> list[np.ndarray]:
+        """Class probabilities for a batch of feature rows (the batcher calls this)."""
+        frame = pd.DataFrame(np.vstack(rows), columns=self.feature_names)
+        return list(self.estimator.predict_proba(frame))
+
+    def features_of(self, request: _Request) -> np.ndarray:
+        """The model's feature row for a request (its own feature set's online transform)."""
+        query = request.query
+        self.schema.check(query.fields)
+        record = self.schema.record(
+            query.entity_id, query.fields, request.online.get(self.feature_set_id))
+        out = self.features.transform_online([record])
+        return out[self.feature_names].to_numpy(dtype=np.float64)[0]
+
+    def predict(self, request: _Request) -> np.ndarray:
+        """Probabilities for one request, predicted in a micro-batch."""
+        row = self.features_of(request)
+        return self.batcher.submit(row, deadline=request.deadline).result()
+
+    def warm_up(self, calls: int) -> None:
+        """Predict a few zero rows through the batcher, so the first request is not slow."""
+        zeros = np.zeros(len(self.feature_names), dtype=np.float64)
+        for _ in range(calls):
+            self.batcher.submit(zeros).result(timeout=30)
+
+
+class ScoringCore:
+    """Deployed models of one registry name, and scoring requests against them."""
+
+    def __init__(
+        self,
+        models: ModelStore,
+        pipelines: ModelStore,
+        registry: ModelRegistry,
+        online: OnlineFeatureStore,
+        settings: CoreSettings | None = None,
+        *,
+        on_scores: Callable[[list[ServedScore]], None] | None = None,
+    ) -> None:
+        self.models, self.pipelines, self.registry, self.online = (
+            models, pipelines, registry, online)
+        self.settings = settings or CoreSettings()
+        self.router = ModelRouter(registry.name)
+        self._loaded: dict[str, LoadedModel] = {}
+        self._executor = ThreadPoolExecutor(self.settings.workers, thread_name_prefix="link")
+        self._on_scores = on_scores
+
+    @property
+    def ready(self) -> bool:
+        """Whether at least one model is loaded, warmed up and in the serving chain."""
+        return self.router.ready
+
+    def load_chain(self) -> list[str]:
+        """Load, verify and warm up every version of the registry chain; serve it."""
+        chain = self.registry.chain()
+        for entry in chain:
+            self.deploy(entry.version, entry.model_id)
+        versions = [entry.version for entry in chain]
+        if versions:
+            self.router.set_chain(versions)
+        return versions
+
+    def on_model_ready(self, event: ModelReady) -> list[str]:
+        """Hot swap: the new version is loaded and warmed, then put in front in one swap.
+
+        Requests in flight keep the models they picked; older versions stay deployed.
+        """
+        self.deploy(event.version, event.model_id)
+        return self.load_chain()
+
+    def deploy(self, version: str, model_id: str) -> LoadedModel:
+        """Load a version (signatures verified), warm it up and make it routable."""
+        if version in self._loaded:
+            return self._loaded[version]
+        loaded = self._load(version, model_id)
+        loaded.warm_up(self.settings.warmup_calls)
+        breaker = CircuitBreaker(self.settings.latency_budget_s)
+        self._loaded[version] = loaded  # before the router can route to it
+        self.router.deploy(DeployedModel(version, model_id, loaded.predict, breaker))
+        logger.info("deployed model %s version %s", model_id, version)
+        return loaded
+
+    def score(self, query: ScoreQuery, deadline_s: float | None = None) -> ScoreResult:
+        """Score one row; ``InvalidInput``, ``ModelNotFound``, ``NoAnswer``... otherwise."""
+        return self.score_many([query], deadline_s)[0]
+
+    def score_many(
+        self, queries: Sequence[ScoreQuery], deadline_s: float | None = None
+    ) -> list[ScoreResult]:
+        """Score rows in order, each within the deadline (default ``settings.deadline_s``)."""
+        deadline_s = self.settings.deadline_s if deadline_s is None else deadline_s
+        results = [self._score_one(query, deadline_s) for query in queries]
+        self._report(results, queries)
+        return results
+
+    def health(self) -> list[ModelHealth]:
+        """Every deployed version with its alias, circuit and recent latency."""
+        return self.router.health()
+
+    def close(self) -> None:
+        """Stop the batchers and the link threads."""
+        for loaded in self._loaded.values():
+            loaded.batcher.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _load(self, version: str, model_id: str) -> LoadedModel:
+        metadata = self.models.metadata(model_id).metadata
+        estimator = self.models.load(model_id)
+        fitted = self.pipelines.load(metadata["feature_set_id"])
+        names = list(metadata.get("features") or fitted.feature_names)
+        loaded = LoadedModel(version, model_id, estimator, fitted, names, InputSchema.of(fitted))
+        loaded.batcher = MicroBatcher(
+            f"{self.registry.name}:{version}", loaded.predict_batch,
+            max_queue=self.settings.max_queue,
+            batch_size=AdaptiveBatchSize(self.settings.latency_budget_s,
+                                         maximum=self.settings.max_batch),
+            max_wait_s=self.settings.max_wait_s,
+        )
+        return loaded
+
+    def _score_one(self, query: ScoreQuery, deadline_s: float) -> ScoreResult:
+        began = time.perf_counter()
+        decision = self.router.route(query.model_version or None, request_key=query.entity_id)
+        links = [decision.primary, *decision.fallbacks]
+        loaded = [self._loaded[link.version] for link in links]
+        loaded[0].schema.check(query.fields)  # the request's fault, before any model runs
+        request = self._with_online(query, loaded, time.monotonic() + deadline_s)
+        reply = answer(decision, lambda link: link.predict(request), deadline_s,
+                       executor=self._executor)
+        model = self._loaded[reply.version]
+        return _result(query, model, reply.value, reply, request.degraded, began)
+
+    def _with_online(
+        self, query: ScoreQuery, loaded: Sequence[LoadedModel], deadline: float
+    ) -> _Request:
+        online: dict[str, Mapping[str, Any] | None] = {}
+        degraded = False
+        for model in loaded:
+            fsid = model.feature_set_id
+            if fsid in online or not model.schema.aggregate_columns:
+                continue
+            online[fsid], down = self._read_online(query, model)
+            degraded = degraded or down
+        return _Request(query, online, deadline, degraded)
+
+    def _read_online(
+        self, query: ScoreQuery, model: LoadedModel
+    ) -> tuple[Mapping[str, Any] | None, bool]:
+        """The entity's online row (None: no past); degraded when Redis is down."""
+        schema = model.schema
+        try:
+            row = self.online.read(model.feature_set_id, [query.entity_id])[0]
+        except NotFound:
+            return None, False  # nothing materialized yet: every entity is new
+        except REDIS_DOWN as exc:
+            if schema.carries_aggregates(query.fields):
+                logger.warning("online store unreachable (%s): scoring degraded", exc)
+                return None, True
+            missing = [c for c in schema.aggregate_columns if c not in query.fields]
+            raise FeaturesUnavailable(model.feature_set_id, missing) from exc
+        if row is None:
+            return None, False
+        return {c: row[c] for c in schema.aggregate_columns if c in row}, False
+
+    def _report(self, results: Sequence[ScoreResult], queries: Sequence[ScoreQuery]) -> None:
+        if self._on_scores is None:
+            return
+        served = [_served(result, query) for result, query in zip(results, queries, strict=True)]
+        try:
+            self._on_scores(served)
+        except Exception:  # reporting must never fail a request
+            logger.exception("reporting %d scores failed", len(served))
+
+
+def _result(
+    query: ScoreQuery, model: LoadedModel, proba: np.ndarray, reply: Any, degraded: bool,
+    began: float,
+) -> ScoreResult:
+    classes = model.classes
+    probabilities = {label: float(p) for label, p in zip(classes, proba, strict=True)}
+    return ScoreResult(
+        score=float(proba[-1]), label=classes[int(np.argmax(proba))],
+        probabilities=probabilities, version=reply.version, fallback=reply.fallback,
+        fallback_reason=reply.fallback_reason,
+        latency_ms=(time.perf_counter() - began) * 1e3,
+        request_id=query.request_id or uuid.uuid4().hex, degraded=degraded,
+    )
+
+
+def _served(result: ScoreResult, query: ScoreQuery) -> ServedScore:
+    return ServedScore(
+        request_id=result.request_id, entity_id=query.entity_id, model_version=result.version,
+        score=result.score, label=result.label, fallback=result.fallback,
+        fallback_reason=result.fallback_reason, latency_ms=result.latency_ms,
+    )

@@ -1,0 +1,206 @@
+"""The gRPC edge of scoring: a thin servicer over ``ScoringCore``, health and reflection.
+
+The servicer only converts messages; ``grpc_errors`` is the one table that maps
+``common.errors.Status`` to ``grpc.StatusCode``. Overload is bounded twice: the thread
+pool and ``maximum_concurrent_rpcs`` (gRPC answers RESOURCE_EXHAUSTED beyond it), and the
+micro-batchers' queues. Example::
+
+    server = ScoringServer(core, GrpcSettings(port=0)).start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    ScoringStub(channel).Score(ScoreRequest(entity_id="C-42", fields={...}), timeout=0.05)
+    server.stop()
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from common.errors import ConveyorError, InvalidInput, Status
+from protos.conveyor.scoring.v1 import scoring_pb2 as pb
+from protos.conveyor.scoring.v1 import scoring_pb2_grpc as pb_grpc
+from scoring.core import ScoreQuery, ScoreResult, ScoringCore
+from scoring.inputs import FieldValue
+from scoring.router import ModelHealth
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Scoring"].full_name
+GRPC_CODES: dict[Status, grpc.StatusCode] = {
+    Status.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    Status.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Status.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Status.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Status.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Status.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    Status.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+
+def grpc_errors(method: Handler) -> Handler:
+    """Abort the RPC with the gRPC code of a ``ConveyorError``'s status, and its message.
+
+    Anything else is a bug: logged with its traceback, answered INTERNAL.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except ConveyorError as exc:
+            context.abort(GRPC_CODES[exc.status], str(exc))
+        except Exception as exc:
+            logger.exception("%s failed", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+    return wrapper  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class GrpcSettings:
+    """Where the server listens and how much it takes at once."""
+
+    host: str = "0.0.0.0"
+    port: int = 50051
+    """0 picks a free port (tests)."""
+    threads: int = 32
+    max_concurrent_rpcs: int = 256
+    max_message_bytes: int = 4 * 1024 * 1024
+
+
+class ScoringServicer(pb_grpc.ScoringServicer):
+    """conveyor.scoring.v1.Scoring: converts messages and calls the core."""
+
+    def __init__(self, core: ScoringCore) -> None:
+        self.core = core
+
+    @grpc_errors
+    def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
+        result = self.core.score(to_query(request), _deadline(self.core, context))
+        return to_response(result)
+
+    @grpc_errors
+    def ScoreBatch(
+        self, request: pb.ScoreBatchRequest, context: grpc.ServicerContext
+    ) -> pb.ScoreBatchResponse:
+        queries = [to_query(row) for row in request.rows]
+        results = self.core.score_many(queries, _deadline(self.core, context))
+        return pb.ScoreBatchResponse(responses=[to_response(r) for r in results])
+
+    @grpc_errors
+    def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.ServicerContext
+    ) -> pb.ListModelsResponse:
+        models = [to_deployed(model) for model in self.core.health()]
+        return pb.ListModelsResponse(name=self.core.router.name, models=models)
+
+
+def to_query(request: pb.ScoreRequest) -> ScoreQuery:
+    """A ``ScoreQuery`` from a ``ScoreRequest``; a field without a value is refused."""
+    if not request.entity_id:
+        raise InvalidInput("entity_id is missing")
+    fields = {name: _value(name, value) for name, value in request.fields.items()}
+    return ScoreQuery(request.entity_id, fields, request.model_version or None,
+                      request.request_id)
+
+
+def to_response(result: ScoreResult) -> pb.ScoreResponse:
+    """The ``ScoreResponse`` of a ``ScoreResult``."""
+    return pb.ScoreResponse(
+        score=result.score, label=result.label, probabilities=result.probabilities,
+        model_version=result.version, fallback=result.fallback,
+        fallback_reason=result.fallback_reason or "", latency_ms=result.latency_ms,
+        request_id=result.request_id, degraded=result.degraded,
+    )
+
+
+def to_deployed(model: ModelHealth) -> pb.DeployedModel:
+    """One ``ListModels`` entry."""
+    latency = model.latency
+    return pb.DeployedModel(
+        version=model.version, model_id=model.model_id, alias=model.alias or "",
+        circuit=model.circuit.value, circuit_reason=model.circuit_reason or "",
+        latency_count=latency.count, latency_p50_ms=_ms(latency.p50_s),
+        latency_p99_ms=_ms(latency.p99_s),
+    )
+
+
+def field_value(value: FieldValue) -> pb.FieldValue:
+    """A ``FieldValue`` message from a Python value (clients, the CLI)."""
+    if isinstance(value, bool):
+        return pb.FieldValue(flag=value)
+    if isinstance(value, int):
+        return pb.FieldValue(integer=value)
+    if isinstance(value, float):
+        return pb.FieldValue(number=value)
+    return pb.FieldValue(text=str(value))
+
+
+class ScoringServer:
+    """The gRPC server: scoring, health (SERVING once a model is ready) and reflection."""
+
+    def __init__(self, core: ScoringCore, settings: GrpcSettings | None = None) -> None:
+        self.core, self.settings = core, settings or GrpcSettings()
+        self.health = health.HealthServicer()
+        self._server = _grpc_server(self.settings)
+        pb_grpc.add_ScoringServicer_to_server(ScoringServicer(core), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, self._server)
+        self.port = self._server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+
+    def start(self) -> ScoringServer:
+        """Start serving; health follows the core's readiness."""
+        self._server.start()
+        self.update_health()
+        return self
+
+    def update_health(self) -> None:
+        """SERVING when at least one model is loaded and warmed up, else NOT_SERVING."""
+        serving = health_pb2.HealthCheckResponse.SERVING
+        status = serving if self.core.ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        """Stop taking calls; calls in flight get ``grace_s`` to finish."""
+        self.health.enter_graceful_shutdown()
+        self._server.stop(grace_s).wait()
+
+
+def _grpc_server(settings: GrpcSettings) -> grpc.Server:
+    size = settings.max_message_bytes
+    options = [("grpc.max_receive_message_length", size),
+               ("grpc.max_send_message_length", size)]
+    return grpc.server(
+        ThreadPoolExecutor(settings.threads, thread_name_prefix="grpc"),
+        options=options, maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
+
+
+def _value(name: str, value: pb.FieldValue) -> FieldValue:
+    kind = value.WhichOneof("kind")
+    if kind is None:
+        raise InvalidInput(f"field '{name}' has no value")
+    result: FieldValue = getattr(value, kind)
+    return result
+
+
+def _deadline(core: ScoringCore, context: grpc.ServicerContext) -> float:
+    """The core's deadline, shortened to what the client has left (if it set one)."""
+    remaining = context.time_remaining()
+    default = core.settings.deadline_s
+    return default if remaining is None else max(0.0, min(default, remaining))
+
+
+def _ms(seconds: float) -> float:
+    return 0.0 if seconds != seconds else seconds * 1e3  # NaN (no samples) shows as 0

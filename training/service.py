@@ -25,7 +25,7 @@ from common.settings import Settings
 from common.stores import FeatureSetRecord, ModelStore, OfflineFeatureStore
 from common.wiring import Stores
 from training.config import TrainingConfig, expand
-from training.trainer import model_id_for, train_candidates
+from training.trainer import WorkerPool, model_id_for, train_candidates
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,25 @@ class TrainingService(Service):
         self, config: PipelineConfig, offline: OfflineFeatureStore, models: ModelStore
     ) -> None:
         self.config, self.offline, self.models = config, offline, models
+        self._pool: WorkerPool | None = None
+
+    def warm(self) -> TrainingService:
+        """Start the worker processes now, so the first run does not wait for them."""
+        self._workers()
+        return self
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def _workers(self) -> WorkerPool:
+        """The training workers, started once and kept across runs."""
+        if self._pool is None:
+            estimators = sorted({c.estimator for c in expand(self.config.training)})
+            self._pool = WorkerPool(self.config.training.workers, estimators).start()
+        return self._pool
 
     @handles(FeaturesGenerated)
     def on_features_generated(self, event: FeaturesGenerated) -> CandidatesTrained:
@@ -87,7 +106,7 @@ class TrainingService(Service):
         X, y = self._training_part(record)
         result = train_candidates(
             training, X, y, feature_set_id=record.feature_set_id,
-            batch_ids=sorted(record.metadata["batch_ids"].values()),
+            batch_ids=sorted(record.metadata["batch_ids"].values()), pool=self._workers(),
         )
         for trained in result.trained:
             self.models.save(trained.model_id, trained.model, {
@@ -113,4 +132,4 @@ def build(settings: Settings) -> TrainingService:
     """The training service for the settings."""
     stores = Stores.from_settings(settings)
     return TrainingService(load_pipeline_config(settings.pipeline_config), stores.offline,
-                           stores.models)
+                           stores.models).warm()

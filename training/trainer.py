@@ -1,7 +1,9 @@
 """Training candidates in parallel: one process per candidate, a timeout, retries.
 
 Pure core of the Model Training Service: frames in, fitted models and metadata out. One
-failing candidate never sinks the others; it is reported in ``failures``.
+failing candidate never sinks the others; it is reported in ``failures``. Without a
+``WorkerPool`` each run starts (and stops) worker processes of its own; a service keeps
+one ``WorkerPool`` warm across runs instead (worker start-up and imports are seconds).
 
 Example::
 
@@ -19,7 +21,8 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -94,35 +97,87 @@ def train_candidates(
     feature_set_id: str,
     batch_ids: list[str],
     progress: Callable[[str], None] | None = None,
+    pool: WorkerPool | None = None,
 ) -> TrainingResult:
-    """Train every candidate of the config in parallel on (X, y)."""
+    """Train every candidate of the config in parallel on (X, y), in ``pool`` if given."""
     candidates = expand(config)
     X = select_features(X, config.features)
     with tempfile.TemporaryDirectory(prefix="conveyor-train-") as tmp:
         data_path = Path(tmp) / "train.parquet"
         X.assign(**{LABEL_COLUMN: y.to_numpy()}).to_parquet(data_path)
-        outcomes = _run_pool(config, candidates, str(data_path), progress or log.info)
+        outcomes = _run_pool(config, candidates, str(data_path), progress or log.info, pool)
     context = _Context(feature_set_id, batch_ids, list(X.columns), y)
     return _collect(candidates, outcomes, context)
 
 
+class WorkerPool:
+    """Forkserver worker processes for training, kept across runs.
+
+    Workers import the named estimators' modules when they start, and keep the training
+    data of the run they last served (read once per worker and run, by a run key), so a
+    run hands over only a path. A worker that times out or dies is replaced by pebble.
+
+    Example::
+
+        pool = WorkerPool(2, ["HistGradientBoostingClassifier"]).start()
+        train_candidates(config, X, y, feature_set_id="fs1", batch_ids=["b1"], pool=pool)
+        pool.close()
+    """
+
+    def __init__(self, workers: int, estimators: Iterable[str] = ()) -> None:
+        self.workers = workers
+        ctx = multiprocessing.get_context("forkserver")
+        self._pool = ProcessPool(workers, initializer=_init_worker,
+                                 initargs=(tuple(estimators),), context=ctx)
+
+    def start(self) -> WorkerPool:
+        """Start the workers now rather than at the first run (any task starts them all)."""
+        self._pool.schedule(int)
+        return self
+
+    def schedule(self, candidate: Candidate, data: _Data, timeout: float) -> Future:
+        """Fit ``candidate`` on ``data`` in a worker, stopped after ``timeout`` seconds."""
+        return self._pool.schedule(_fit, args=(candidate, data), timeout=timeout)
+
+    def close(self) -> None:
+        """Stop the workers (a run still going fails and is redelivered)."""
+        self._pool.stop()
+        self._pool.join()
+
+
+@dataclass(frozen=True)
+class _Data:
+    """Where a run's training data is, the run's key, and each worker's thread budget."""
+
+    path: str
+    key: str
+    threads: int
+
+
 def _run_pool(
     config: TrainingConfig, candidates: list[Candidate], data_path: str,
-    progress: Callable[[str], None],
+    progress: Callable[[str], None], pool: WorkerPool | None,
 ) -> dict[str, Any]:
     workers = min(config.workers, len(candidates))
+    if pool is not None:
+        workers = min(pool.workers, len(candidates))
     threads = max(1, (os.cpu_count() or 1) // workers)  # no oversubscribed OpenMP pools
-    ctx = multiprocessing.get_context("forkserver")
-    init = (data_path, threads)
-    with ProcessPool(workers, initializer=_load_data, initargs=init, context=ctx) as pool:
-        return _Scheduler(pool, config, progress).run(candidates)
+    data = _Data(data_path, uuid.uuid4().hex, threads)
+    if pool is not None:
+        return _Scheduler(pool, config, progress, data).run(candidates)
+    own = WorkerPool(workers)
+    try:
+        return _Scheduler(own, config, progress, data).run(candidates)
+    finally:
+        own.close()
 
 
 class _Scheduler:
     """Schedules candidates, retries transient failures, collects outcomes by name."""
 
-    def __init__(self, pool: ProcessPool, config: TrainingConfig, progress: Callable) -> None:
-        self.pool, self.config, self.progress = pool, config, progress
+    def __init__(self, pool: WorkerPool, config: TrainingConfig, progress: Callable,
+                 data: _Data) -> None:
+        self.pool, self.config, self.progress, self.data = pool, config, progress, data
         self.attempts: dict[str, int] = {}
         self.pending: dict[Future, Candidate] = {}
         self.outcomes: dict[str, Any] = {}
@@ -138,7 +193,7 @@ class _Scheduler:
 
     def _schedule(self, candidate: Candidate) -> None:
         self.attempts[candidate.name] = self.attempts.get(candidate.name, 0) + 1
-        future = self.pool.schedule(_fit, args=(candidate,), timeout=self.config.timeout_s)
+        future = self.pool.schedule(candidate, self.data, self.config.timeout_s)
         self.pending[future] = candidate
 
     def _settle(self, candidate: Candidate, future: Future) -> None:
@@ -166,18 +221,31 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _load_data(path: str, threads: int) -> None:
-    _worker_data["limits"] = threadpool_limits(limits=threads)  # held for the worker's life
-    frame = pd.read_parquet(path)
-    _worker_data["y"] = frame.pop(LABEL_COLUMN)
-    _worker_data["X"] = frame
+def _init_worker(estimators: tuple[str, ...]) -> None:
+    """Import the estimators' modules once per worker, before any run needs them."""
+    for name in estimators:
+        try:
+            resolve_estimator(name)
+        except Exception:  # noqa: BLE001 - only a warm-up: the run reports the real error
+            log.debug("could not preload estimator %s", name, exc_info=True)
 
 
-def _fit(candidate: Candidate) -> tuple[Any, float]:
+def _training_data(data: _Data) -> tuple[pd.DataFrame, pd.Series]:
+    """The run's (X, y), read once per worker and run; an earlier run's data is let go."""
+    if _worker_data.get("key") != data.key:
+        _worker_data.clear()
+        frame = pd.read_parquet(data.path)
+        _worker_data.update(key=data.key, y=frame.pop(LABEL_COLUMN), X=frame)
+    return _worker_data["X"], _worker_data["y"]
+
+
+def _fit(candidate: Candidate, data: _Data) -> tuple[Any, float]:
+    X, y = _training_data(data)
     model = resolve_estimator(candidate.estimator, candidate.name)(**candidate.params)
-    started = time.perf_counter()
-    model.fit(_worker_data["X"], _worker_data["y"])
-    return model, time.perf_counter() - started
+    with threadpool_limits(limits=data.threads):
+        started = time.perf_counter()
+        model.fit(X, y)
+        return model, time.perf_counter() - started
 
 
 @dataclass(frozen=True)

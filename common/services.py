@@ -18,6 +18,7 @@ SERVICES: dict[str, str] = {
     "preparation": "preparation.service:build",
     "training": "training.service:build",
     "evaluation": "evaluation.service:build",
+    "scoring": "scoring.service:build",
 }
 
 

@@ -21,6 +21,7 @@ from protos.conveyor.scoring.v1 import scoring_pb2_grpc as pb_grpc
 from scoring.core import ScoringCore
 from scoring.inputs import InputSchema
 from scoring.server import GrpcSettings, ScoringServer, field_value
+from scoring.service import ScoringService
 from tests.fixtures.models import SlowClassifier
 from tests.fixtures.scoring import ScoringWorld, fields_of, scoring_world
 
@@ -228,3 +229,26 @@ def test_hot_swap_under_load_fails_no_call(
     assert swapped and version == "v3"
     assert set(answered[-100:]) == {"v3"}
     assert set(answered[:200]) <= {"v2", "v3"}
+
+
+def test_the_service_is_ready_and_serving_only_once_a_model_arrives(
+        world: ScoringWorld, tmp_path: Path) -> None:
+    registry = ModelRegistry(str(tmp_path / "later"), "fraud")
+    core = ScoringCore(world.models, world.pipelines, registry, world.online)
+    service = ScoringService(core, ScoringServer(core, GrpcSettings("127.0.0.1", 0)).start())
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{service.server.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            check = health_pb2.HealthCheckRequest(service="")
+            assert not service.ready()
+            not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+            assert health.Check(check, timeout=5).status == not_serving
+            registry.register("m-v2")
+            version = registry.promote("m-v2")
+            service.on_model_ready(ModelReady(producer="test", model_id="m-v2", version=version))
+            assert service.ready()
+            assert health.Check(check, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+            reply = pb_grpc.ScoringStub(channel).Score(request(world), timeout=5)
+            assert reply.model_version == version
+    finally:
+        service.close()

@@ -28,14 +28,14 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 import pandas as pd
 from sklearn.utils.validation import check_is_fitted
 
 from common.errors import InvalidInput
-from preparation.transformers import FrameStep, require_numeric, to_utc
+from preparation.transformers import FrameStep, require_columns, require_numeric, to_utc
 
 Stat = Literal["count", "sum", "mean"]
 STATS: tuple[str, ...] = get_args(Stat)
@@ -53,7 +53,28 @@ def past_aggregates(frame: pd.DataFrame, *, key: str, column: str, window: int |
                     stats: Sequence[str] = STATS,
                     timestamp: str | None = None) -> pd.DataFrame:
     """One column per stat, indexed like ``frame``, from each entity's strictly past rows."""
-    ordered = _entity_time_order(frame, key, column, timestamp)
+    return _aggregates(frame, key, column, window, stats, timestamp, probe_at=None)[0]
+
+
+def past_and_latest_aggregates(
+    frame: pd.DataFrame, *, key: str, column: str, window: int | str,
+    stats: Sequence[str] = STATS, timestamp: str | None = None, at: pd.Timestamp | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``past_aggregates`` of ``frame`` and, per entity of ``frame`` (in order of first
+    appearance, indexed by entity), the values a new row would get: one after every row
+    of ``frame``, at ``at`` (a UTC timestamp; required with a ``timestamp`` column).
+
+    One sort for both: each entity's new row ("probe") is one more row of the same
+    computation, sorted after the entity's rows, so it never enters their past windows.
+    """
+    return _aggregates(frame, key, column, window, stats, timestamp, probe_at=at,
+                       probes=True)
+
+
+def _aggregates(frame: pd.DataFrame, key: str, column: str, window: int | str,
+                stats: Sequence[str], timestamp: str | None, probe_at: pd.Timestamp | None,
+                probes: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    ordered, entities = _entity_time_order(frame, key, column, timestamp, probes, probe_at)
     at = _AT if timestamp else None
     lo, hi = _bounds(ordered, _KEY, window, at)
     sums, counts = _exclusive_prefix(ordered[_KEY], ordered[_VALUE])
@@ -63,26 +84,55 @@ def past_aggregates(frame: pd.DataFrame, *, key: str, column: str, window: int |
     values = pd.DataFrame({n: found[s] for n, s in zip(names, stats, strict=True)},
                           index=ordered.index, dtype=float)
     empty = {n: 0.0 for n, s in zip(names, stats, strict=True) if s in _ZERO_WHEN_EMPTY}
-    return values.reindex(frame.index).fillna(empty)
+    rows = len(frame)
+    past = values.reindex(pd.RangeIndex(rows)).fillna(empty).set_axis(frame.index)
+    latest = values.reindex(pd.RangeIndex(rows, rows + len(entities))).fillna(empty)
+    return past, latest.set_axis(pd.Index(entities, name=key))
 
 
-def _entity_time_order(frame: pd.DataFrame, key: str, column: str,
-                       timestamp: str | None) -> pd.DataFrame:
+def _entity_time_order(frame: pd.DataFrame, key: str, column: str, timestamp: str | None,
+                       probes: bool = False, probe_at: pd.Timestamp | None = None,
+                       ) -> tuple[pd.DataFrame, Any]:
     """The rows with a key (and a time), as entity codes, times and values only, sorted so
-    that entities become contiguous runs of rows, each in time order (ties: frame order).
+    that entities become contiguous runs of rows, each in time order (ties: frame order),
+    indexed by position in ``frame``; and the entities in order of first appearance.
+
+    With ``probes``, each entity also gets one row at ``probe_at`` (positions after the
+    frame's, value missing), sorted after its other rows.
 
     Only the three columns the aggregate reads are carried, and the key as integer codes
     (equal keys, equal codes): sorting, grouping and ``merge_asof`` on a million string
     keys, with every other column copied along, were most of the step's time.
     """
     by = [key, timestamp] if timestamp else [key]
-    present = frame[by].notna().all(axis=1)
-    rows = frame.loc[present] if not present.all() else frame
-    slim = {_KEY: pd.factorize(rows[key])[0], _VALUE: rows[column]}
+    present = frame[by].notna().all(axis=1).to_numpy()
+    codes, entities = pd.factorize(frame[key])
+    everything = bool(present.all())
+    slim: dict[str, Any] = {_KEY: codes[present],
+                            _VALUE: frame[column].array[present]}
     if timestamp:
-        slim[_AT] = to_utc(rows[timestamp]).dt.tz_localize(None)
+        times = frame[timestamp] if everything else frame[timestamp][present]
+        slim[_AT] = to_utc(times).dt.tz_localize(None).array
+    parts = [pd.DataFrame(slim, index=np.flatnonzero(present))]
+    if probes and not (timestamp and pd.isna(probe_at)):
+        parts.append(_probe_rows(len(frame), len(entities), frame[column].dtype, timestamp,
+                                 probe_at))
+    ordered = pd.concat(parts) if len(parts) > 1 else parts[0]
     order = [_KEY, _AT] if timestamp else [_KEY]
-    return pd.DataFrame(slim, index=rows.index).sort_values(order, kind="stable")
+    return ordered.sort_values(order, kind="stable"), entities
+
+
+def _probe_rows(start: int, entities: int, dtype: Any, timestamp: str | None,
+                at: pd.Timestamp | None) -> pd.DataFrame:
+    """One row per entity code, positioned after the frame's rows, its value missing."""
+    missing = (np.full(entities, np.nan) if isinstance(dtype, np.dtype)
+               else pd.array([None] * entities, dtype=dtype))
+    probe: dict[str, Any] = {_KEY: np.arange(entities), _VALUE: missing}
+    if timestamp:
+        when = pd.Timestamp(at)
+        when = when.tz_convert("UTC").tz_localize(None) if when.tzinfo else when
+        probe[_AT] = pd.Series(when, index=range(entities)).to_numpy()
+    return pd.DataFrame(probe, index=np.arange(start, start + entities))
 
 
 def _bounds(ordered: pd.DataFrame, key: str, window: int | str,
@@ -155,6 +205,16 @@ class EntityAggregate(FrameStep):
         values = past_aggregates(X, key=self.key, column=self.column, window=self.window,
                                  stats=self.stats, timestamp=self.timestamp)
         return X.assign(**{c: values[c] for c in values.columns})
+
+    def transform_and_latest(self, X: pd.DataFrame,
+                             at: pd.Timestamp | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """``transform(X)``, and per entity the values a new row at ``at`` would get."""
+        check_is_fitted(self)
+        require_columns(X, self._needs())
+        values, latest = past_and_latest_aggregates(
+            X, key=self.key, column=self.column, window=self.window, stats=self.stats,
+            timestamp=self.timestamp, at=at)
+        return X.assign(**{c: values[c] for c in values.columns}), latest
 
     def transform_online(self, X: pd.DataFrame) -> pd.DataFrame:
         check_is_fitted(self)

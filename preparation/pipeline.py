@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
@@ -45,7 +45,7 @@ from common.errors import InvalidInput
 from preparation.aggregates import EntityAggregate
 from preparation.registry import StepContext, build_step, naming_step, step_label
 from preparation.spec import FeatureSpec, parse_spec
-from preparation.transformers import require_numeric, to_utc
+from preparation.transformers import RowFilter, require_numeric, to_utc
 
 ID_LENGTH = 16
 Mode = Literal["fit", "offline", "online"]
@@ -163,6 +163,44 @@ class FittedFeatureSet:
                  for block in _consecutive(steps)]
         return pd.concat(parts, axis=1).set_axis(pd.Index(probes[self.entity_key]))
 
+    def transform_and_latest(
+        self, frame: pd.DataFrame, on_latest: Callable[[pd.DataFrame], Any] | None = None,
+    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """``(transform(frame), latest_aggregates(frame))``, from one run where that gives
+        the same values: each aggregate step also computes its probes (one per entity)
+        beside the frame's rows, so the history is not run through the steps again.
+
+        That needs the offline run to see the rows the online run would: no row filter
+        before an aggregate step, the fit-time dtypes, no aggregate columns in ``frame``;
+        otherwise the two are computed apart. ``on_latest`` gets the latest aggregates as
+        soon as they are known, while the later steps still run (to write them meanwhile).
+        """
+        steps = self._aggregate_steps()
+        if not steps:
+            raise InvalidInput(f"feature set {self.feature_set_id} has no entity aggregates")
+        if not self._one_run(frame, steps[-1][0]):
+            latest = self.latest_aggregates(frame)
+            if on_latest is not None:
+                on_latest(latest)
+            return self.transform(frame), latest
+        sink = _LatestSink([index for index, _ in steps], on_latest)
+        out = _run(self.pipeline, _unique_index(frame), "offline", latest=(self._at(frame), sink))
+        return self._output(out, frame, self.carried), sink.frame()
+
+    def _one_run(self, frame: pd.DataFrame, last_aggregate: int) -> bool:
+        filters = any(isinstance(step, RowFilter)
+                      for _, step in self.pipeline.steps[:last_aggregate])
+        same_types = all(c in frame.columns and str(frame[c].dtype) == dtype
+                         for c, dtype in self.input_dtypes.items())
+        carries = any(c in frame.columns for c in self.aggregate_columns)
+        return not filters and same_types and not carries and not frame.empty
+
+    def _at(self, frame: pd.DataFrame) -> pd.Timestamp | None:
+        """When ``latest_aggregates`` puts its probes by default: just after the last row."""
+        if not self.timestamp:
+            return None
+        return to_utc(frame[self.timestamp]).max() + pd.Timedelta(1, "ns")
+
     def _aggregate_steps(self) -> list[Indexed]:
         steps = enumerate(step for _, step in self.pipeline.steps)
         return [(index, step) for index, step in steps if isinstance(step, EntityAggregate)]
@@ -210,14 +248,34 @@ def _consecutive(steps: list[Indexed]) -> list[list[Indexed]]:
     return blocks
 
 
-def _run(pipeline: Pipeline, frame: pd.DataFrame, mode: Mode,
-         stop: int | None = None) -> pd.DataFrame:
+class _LatestSink:
+    """Collects each aggregate step's latest values; hands them on when all are in."""
+
+    def __init__(self, indices: list[int], on_latest: Callable[[pd.DataFrame], Any] | None):
+        self.indices, self.on_latest = indices, on_latest
+        self.parts: dict[int, pd.DataFrame] = {}
+
+    def add(self, index: int, latest: pd.DataFrame) -> None:
+        self.parts[index] = latest
+        if len(self.parts) == len(self.indices) and self.on_latest is not None:
+            self.on_latest(self.frame())
+
+    def frame(self) -> pd.DataFrame:
+        return pd.concat([self.parts[i] for i in self.indices], axis=1)
+
+
+def _run(pipeline: Pipeline, frame: pd.DataFrame, mode: Mode, stop: int | None = None,
+         latest: tuple[pd.Timestamp | None, _LatestSink] | None = None) -> pd.DataFrame:
     for name, step in pipeline.steps[:stop]:
         if frame.empty and mode != "fit":
             break  # filtered out offline; scikit-learn refuses empty frames
         index, kind = name.split("_", 1)
         with naming_step(step_label(int(index), kind)):
-            frame = _apply(step, frame, mode)
+            if latest is not None and isinstance(step, EntityAggregate):
+                frame, values = step.transform_and_latest(frame, latest[0])
+                latest[1].add(int(index), values)
+            else:
+                frame = _apply(step, frame, mode)
     return frame
 
 

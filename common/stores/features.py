@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import builtins
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
@@ -335,12 +335,17 @@ class OfflineFeatureStore:
         self._root = DataRoot(root)
 
     def write(
-        self, feature_set_id: str, frame: pd.DataFrame, metadata: dict[str, Any]
+        self, feature_set_id: str, frame: pd.DataFrame, metadata: dict[str, Any],
+        before_record: Callable[[], Any] | None = None,
     ) -> FeatureSetRecord:
-        """Store a feature set's frame and metadata; returns the record."""
+        """Store a feature set's frame and metadata; returns the record. ``before_record``
+        runs between the two (say, waiting for other writes the set needs): the record is
+        what marks the set complete, so it comes last."""
         folder = f"features/{check_id('feature set id', feature_set_id)}"
         with self._root.atomic_open(f"{folder}/features.parquet") as handle:
             frame.to_parquet(handle)
+        if before_record is not None:
+            before_record()
         record = FeatureSetRecord(
             feature_set_id=feature_set_id,
             rows=len(frame),

@@ -312,3 +312,48 @@ def test_the_example_yaml_learns_paysim_fraud() -> None:
     assert len(features) == 12
     assert learned > 0.5  # about 0.73 on these seeds
     assert learned > 20 * chance  # chance is the fraud rate, about 0.01
+
+
+def _filter_first(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec with its filter first: offline rows differ from online ones at the aggregates."""
+    filters = [s for s in spec["steps"] if s["kind"] == "filter"]
+    return {**spec, "steps": [*filters, *(s for s in spec["steps"] if s["kind"] != "filter")]}
+
+
+def _gappy(frame: pd.DataFrame) -> pd.DataFrame:
+    """Some rows without an entity, a time or an amount, and an index that is not 0..n."""
+    gappy = frame.copy()
+    gappy.loc[gappy.index[::17], "nameOrig"] = None
+    gappy.loc[gappy.index[5::23], "timestamp"] = pd.NaT
+    gappy.loc[gappy.index[3::11], "amount"] = np.nan
+    return gappy.set_axis(gappy.index * 3 + 7)
+
+
+@pytest.mark.filterwarnings("ignore::preparation.pipeline.SkewWarning")
+@pytest.mark.parametrize("spec", [PARITY_SPEC, _filter_first(PARITY_SPEC)],
+                         ids=["one-run", "filter-first"])
+def test_transform_and_latest_equals_transform_and_latest_aggregates(
+        spec: dict[str, Any], frame: pd.DataFrame) -> None:
+    for data in (frame, _gappy(frame)):
+        fitted = build_pipeline(spec).fit(data.dropna(), batch_ids=["b1"])
+        handed: list[pd.DataFrame] = []
+
+        features, latest = fitted.transform_and_latest(data, on_latest=handed.append)
+
+        assert_frame_equal(features, fitted.transform(data), check_exact=True)
+        assert_frame_equal(latest, fitted.latest_aggregates(data), check_exact=True)
+        assert len(handed) == 1 and handed[0].equals(latest)
+
+
+def test_transform_and_latest_without_a_timestamp_counts_rows_in_order() -> None:
+    data = pd.DataFrame({"k": ["a", "b", "a", "a", None], "x": [1.0, 2.0, np.nan, 4.0, 5.0],
+                         "y": [0, 1, 0, 1, 0]})
+    spec = {"name": "rows", "inputs": ["t"], "entity_key": "k", "label": "y", "steps": [
+        {"kind": "entity_aggregate", "params": {"column": "x", "window": 2}}]}
+    fitted = build_pipeline(spec).fit(data, batch_ids=["b1"])
+
+    features, latest = fitted.transform_and_latest(data)
+
+    assert_frame_equal(features, fitted.transform(data), check_exact=True)
+    assert_frame_equal(latest, fitted.latest_aggregates(data), check_exact=True)
+    assert latest.loc["a", "k_x_sum_last2"] == 4.0  # the last two rows of a: NaN (skipped), 4

@@ -160,6 +160,49 @@ def lineage(ident: str) -> None:
         click.echo("  " + "  " * depth + format_log_entry(summary(event)))
 
 
+@main.command()
+@click.option("--entity", required=True, help="The entity id (the feature set's entity key).")
+@click.option("--field", "fields", multiple=True, metavar="NAME=VALUE",
+              help="A raw field of the request; repeat for each field.")
+@click.option("--model-version", default="", help="A version or alias; default: the chain.")
+@click.option("--target", default="127.0.0.1:50051", show_default=True,
+              help="Address of the scoring service.")
+@click.option("--timeout", default=2.0, show_default=True, help="Deadline in seconds.")
+def score(entity: str, fields: tuple[str, ...], model_version: str, target: str,
+          timeout: float) -> None:
+    """Score one entity over gRPC and print the answer."""
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from protos.conveyor.scoring.v1 import scoring_pb2 as pb
+    from protos.conveyor.scoring.v1 import scoring_pb2_grpc
+    from scoring.server import field_value
+
+    request = pb.ScoreRequest(entity_id=entity, model_version=model_version, fields={
+        name: field_value(value) for name, value in map(parse_field, fields)})
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = scoring_pb2_grpc.ScoringStub(channel).Score(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise click.ClickException(f"{exc.code().name}: {exc.details()}") from exc
+    click.echo(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+
+
+def parse_field(text: str) -> tuple[str, bool | int | float | str]:
+    """``name=value`` with the value read as a bool, an int, a float, or else text."""
+    name, sep, raw = text.partition("=")
+    if not sep or not name:
+        raise click.BadParameter(f"expected NAME=VALUE, got {text!r}", param_hint="--field")
+    if raw.lower() in ("true", "false"):
+        return name, raw.lower() == "true"
+    for kind in (int, float):
+        try:
+            return name, kind(raw)
+        except ValueError:
+            pass
+    return name, raw
+
+
 @main.group()
 def dlq() -> None:
     """Inspect and replay dead letters."""

@@ -14,7 +14,9 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
+import pandas as pd
 import redis
 
 from common.bus.rabbitmq import RabbitMQBus
@@ -48,10 +50,12 @@ def run_demo(settings: Settings, *, rows: int, seed: int | None, timeout: float)
         stack.callback(bus.close)
         say("\n1. services")
         start_missing_services(settings, bus, stack, work, say)
-        final = _pipeline_run(settings, bus, work, rows, seed, timeout)
+        final, source = _pipeline_run(settings, bus, work, rows, seed, timeout)
         _show_outcome(settings, final)
+        if _second_run(settings):
+            _live_scoring(settings, source, timeout)
         _dead_letter_path(settings, bus, timeout)
-        say("\n6. queues (0 ready everywhere: every event was acknowledged)")
+        say("\n7. queues (0 ready everywhere: every event was acknowledged)")
         say(queue_table(bus))
         say("\nstopping the services this demo started:")
     say("\nTry: conveyor status | conveyor events log | conveyor lineage <id> | make demo again")
@@ -66,7 +70,7 @@ def _second_run(settings: Settings) -> bool:
 
 def _pipeline_run(
     settings: Settings, bus: RabbitMQBus, work: Path, rows: int, seed: int | None, timeout: float
-) -> Event:
+) -> tuple[Event, Path]:
     seed = seed if seed is not None else int(time.time()) % 100_000
     source = work / f"transactions-{seed}.csv"
     say(f"\n2. data: {rows:,} PaySim-style transactions (seed {seed}) -> {source}")
@@ -77,7 +81,7 @@ def _pipeline_run(
     bus.publish(event)
     say(f"\n3. published SourceDataAvailable {event.event_id} (confirmed by the broker);"
         " following the run:")
-    return _follow(log, cursor, event, timeout)
+    return _follow(log, cursor, event, timeout), source
 
 
 def _follow(log: EventLog, cursor: str, source: Event, timeout: float) -> Event:
@@ -140,9 +144,51 @@ def _dead_letter_path(settings: Settings, bus: RabbitMQBus, timeout: float) -> N
     before = bus.queue_depths("ingestion")["dead"]
     bad = {"event_type": "SourceDataAvailable", "uri": "s3://bucket/missing-dataset.csv"}
     bus.publish_raw("SourceDataAvailable", json.dumps(bad).encode())
-    say("\n5. published an invalid SourceDataAvailable (no 'dataset' field)")
+    say("\n6. published an invalid SourceDataAvailable (no 'dataset' field)")
     wait_for("the dead letter", lambda: bus.queue_depths("ingestion")["dead"] > before, timeout)
     letter = bus.dead_letters("ingestion", limit=before + 1)[-1]
     say(f"   dead-lettered at once to {settings.dead_letter_queue('ingestion')}: {letter.error}")
     say("   the services keep consuming; `conveyor dlq list ingestion` shows it")
 
+
+
+def _live_scoring(settings: Settings, source: Path, timeout: float) -> None:
+    """A few Score calls over gRPC, once the scoring service serves the champion."""
+    import grpc
+
+    from protos.conveyor.scoring.v1 import scoring_pb2 as pb
+    from protos.conveyor.scoring.v1 import scoring_pb2_grpc
+    from scoring.server import field_value
+    from scoring.service import ScoringSettings
+
+    config = load_pipeline_config(settings.pipeline_config)
+    champion = ModelRegistry(settings.data_root, config.name).champion().version
+    key, label = config.features.entity_key or "", config.features.label
+    data = pd.read_csv(source)
+    rows = pd.concat([data.tail(2), data[data[label] == 1].tail(1)])  # and one fraud
+    say(f"\n5. live scoring over gRPC (127.0.0.1:{ScoringSettings().grpc_port})")
+    with grpc.insecure_channel(f"127.0.0.1:{ScoringSettings().grpc_port}") as channel:
+        stub = scoring_pb2_grpc.ScoringStub(channel)
+
+        def request(row: pd.Series) -> Any:
+            fields = {k: field_value(v.item() if hasattr(v, "item") else v)
+                      for k, v in row.items() if k not in (key, label)}
+            return pb.ScoreRequest(entity_id=str(row[key]), fields=fields)
+
+        def serves_champion() -> bool:
+            try:
+                return bool(stub.Score(request(rows.iloc[0]), timeout=2).model_version
+                            == champion)
+            except grpc.RpcError:
+                return False
+
+        wait_for(f"the scoring service to serve {champion}", serves_champion, timeout)
+        for _, row in rows.iterrows():
+            try:
+                reply = stub.Score(request(row), timeout=2)
+            except grpc.RpcError as exc:
+                say(f"   {row[key]}: {exc.code().name}: {exc.details()}")
+                continue
+            say(f"   {row[key]}: score {reply.score:.4f} label {reply.label} by "
+                f"{reply.model_version} (fallback {reply.fallback}) in {reply.latency_ms:.1f} ms;"
+                f" truth {row[label]}")

@@ -28,7 +28,11 @@ from typing import Any
 from common.bus.rabbitmq import RabbitMQBus
 from common.settings import Settings
 
-PIPELINE_SERVICES = ("eventlog", "ingestion", "preparation", "training", "evaluation")
+PIPELINE_SERVICES = (
+    "eventlog", "ingestion", "preparation", "training", "evaluation", "scoring",
+)
+# Ready only once a model is loaded, so at start-up "alive" is what can be waited for.
+STARTS_UNREADY = {"scoring"}
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float) -> Any:
@@ -57,10 +61,18 @@ class LocalService:
 
     def ready(self) -> bool:
         """Whether its /readyz answers 200."""
+        return self.answers("/readyz")
+
+    def started(self) -> bool:
+        """Whether it is up: ready, or at least alive for services that start unready."""
+        return self.answers("/healthz" if self.name in STARTS_UNREADY else "/readyz")
+
+    def answers(self, path: str) -> bool:
+        """Whether ``path`` answers 200; an exited process is an error naming its log."""
         if self.process.poll() is not None:
             raise RuntimeError(f"{self.name} exited early; see {self.log_path}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=1) as r:
                 return r.status == 200
         except OSError:
             return False
@@ -100,7 +112,7 @@ def start_missing_services(
     for service in started:
         stack.callback(_stopper(service, say))
     for service in started:
-        wait_for(f"{service.name} to be ready", service.ready, 60)
+        wait_for(f"{service.name} to start", service.started, 60)
         say(f"  started {service.name:<12} pid {service.process.pid}, "
             f"http://127.0.0.1:{service.port}/metrics, log {service.log_path}")
     if len(started) < len(PIPELINE_SERVICES):

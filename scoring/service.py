@@ -35,9 +35,9 @@ class ScoringSettings(BaseSettings):
     """Threads serving gRPC calls."""
     grpc_max_concurrent_rpcs: int = 256
     """Calls in flight beyond which gRPC answers RESOURCE_EXHAUSTED."""
-    scoring_deadline_s: float = 0.050
+    scoring_deadline_s: float = CoreSettings.deadline_s
     """Deadline of a call that brings none (a shorter client deadline wins)."""
-    scoring_latency_budget_s: float = 0.010
+    scoring_latency_budget_s: float = CoreSettings.latency_budget_s
     """p99 latency budget of a link; past it, its circuit opens."""
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -252,3 +253,32 @@ def test_the_service_is_ready_and_serving_only_once_a_model_arrives(
             assert reply.model_version == version
     finally:
         service.close()
+
+
+def test_the_score_command_prints_the_answer(world: ScoringWorld, server: ScoringServer) -> None:
+    from click.testing import CliRunner
+
+    from common.cli import main
+
+    row = world.frame.iloc[3]
+    fields = fields_of(row, InputSchema.of(world.fitted))
+    args = ["score", "--entity", str(row["nameOrig"]), "--target", f"127.0.0.1:{server.port}"]
+    for name, value in fields.items():
+        args += ["--field", f"{name}={value}"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.output)
+    assert answer["model_version"] == world.registry.champion().version
+    assert 0.0 <= answer.get("score", 0.0) <= 1.0
+
+
+def test_the_score_command_names_an_unknown_version(
+        world: ScoringWorld, server: ScoringServer) -> None:
+    from click.testing import CliRunner
+
+    from common.cli import main
+
+    result = CliRunner().invoke(main, ["score", "--entity", "C1", "--model-version", "v9",
+                                       "--target", f"127.0.0.1:{server.port}"])
+    assert result.exit_code == 1
+    assert "NOT_FOUND: model fraud with version v9 not found" in result.output

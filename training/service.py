@@ -47,6 +47,10 @@ class TrainingService(Service):
         self._workers()
         return self
 
+    def ready(self) -> bool:
+        """Ready once the training workers have started (imports take seconds)."""
+        return self._pool is None or self._pool.warm()
+
     def close(self) -> None:
         """Stop the worker processes."""
         if self._pool is not None:

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 TRANSIENT = (ProcessExpired, OSError, MemoryError, ConnectionError)
 LABEL_COLUMN = "__label__"
 _worker_data: dict[str, Any] = {}
+_worker_start: dict[str, Any] = {}
+RENDEZVOUS_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -127,13 +129,20 @@ class WorkerPool:
     def __init__(self, workers: int, estimators: Iterable[str] = ()) -> None:
         self.workers = workers
         ctx = multiprocessing.get_context("forkserver")
+        # Inherited by the workers: a rendezvous proves each of them has started.
+        barrier = ctx.Barrier(workers)
         self._pool = ProcessPool(workers, initializer=_init_worker,
-                                 initargs=(tuple(estimators),), context=ctx)
+                                 initargs=(tuple(estimators), barrier), context=ctx)
+        self._warming: list[Future] = []
 
     def start(self) -> WorkerPool:
-        """Start the workers now rather than at the first run (any task starts them all)."""
-        self._pool.schedule(int)
+        """Start the workers now rather than at the first run; ``warm`` says when they are."""
+        self._warming = [self._pool.schedule(_rendezvous) for _ in range(self.workers)]
         return self
+
+    def warm(self) -> bool:
+        """Whether every worker has started (a failed start counts: runs replace workers)."""
+        return all(future.done() for future in self._warming)
 
     def schedule(self, candidate: Candidate, data: _Data, timeout: float) -> Future:
         """Fit ``candidate`` on ``data`` in a worker, stopped after ``timeout`` seconds."""
@@ -221,13 +230,19 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _init_worker(estimators: tuple[str, ...]) -> None:
+def _init_worker(estimators: tuple[str, ...], barrier: Any) -> None:
     """Import the estimators' modules once per worker, before any run needs them."""
+    _worker_start["barrier"] = barrier
     for name in estimators:
         try:
             resolve_estimator(name)
         except Exception:  # noqa: BLE001 - only a warm-up: the run reports the real error
             log.debug("could not preload estimator %s", name, exc_info=True)
+
+
+def _rendezvous() -> None:
+    """Wait for every worker to get here: one such task per worker proves all started."""
+    _worker_start["barrier"].wait(timeout=RENDEZVOUS_S)
 
 
 def _training_data(data: _Data) -> tuple[pd.DataFrame, pd.Series]:

@@ -21,11 +21,11 @@ import redis
 
 from common.bus.rabbitmq import RabbitMQBus
 from common.cli import broker_reachable, queue_table, redis_reachable
-from common.config import load_pipeline_config
+from common.config import PipelineConfig, load_pipeline_config
 from common.datasets import paysim
 from common.eventlog import EventLog
 from common.events import Event, SourceDataAvailable
-from common.local import start_missing_services, wait_for
+from common.local import start_missing_services, wait_until
 from common.settings import Settings
 from common.stores import ModelRegistry, ModelStore
 
@@ -45,27 +45,25 @@ def run_demo(settings: Settings, *, rows: int, seed: int | None, timeout: float)
         return 1
     work = Path("var/demo")
     work.mkdir(parents=True, exist_ok=True)
+    config = load_pipeline_config(settings.pipeline_config)
+    registry = ModelRegistry(settings.data_root, config.name)
     with ExitStack() as stack:
         bus = RabbitMQBus(settings, name="demo")
         stack.callback(bus.close)
         say("\n1. services")
         start_missing_services(settings, bus, stack, work, say)
         final, source = _pipeline_run(settings, bus, work, rows, seed, timeout)
-        _show_outcome(settings, final)
-        if _second_run(settings):
-            _live_scoring(settings, source, timeout)
+        _show_outcome(settings, registry, final)
+        # A rejected challenger is a good ending too when a champion already serves.
+        serving = bool(registry.chain())
+        if serving:
+            _live_scoring(config, registry, source, timeout)
         _dead_letter_path(settings, bus, timeout)
         say("\n7. queues (0 ready everywhere: every event was acknowledged)")
         say(queue_table(bus))
         say("\nstopping the services this demo started:")
     say("\nTry: conveyor status | conveyor events log | conveyor lineage <id> | make demo again")
-    return 0 if final.event_type == "ModelReady" or _second_run(settings) else 1
-
-
-def _second_run(settings: Settings) -> bool:
-    """A rejected challenger is a good ending when a champion already serves."""
-    config = load_pipeline_config(settings.pipeline_config)
-    return bool(ModelRegistry(settings.data_root, config.name).chain())
+    return 0 if final.event_type == "ModelReady" or serving else 1
 
 
 def _pipeline_run(
@@ -109,9 +107,7 @@ def _gist(event: Event) -> str:
     return json.dumps({k: data[k] for k in keep if data.get(k) not in (None, [], {})})[:300]
 
 
-def _show_outcome(settings: Settings, final: Event) -> None:
-    config = load_pipeline_config(settings.pipeline_config)
-    registry = ModelRegistry(settings.data_root, config.name)
+def _show_outcome(settings: Settings, registry: ModelRegistry, final: Event) -> None:
     store = ModelStore.from_settings(settings)
     say("\n4. outcome")
     if final.event_type == "ModelRejected":
@@ -125,7 +121,7 @@ def _show_outcome(settings: Settings, final: Event) -> None:
     champion = registry.champion()
     record = store.metadata(champion.model_id)
     metrics = record.metadata.get("metrics", {})
-    say(f"   champion of '{config.name}': {champion.version} = model {champion.model_id} "
+    say(f"   champion of '{registry.name}': {champion.version} = model {champion.model_id} "
         f"({record.metadata.get('algorithm')})")
     say("   metrics on the evaluation part: " + ", ".join(
         f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
@@ -145,14 +141,17 @@ def _dead_letter_path(settings: Settings, bus: RabbitMQBus, timeout: float) -> N
     bad = {"event_type": "SourceDataAvailable", "uri": "s3://bucket/missing-dataset.csv"}
     bus.publish_raw("SourceDataAvailable", json.dumps(bad).encode())
     say("\n6. published an invalid SourceDataAvailable (no 'dataset' field)")
-    wait_for("the dead letter", lambda: bus.queue_depths("ingestion")["dead"] > before, timeout)
+    wait_until(lambda: bus.queue_depths("ingestion")["dead"] > before, timeout,
+               message="the dead letter")
     letter = bus.dead_letters("ingestion", limit=before + 1)[-1]
     say(f"   dead-lettered at once to {settings.dead_letter_queue('ingestion')}: {letter.error}")
     say("   the services keep consuming; `conveyor dlq list ingestion` shows it")
 
 
 
-def _live_scoring(settings: Settings, source: Path, timeout: float) -> None:
+def _live_scoring(
+    config: PipelineConfig, registry: ModelRegistry, source: Path, timeout: float
+) -> None:
     """A few Score calls over gRPC, once the scoring service serves the champion."""
     import grpc
 
@@ -161,8 +160,7 @@ def _live_scoring(settings: Settings, source: Path, timeout: float) -> None:
     from scoring.server import field_value
     from scoring.service import ScoringSettings
 
-    config = load_pipeline_config(settings.pipeline_config)
-    champion = ModelRegistry(settings.data_root, config.name).champion().version
+    champion = registry.champion().version
     key, label = config.features.entity_key or "", config.features.label
     data = pd.read_csv(source)
     rows = pd.concat([data.tail(2), data[data[label] == 1].tail(1)])  # and one fraud
@@ -182,7 +180,7 @@ def _live_scoring(settings: Settings, source: Path, timeout: float) -> None:
             except grpc.RpcError:
                 return False
 
-        wait_for(f"the scoring service to serve {champion}", serves_champion, timeout)
+        wait_until(serves_champion, timeout, message=f"the scoring service serving {champion}")
         for _, row in rows.iterrows():
             try:
                 reply = stub.Score(request(row), timeout=2)

@@ -23,11 +23,12 @@ import urllib.request
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 from common.bus.rabbitmq import RabbitMQBus
 from common.settings import Settings
 
+T = TypeVar("T")
 PIPELINE_SERVICES = (
     "eventlog", "ingestion", "preparation", "training", "evaluation", "scoring",
 )
@@ -35,14 +36,23 @@ PIPELINE_SERVICES = (
 STARTS_UNREADY = {"scoring"}
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float) -> Any:
-    """Poll an outside condition (a process, a queue) until it holds; fail clearly."""
+def wait_until(
+    predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, message: str = ""
+) -> T:
+    """Poll ``predicate`` until it returns something truthy, and return that.
+
+    For outside state only (a process, a queue depth, a Redis key); raises
+    ``TimeoutError`` naming what was awaited and the last value seen.
+    """
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
+    while True:
+        value = predicate()
+        if value:
             return value
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        if time.monotonic() >= deadline:
+            what = message or getattr(predicate, "__name__", "condition")
+            raise TimeoutError(f"{what} not met within {timeout}s (last value: {value!r})")
+        time.sleep(interval)
 
 
 class LocalService:
@@ -112,7 +122,7 @@ def start_missing_services(
     for service in started:
         stack.callback(_stopper(service, say))
     for service in started:
-        wait_for(f"{service.name} to start", service.started, 60)
+        wait_until(service.started, 60, message=f"{service.name} started")
         say(f"  started {service.name:<12} pid {service.process.pid}, "
             f"http://127.0.0.1:{service.port}/metrics, log {service.log_path}")
     if len(started) < len(PIPELINE_SERVICES):

@@ -22,10 +22,9 @@ import shutil
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlparse
 from uuid import uuid4
 
@@ -43,9 +42,9 @@ from common.bus.dispatch import (
 from common.bus.idempotency import ProcessedEvents, RedisProcessedEvents
 from common.bus.rabbitmq import Consumer, RabbitMQBus, connection_parameters, delay_queue
 from common.events import Event
+from common.local import wait_until  # noqa: F401 - the tests import it from here
 from common.settings import Settings
 
-T = TypeVar("T")
 Handler = Callable[[Any], HandlerResult]
 
 
@@ -67,25 +66,6 @@ def isolated_settings(**overrides: Any) -> Settings:
 def policy_for(settings: Settings) -> RetryPolicy:
     """The retry policy the settings describe (the delay queues are declared from them)."""
     return RetryPolicy(max_attempts=settings.max_attempts, delays_s=settings.retry_delays_s)
-
-
-def wait_until(
-    predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, message: str = ""
-) -> T:
-    """Poll ``predicate`` until it returns something truthy, and return that.
-
-    For external state only (queue depths, Redis keys); raises ``TimeoutError`` naming
-    the last value seen.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            what = message or getattr(predicate, "__name__", "condition")
-            raise TimeoutError(f"{what} not met within {timeout}s (last value: {value!r})")
-        time.sleep(interval)
 
 
 # -- services --------------------------------------------------------------------------

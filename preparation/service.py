@@ -86,7 +86,7 @@ class PreparationService(Service):
         return {**batches, event.dataset: event.batch_id}
 
     def _prepare(self, fsid: str, batches: dict[str, str]) -> None:
-        frame = self._joined_frame(batches)
+        frame = joined_frame(self.raw_store, self.config, batches)
         label = self.config.features.label
         train = self.config.split.apply(frame, label).train
         fitted = build_pipeline(self.config.features).fit(train, batches.values())
@@ -101,9 +101,6 @@ class PreparationService(Service):
                                before_record=lambda: [written.result() for written in online])
         log.info("feature set %s: %d rows, %d features", fsid, len(features),
                  len(fitted.feature_names))
-
-    def _joined_frame(self, batches: dict[str, str]) -> pd.DataFrame:
-        return joined_frame(self.raw_store, self.config, batches)
 
     def _transform_and_materialise(
         self, fitted: FittedFeatureSet, frame: pd.DataFrame, writer: Executor

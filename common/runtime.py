@@ -85,6 +85,9 @@ class Service:
     def close(self) -> None:  # noqa: B027 - services without resources need no cleanup
         """Release the service's own resources at shutdown."""
 
+    def register_metrics(self, registry: CollectorRegistry) -> None:  # noqa: B027
+        """Add the service's own metrics to the registry its ``/metrics`` serves."""
+
 
 def policy_from(settings: Settings) -> RetryPolicy:
     """The retry policy the settings describe."""
@@ -106,6 +109,7 @@ class ServiceRunner:
         self.service, self.bus, self.settings = service, bus, settings
         self.metrics = BusMetrics(registry or CollectorRegistry())
         self.metrics.registry.register(QueueDepthCollector(service.name, bus.queue_depths))
+        service.register_metrics(self.metrics.registry)
         self.processed = processed
         self.connected = threading.Event()
         self.http: HealthServer | None = None

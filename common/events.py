@@ -172,6 +172,10 @@ class ServedScore(BaseModel):
     fallback_reason: str | None = None
     latency_ms: float = Field(ge=0)
     served_at: AwareDatetime = Field(default_factory=utc_now)
+    features: dict[str, float] = Field(
+        default_factory=dict,
+        description="The model's input features after its feature set's transform (drift).",
+    )
 
 
 class ScoreServed(Event):

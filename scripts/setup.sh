@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what Conveyor needs, idempotently: the .venv with the project and its packages,
-# generated gRPC code where protos exist, and a running RabbitMQ and Redis.
-# Usage: scripts/setup.sh            (everything)
-#        scripts/setup.sh services   (only RabbitMQ and Redis)
+# generated gRPC code where protos exist, a running RabbitMQ and Redis, and Prometheus.
+# Usage: scripts/setup.sh              (everything)
+#        scripts/setup.sh services     (only RabbitMQ and Redis)
+#        scripts/setup.sh prometheus   (only prometheus and promtool, not left running)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,6 +53,28 @@ ensure_redis() {
   say "Redis is up"
 }
 
+ensure_prometheus() {
+  # Only the observability tests and `make observe` need it: a warning, not a failure.
+  if command -v prometheus >/dev/null && command -v promtool >/dev/null; then
+    say "Prometheus $(prometheus --version 2>&1 | head -1 | cut -d' ' -f3) and promtool installed"; return
+  fi
+  if ! command -v apt-get >/dev/null; then
+    say "WARNING: prometheus/promtool missing and no apt-get: install Prometheus yourself (the observability tests skip without it)"; return
+  fi
+  say "installing Debian package prometheus (prometheus, promtool)"
+  if ! { as_root apt-get update -qq && DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq \
+      --no-install-recommends prometheus >/dev/null; }; then
+    say "WARNING: apt-get install prometheus failed (root or sudo needed); the observability tests skip without it"; return
+  fi
+  # The tests start their own Prometheus on a free port: none should hold 9090 for good.
+  if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then
+    as_root systemctl disable --now prometheus >/dev/null 2>&1 || true
+  elif [ -x /etc/init.d/prometheus ] && as_root /etc/init.d/prometheus status >/dev/null 2>&1; then
+    as_root /etc/init.d/prometheus stop >/dev/null 2>&1 || true
+  fi
+  say "Prometheus installed (the system service left stopped)"
+}
+
 ensure_venv() {
   [ -x "$VENV/bin/python" ] || { say "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
   local stamp="$VENV/.conveyor-installed" want
@@ -84,6 +107,7 @@ generate_protos() {
 case "${1:-all}" in
   services) ensure_rabbitmq; ensure_redis ;;
   python) ensure_venv; generate_protos ;;
-  all) ensure_venv; generate_protos; ensure_rabbitmq; ensure_redis ;;
-  *) die "unknown target '$1' (all, services, python)" ;;
+  prometheus) ensure_prometheus ;;
+  all) ensure_venv; generate_protos; ensure_rabbitmq; ensure_redis; ensure_prometheus ;;
+  *) die "unknown target '$1' (all, services, python, prometheus)" ;;
 esac

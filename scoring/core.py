@@ -13,14 +13,22 @@ only convert messages and call it::
     result = core.score(ScoreQuery("C-42", {"amount": 9.5, ...}), deadline_s=0.020)
     result.score, result.version, result.fallback      # 0.93, "v3", False
     core.on_model_ready(event)                         # hot swap: load, warm, put in front
+
+Versions beyond ``settings.chain_depth`` are retired after a swap: routed to no more, their
+batchers stopped and their memory released once the requests in flight have finished.
+``on_served(query, result)`` is called with every answer (``result.features`` holds the
+model's input row), for reporting off the request path; it must return at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +38,7 @@ import pandas as pd
 import redis
 
 from common.errors import ConveyorError, NotFound, Status
-from common.events import ModelReady, ServedScore
+from common.events import ModelReady
 from common.stores import ModelRegistry, ModelStore, OnlineFeatureStore
 from scoring.batching import AdaptiveBatchSize, MicroBatcher
 from scoring.inputs import FieldValue, InputSchema
@@ -75,6 +83,10 @@ class CoreSettings:
     """Threads that run model links (a slow model is abandoned, not waited for)."""
     warmup_calls: int = 3
     """Predict calls made on a model before it takes traffic."""
+    chain_depth: int = 3
+    """Versions kept deployed (champion, previous, older); the rest are retired."""
+    retire_wait_s: float = 30.0
+    """How long a retirement waits for the requests in flight before stopping a model."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +112,8 @@ class ScoreResult:
     latency_ms: float
     request_id: str
     degraded: bool = False
+    features: Mapping[str, float] = field(default_factory=dict)
+    """The model's input row (its feature set's transform), by feature name."""
 
 
 @dataclass(frozen=True)
@@ -148,10 +162,10 @@ class LoadedModel:
         out = self.features.transform_online([record])
         return out[self.feature_names].to_numpy(dtype=np.float64)[0]
 
-    def predict(self, request: _Request) -> np.ndarray:
-        """Probabilities for one request, predicted in a micro-batch."""
+    def predict(self, request: _Request) -> tuple[np.ndarray, np.ndarray]:
+        """The feature row and its probabilities for one request, predicted in a micro-batch."""
         row = self.features_of(request)
-        return self.batcher.submit(row, deadline=request.deadline).result()
+        return row, self.batcher.submit(row, deadline=request.deadline).result()
 
     def warm_up(self, calls: int) -> None:
         """Predict a few zero rows through the batcher, so the first request is not slow."""
@@ -171,7 +185,7 @@ class ScoringCore:
         online: OnlineFeatureStore,
         settings: CoreSettings | None = None,
         *,
-        on_scores: Callable[[list[ServedScore]], None] | None = None,
+        on_served: Callable[[ScoreQuery, ScoreResult], None] | None = None,
     ) -> None:
         self.models, self.pipelines, self.registry, self.online = (
             models, pipelines, registry, online)
@@ -179,7 +193,8 @@ class ScoringCore:
         self.router = ModelRouter(registry.name)
         self._loaded: dict[str, LoadedModel] = {}
         self._executor = ThreadPoolExecutor(self.settings.workers, thread_name_prefix="link")
-        self._on_scores = on_scores
+        self.on_served = on_served
+        self._in_flight = InFlight()
 
     @property
     def ready(self) -> bool:
@@ -187,19 +202,22 @@ class ScoringCore:
         return self.router.ready
 
     def load_chain(self) -> list[str]:
-        """Load, verify and warm up every version of the registry chain; serve it."""
-        chain = self.registry.chain()
+        """Load, verify and warm up the registry chain's first ``chain_depth`` versions;
+        serve them, then retire the versions that fell out of the chain."""
+        chain = self.registry.chain()[: self.settings.chain_depth]
         for entry in chain:
             self.deploy(entry.version, entry.model_id)
         versions = [entry.version for entry in chain]
         if versions:
             self.router.set_chain(versions)
+            self._retire_all_but(versions)
         return versions
 
     def on_model_ready(self, event: ModelReady) -> list[str]:
         """Hot swap: the new version is loaded and warmed, then put in front in one swap.
 
-        Requests in flight keep the models they picked; older versions stay deployed.
+        Requests in flight keep the models they picked; versions beyond the chain depth
+        are retired once those requests have finished.
         """
         self.deploy(event.version, event.model_id)
         return self.load_chain()
@@ -211,7 +229,7 @@ class ScoringCore:
         loaded = self._load(version, model_id)
         loaded.warm_up(self.settings.warmup_calls)
         breaker = CircuitBreaker(self.settings.latency_budget_s)
-        self._loaded[version] = loaded  # before the router can route to it
+        self._loaded = {**self._loaded, version: loaded}  # before the router can route to it
         self.router.deploy(DeployedModel(version, model_id, loaded.predict, breaker))
         logger.info("deployed model %s version %s", model_id, version)
         return loaded
@@ -225,9 +243,22 @@ class ScoringCore:
     ) -> list[ScoreResult]:
         """Score rows in order, each within the deadline (default ``settings.deadline_s``)."""
         deadline_s = self.settings.deadline_s if deadline_s is None else deadline_s
-        results = [self._score_one(query, deadline_s) for query in queries]
-        self._report(results, queries)
+        with self._in_flight.request():
+            results = [self._score_one(query, deadline_s) for query in queries]
+        self._report(queries, results)
         return results
+
+    def retire(self, version: str) -> None:
+        """Route to a version no more; once the requests in flight have finished, stop its
+        batcher (rows it holds are still predicted) and drop it, releasing its memory."""
+        self.router.retire(version)
+        if not self._in_flight.wait_for_earlier(self.settings.retire_wait_s):
+            logger.warning("retiring %s: requests still in flight after %.0f s",
+                           version, self.settings.retire_wait_s)
+        loaded = self._loaded[version]
+        self._loaded = {v: m for v, m in self._loaded.items() if v != version}
+        loaded.batcher.close(drain=True)
+        logger.info("retired model %s version %s", loaded.model_id, version)
 
     def health(self) -> list[ModelHealth]:
         """Every deployed version with its alias, circuit and recent latency."""
@@ -254,17 +285,22 @@ class ScoringCore:
         )
         return loaded
 
+    def _retire_all_but(self, versions: Sequence[str]) -> None:
+        for version in [v for v in self._loaded if v not in versions]:
+            self.retire(version)
+
     def _score_one(self, query: ScoreQuery, deadline_s: float) -> ScoreResult:
         began = time.perf_counter()
+        models = self._loaded  # one read: a retirement replaces the dict, never mutates it
         decision = self.router.route(query.model_version or None, request_key=query.entity_id)
         links = [decision.primary, *decision.fallbacks]
-        loaded = [self._loaded[link.version] for link in links]
+        loaded = [models[link.version] for link in links]
         loaded[0].schema.check(query.fields)  # the request's fault, before any model runs
         request = self._with_online(query, loaded, time.monotonic() + deadline_s)
         reply = answer(decision, lambda link: link.predict(request), deadline_s,
                        executor=self._executor)
-        model = self._loaded[reply.version]
-        return _result(query, model, reply.value, reply, request.degraded, began)
+        row, proba = reply.value
+        return _result(query, models[reply.version], row, proba, reply, request.degraded, began)
 
     def _with_online(
         self, query: ScoreQuery, loaded: Sequence[LoadedModel], deadline: float
@@ -298,19 +334,52 @@ class ScoringCore:
             return None, False
         return {c: row[c] for c in schema.aggregate_columns if c in row}, False
 
-    def _report(self, results: Sequence[ScoreResult], queries: Sequence[ScoreQuery]) -> None:
-        if self._on_scores is None:
+    def _report(self, queries: Sequence[ScoreQuery], results: Sequence[ScoreResult]) -> None:
+        if self.on_served is None:
             return
-        served = [_served(result, query) for result, query in zip(results, queries, strict=True)]
         try:
-            self._on_scores(served)
+            for query, result in zip(queries, results, strict=True):
+                self.on_served(query, result)
         except Exception:  # reporting must never fail a request
-            logger.exception("reporting %d scores failed", len(served))
+            logger.exception("reporting %d scores failed", len(results))
+
+
+class InFlight:
+    """Requests in flight, counted by the epoch they began in, so that a retirement can
+    wait for exactly the requests that might have picked the retired version."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._epoch = 0
+        self._active: Counter[int] = Counter()
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        """Count one request in flight for the block's length."""
+        with self._cond:
+            epoch = self._epoch
+            self._active[epoch] += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active[epoch] -= 1
+                if not self._active[epoch]:
+                    del self._active[epoch]
+                    self._cond.notify_all()
+
+    def wait_for_earlier(self, timeout_s: float) -> bool:
+        """Wait until every request that began before this call has ended (False: timeout)."""
+        with self._cond:
+            self._epoch += 1
+            boundary = self._epoch
+            return self._cond.wait_for(lambda: all(e >= boundary for e in self._active),
+                                       timeout_s)
 
 
 def _result(
-    query: ScoreQuery, model: LoadedModel, proba: np.ndarray, reply: Any, degraded: bool,
-    began: float,
+    query: ScoreQuery, model: LoadedModel, row: np.ndarray, proba: np.ndarray, reply: Any,
+    degraded: bool, began: float,
 ) -> ScoreResult:
     classes = model.classes
     probabilities = {label: float(p) for label, p in zip(classes, proba, strict=True)}
@@ -320,12 +389,5 @@ def _result(
         fallback_reason=reply.fallback_reason,
         latency_ms=(time.perf_counter() - began) * 1e3,
         request_id=query.request_id or uuid.uuid4().hex, degraded=degraded,
-    )
-
-
-def _served(result: ScoreResult, query: ScoreQuery) -> ServedScore:
-    return ServedScore(
-        request_id=result.request_id, entity_id=query.entity_id, model_version=result.version,
-        score=result.score, label=result.label, fallback=result.fallback,
-        fallback_reason=result.fallback_reason, latency_ms=result.latency_ms,
+        features=dict(zip(model.feature_names, row.tolist(), strict=True)),
     )

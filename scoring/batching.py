@@ -192,7 +192,8 @@ class MicroBatcher(Generic[Row, Result]):
     ``predict_batch`` gets a list of rows and returns one result per row, in order (wrap a
     DataFrame model as ``lambda rows: list(model.predict(pd.DataFrame(rows)))``).
     ``deadline`` values and ``max_wait_s`` are read on ``clock``, so a custom clock must
-    tick in seconds; ``clock`` also times each batch for ``batch_size``.
+    tick in seconds; ``clock`` also times each batch for ``batch_size``. ``on_batch`` is
+    called with the number of rows of each predict call (metrics); it must be quick.
     """
 
     def __init__(
@@ -204,11 +205,13 @@ class MicroBatcher(Generic[Row, Result]):
         batch_size: AdaptiveBatchSize,
         max_wait_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        on_batch: Callable[[int], None] | None = None,
     ):
         if max_queue < 1 or max_wait_s < 0:
             raise ValueError(f"need max_queue >= 1 and max_wait_s >= 0 for model {model}")
         self.model, self.max_queue, self.max_wait_s = model, max_queue, max_wait_s
         self.batch_size, self._predict, self._clock = batch_size, predict_batch, clock
+        self._on_batch = on_batch
         self._queue: deque[_Pending[Row, Result]] = deque()
         self._cond = threading.Condition()
         self._closed, self._counters = False, _Counters()
@@ -331,6 +334,11 @@ class MicroBatcher(Generic[Row, Result]):
             pending.future.set_result(result)
 
     def _record(self, rows: int, *, failed: bool, latency_s: float | None = None) -> None:
+        if self._on_batch is not None:
+            try:
+                self._on_batch(rows)
+            except Exception:  # metrics must never stop the collector
+                logger.exception("on_batch failed for model %s", self.model)
         with self._cond:
             self._counters.batches += 1
             self._counters.predicted += rows

@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor, wait
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from typing import Any
 
 from common.errors import ConveyorError, InvalidInput, ModelNotFound, Status
@@ -46,6 +47,17 @@ logger = logging.getLogger(__name__)
 
 Predict = Callable[[Any], Any]
 ALIASES = ("champion", "previous")
+
+
+class FallbackKind(StrEnum):
+    """Why a fallback answered (a metric label): the first cause, when there are several."""
+
+    DEADLINE = "deadline"
+    """A link passed its share of the deadline (or was not asked: no time left)."""
+    CIRCUIT_OPEN = "circuit_open"
+    """The first choice was skipped because its latency circuit is open."""
+    ERROR = "error"
+    """A link raised."""
 
 
 class NoModelDeployed(ConveyorError):
@@ -100,7 +112,8 @@ class RouteDecision:
     """The link to ask first, the ones to ask next, the shadow to copy, and why.
 
     ``fallback`` is True when the primary is not the first choice (the champion's circuit
-    is open); ``reason`` then says why.
+    is open); ``reason`` then says why. ``roles`` names each link's role by version
+    (champion, previous, older, canary or named), for metrics.
     """
 
     primary: DeployedModel
@@ -108,17 +121,23 @@ class RouteDecision:
     shadow: DeployedModel | None = None
     reason: str = ""
     fallback: bool = False
+    roles: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Answer:
-    """The value, the version that gave it, whether it was a fallback and why."""
+    """The value, the version that gave it, whether it was a fallback and why.
+
+    ``fallback_kind`` is the reason as a fixed label; ``role`` the answering link's role.
+    """
 
     value: Any
     version: str
     fallback: bool
     fallback_reason: str | None
     latency_s: float
+    fallback_kind: FallbackKind | None = None
+    role: str = ""
 
 
 @dataclass(frozen=True)
@@ -225,9 +244,12 @@ class ModelRouter:
         """
         state = self._state  # one read: later swaps do not affect this decision
         if version is not None:
-            decision = RouteDecision(_lookup(state, self.name, version), reason=f"named {version}")
+            primary = _lookup(state, self.name, version)
+            decision = RouteDecision(primary, reason=f"named {version}",
+                                     roles={primary.version: "named"})
         else:
             decision = self._canary(state, request_key) or _walk_chain(state, self.name)
+            decision = replace(decision, roles=_roles(state, decision))
         return replace(decision, shadow=_shadow_for(state, decision.primary))
 
     def _canary(self, state: _RoutingState, request_key: str | None) -> RouteDecision | None:
@@ -268,16 +290,19 @@ def answer(
     start = clock()
     links = [decision.primary, *decision.fallbacks]
     failures: list[str] = []
+    kinds: list[FallbackKind] = []
     for index, link in enumerate(links):
         timeout = _time_for(index, start, deadline_s, fallback_reserve_s, clock)
         if timeout is not None and timeout <= 0:
             failures.append(f"{link.version} not asked: deadline spent")
+            kinds.append(FallbackKind.DEADLINE)
             continue
-        ok, value, failure = _ask(link, call, timeout, executor, clock)
+        ok, value, failure, kind = _ask(link, call, timeout, executor, clock)
         if ok:
             _start_shadow(decision.shadow, call, executor, clock, on_shadow)
-            return _answered(decision, link, value, index, failures, clock() - start)
+            return _answered(decision, link, value, index, failures, kinds, clock() - start)
         failures.append(failure)
+        kinds.append(kind or FallbackKind.ERROR)
     raise NoAnswer(failures)
 
 
@@ -413,22 +438,23 @@ def _ask(
     timeout: float | None,
     executor: Executor | None,
     clock: Clock,
-) -> tuple[bool, Any, str]:
-    """Run one link; (True, value, "") or (False, None, why it gave no answer)."""
+) -> tuple[bool, Any, str, FallbackKind | None]:
+    """Run one link; (True, value, "", None) or (False, None, why it gave no answer, kind)."""
     began = clock()
     try:
         value = _run(link, call, timeout, executor)
     except _PastDeadline:
         link.breaker.record_timeout(clock() - began)
-        return False, None, f"{link.version} passed its deadline of {ms(timeout or 0.0)}"
+        failure = f"{link.version} passed its deadline of {ms(timeout or 0.0)}"
+        return False, None, failure, FallbackKind.DEADLINE
     except InvalidInput:
         raise
     except Exception as exc:  # any fault of the model is answered by the next link
         logger.warning("model %s failed", link.version, exc_info=True)
         link.breaker.record_failure(_error(exc))
-        return False, None, f"{link.version} raised {_error(exc)}"
+        return False, None, f"{link.version} raised {_error(exc)}", FallbackKind.ERROR
     link.breaker.record(clock() - began)
-    return True, value, ""
+    return True, value, "", None
 
 
 def _run(
@@ -447,17 +473,40 @@ def _run(
     return future.result()
 
 
+def _roles(state: _RoutingState, decision: RouteDecision) -> dict[str, str]:
+    """Each link's role: its place in the chain, or canary."""
+    roles = {link.version: _chain_role(index) for index, link in enumerate(state.chain)}
+    if state.config.canary_version and decision.primary.version == state.config.canary_version:
+        roles[decision.primary.version] = "canary"
+    return roles
+
+
+def _chain_role(index: int) -> str:
+    return ALIASES[index] if index < len(ALIASES) else "older"
+
+
+def _kind_of(decision: RouteDecision, kinds: Sequence[FallbackKind]) -> FallbackKind:
+    """The first cause of a fallback: the open circuit that skipped the first choice,
+    else the first link's failure."""
+    if decision.fallback:
+        return FallbackKind.CIRCUIT_OPEN
+    return kinds[0] if kinds else FallbackKind.ERROR
+
+
 def _answered(
     decision: RouteDecision,
     link: DeployedModel,
     value: Any,
     index: int,
     failures: list[str],
+    kinds: Sequence[FallbackKind],
     latency_s: float,
 ) -> Answer:
     reasons = ([decision.reason] if decision.fallback else []) + failures
     fallback = decision.fallback or index > 0
-    return Answer(value, link.version, fallback, "; ".join(reasons) or None, latency_s)
+    kind = _kind_of(decision, kinds) if fallback else None
+    return Answer(value, link.version, fallback, "; ".join(reasons) or None, latency_s,
+                  kind, decision.roles.get(link.version, ""))
 
 
 def _start_shadow(

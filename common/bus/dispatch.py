@@ -27,7 +27,7 @@ from common.bus.idempotency import ProcessedEvents
 from common.errors import InvalidEvent, InvalidInput
 from common.events import Event, parse_event
 from common.logs import event_context
-from common.metrics import BusMetrics
+from common.metrics import BusMetrics, pipeline_stage
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,8 @@ class Dispatcher:
         self.policy = policy or RetryPolicy()
         self.processed = processed
         self.metrics = metrics or BusMetrics()
+        self.metrics.precreate(service, self.handlers)
+        self._stages = {kind: pipeline_stage(service, kind) for kind in self.handlers}
         self._children: dict[tuple[int, str], Any] = {}
 
     @property
@@ -176,14 +178,22 @@ class Dispatcher:
             self._count(self.metrics.failed, event.event_type)
             return self._failed(spec, delivery, event, exc)
         finally:
-            self._labelled(self.metrics.duration, event.event_type).observe(
-                time.perf_counter() - started
-            )
+            elapsed = time.perf_counter() - started
+            self._labelled(self.metrics.duration, event.event_type).observe(elapsed)
         if self.processed:
             self.processed.mark(self.service, event.event_id)
         self._count(self.metrics.handled, event.event_type)
+        self._count_success(event.event_type, emitted, elapsed)
         log.debug("handled; emitted %d event(s)", len(emitted))
         return Ack()
+
+    def _count_success(self, event_type: str, emitted: list[Event], elapsed: float) -> None:
+        """Count the events published and time the stage the handler carried, if any."""
+        for caused in emitted:
+            self._count(self.metrics.published, caused.event_type)
+        stage = self._stages.get(event_type)
+        if stage is not None:
+            self.metrics.stage_duration.labels(stage).observe(elapsed)
 
     def _emitted(self, cause: Event, result: HandlerResult) -> list[Event]:
         def derive(i: int, ev: Event) -> Event:

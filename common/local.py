@@ -2,7 +2,8 @@
 
 A service counts as running when its queue has a consumer, wherever that consumer runs;
 only the missing ones are started, each as ``python -m common.cli run NAME`` with its
-JSON log captured to a file.
+JSON log captured to a file and a Prometheus target file (``targets/NAME.json`` beside the
+logs, for the file_sd of deploy/prometheus/prometheus.yml) while it runs.
 
 Example::
 
@@ -13,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -68,6 +70,7 @@ class LocalService:
         # A session of its own: a Ctrl-C meant for the parent must not hit it mid-shutdown.
         self.process = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=self._log,
                                         start_new_session=True)
+        self.target_path = write_scrape_target(log_dir / "targets", name, self.port)
 
     def ready(self) -> bool:
         """Whether its /readyz answers 200."""
@@ -92,7 +95,19 @@ class LocalService:
         self.process.send_signal(signal.SIGTERM)
         code = self.process.wait(timeout=60)
         self._log.close()
+        self.target_path.unlink(missing_ok=True)
         return code
+
+
+def write_scrape_target(folder: Path, service: str, port: int) -> Path:
+    """A Prometheus file_sd file naming a local service's /metrics address."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{service}.json"
+    group = [{"targets": [f"127.0.0.1:{port}"], "labels": {"service": service}}]
+    partial = folder / f".{service}.json.partial"
+    partial.write_text(json.dumps(group))
+    partial.replace(path)  # atomic: Prometheus never reads half a file
+    return path
 
 
 def free_port() -> int:

@@ -1,27 +1,63 @@
-"""The online scoring service: the gRPC server beside the usual HTTP probes; hot swap.
+"""The online scoring service: the gRPC server beside the usual HTTP probes; hot swap;
+served scores reported off the request path; offline batch scoring.
 
 ``build`` loads the registry chain (signatures verified, models warmed) and starts the
 gRPC server on ``CONVEYOR_GRPC_PORT``; ``ModelReady`` puts a new champion in front
-without failing a request; ``ready()`` is true only with a model loaded. Example::
+without failing a request; ``ready()`` is true only with a model loaded. Every answer is
+handed to a ``ScoreReporter``, which writes it to the score stream and publishes it as
+``ScoreServed`` from its own thread. ``BatchScoringRequested`` scores a raw batch or a
+feature set on the consumer thread (the gRPC threads keep answering), writes the scores
+as Parquet and answers ``ScoringCompleted``. Example::
 
     conveyor run scoring            # gRPC on :50051, /metrics /healthz /readyz on :9100
+    conveyor publish BatchScoringRequested --json '{"batch_id": "9c1e...", "model_version": "v2"}'
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
 
+import pandas as pd
+import redis
+from prometheus_client import CollectorRegistry
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
+from common.bus.rabbitmq import RabbitMQBus
 from common.config import load_pipeline_config
-from common.events import ModelReady
+from common.errors import InvalidInput, NotFound
+from common.events import BatchScoringRequested, ModelReady, ScoringCompleted
 from common.runtime import Service, handles
 from common.settings import Settings
+from common.stores import (
+    BatchScoreStore,
+    ModelRegistry,
+    ModelStore,
+    OfflineFeatureStore,
+    OnlineScoreStore,
+    RawBatchStore,
+    RedisOnlineStore,
+)
 from common.wiring import Stores
+from ingestion.contract import DatasetContract, read_typed
+from scoring.batch import DEFAULT_CHUNK_ROWS, BatchModel, score_features, score_raw
 from scoring.core import CoreSettings, ScoringCore
+from scoring.reporting import (
+    ReportsDroppedCollector,
+    ReportSettings,
+    ScoreReporter,
+    event_sink,
+    stream_sink,
+)
 from scoring.server import GrpcSettings, ScoringServer
 
 log = logging.getLogger(__name__)
+REPORT_REDIS_TIMEOUT_S = 5.0
 
 
 class ScoringSettings(BaseSettings):
@@ -39,15 +75,113 @@ class ScoringSettings(BaseSettings):
     """Deadline of a call that brings none (a shorter client deadline wins)."""
     scoring_latency_budget_s: float = CoreSettings.latency_budget_s
     """p99 latency budget of a link; past it, its circuit opens."""
+    scoring_chain_depth: int = CoreSettings.chain_depth
+    """Versions kept deployed (champion, previous, older); older ones are retired."""
+    scoring_redis_timeout_s: float = 0.1
+    """Connect and read timeout of the online feature reads: a dead Redis fails fast."""
+    score_report_buffer_size: int = ReportSettings.buffer_size
+    """Served scores held for reporting; when full (broker or Redis down) the oldest go."""
+    score_report_flush_interval_s: float = ReportSettings.flush_interval_s
+    """Longest wait before served scores go to the score stream and ScoreServed events."""
+    score_report_flush_size: int = ReportSettings.flush_size
+    """Served scores that trigger a flush at once; the most per ScoreServed event."""
+    batch_scoring_chunk_rows: int = DEFAULT_CHUNK_ROWS
+    """Rows transformed and predicted at a time by offline batch scoring."""
+
+
+@dataclass(frozen=True)
+class BatchScoring:
+    """What offline batch scoring reads and writes: models, raw batches, feature sets."""
+
+    registry: ModelRegistry
+    models: ModelStore
+    pipelines: ModelStore
+    raw: RawBatchStore
+    offline: OfflineFeatureStore
+    scores: BatchScoreStore
+    datasets: Mapping[str, DatasetContract]
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+
+    def run(self, event: BatchScoringRequested) -> tuple[str, str, int]:
+        """Score the event's input; (version, uri, rows). A run already written is reused."""
+        version, model_id = self.resolve(event.model_version)
+        run_id = batch_run_id(model_id, event)
+        if not self.scores.exists(run_id):
+            model = self.load(version, model_id)
+            frame = self.score(model, event, run_id)
+            self.scores.write(run_id, frame)
+        return version, self.scores.uri(run_id), self.scores.rows(run_id)
+
+    def resolve(self, version: str | None) -> tuple[str, str]:
+        """(version, model id) of a version or alias; None means the champion."""
+        if version in (None, "champion"):
+            entry = self.registry.champion()
+            return entry.version, entry.model_id
+        if version == "previous":
+            entry = self.registry.previous()
+            return entry.version, entry.model_id
+        return version, self.registry.model_id_of(version)  # ModelNotFound names it
+
+    def load(self, version: str, model_id: str) -> BatchModel:
+        """The model and its fitted feature set, both signature-verified."""
+        metadata = self.models.metadata(model_id).metadata
+        fitted = self.pipelines.load(metadata["feature_set_id"])
+        names = list(metadata.get("features") or fitted.feature_names)
+        return BatchModel(version, self.models.load(model_id), fitted, names)
+
+    def score(self, model: BatchModel, event: BatchScoringRequested, run_id: str) -> pd.DataFrame:
+        """The scores of the event's feature set, or else of its raw batch."""
+        def progress(chunk: int, chunks: int, rows: int) -> None:
+            log.info("batch scoring run %s: chunk %d of %d done, %d rows (event %s, "
+                     "correlation %s)", run_id, chunk, chunks, rows, event.event_id,
+                     event.correlation_id)
+
+        if event.feature_set_id:
+            frame = self._feature_set(model, event.feature_set_id)
+            return score_features(model, frame, chunk_rows=self.chunk_rows, progress=progress)
+        assert event.batch_id is not None  # the event requires one of the two
+        frame = self._raw_batch(model, event.batch_id)
+        return score_raw(model, frame, chunk_rows=self.chunk_rows, progress=progress)
+
+    def _feature_set(self, model: BatchModel, feature_set_id: str) -> pd.DataFrame:
+        self.offline.metadata(feature_set_id)  # NotFound names it
+        if feature_set_id != model.feature_set_id:
+            raise InvalidInput(
+                f"model version {model.version} was trained on feature set "
+                f"{model.feature_set_id}, not {feature_set_id}: score a raw batch instead")
+        key = model.features.entity_key
+        return self.offline.read(feature_set_id, [*model.feature_names, *([key] if key else [])])
+
+    def _raw_batch(self, model: BatchModel, batch_id: str) -> pd.DataFrame:
+        batch = self.raw.manifest(batch_id)  # NotFound names it
+        spec = model.features.spec
+        if spec.join is not None or batch.dataset not in spec.inputs:
+            raise InvalidInput(
+                f"raw batch {batch_id} (dataset {batch.dataset}) is not the single input of "
+                f"model version {model.version}'s features (inputs {', '.join(spec.inputs)})")
+        return read_typed(self.raw.iter_frames(batch_id), self.datasets[batch.dataset],
+                          batch.source_uri)
+
+
+def batch_run_id(model_id: str, event: BatchScoringRequested) -> str:
+    """The run id of a request, from its content: the same request writes the same file."""
+    content = {"model_id": model_id, "feature_set_id": event.feature_set_id,
+               "batch_id": event.batch_id}
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+    return f"batch-{digest[:16]}"
 
 
 class ScoringService(Service):
-    """Serves scores over gRPC; swaps in each new champion on ModelReady."""
+    """Serves scores over gRPC; swaps in each new champion on ModelReady; scores batches."""
 
     name = "scoring"
+    prefetch = 1  # a batch run is long: the next event waits in the queue, not here
 
-    def __init__(self, core: ScoringCore, server: ScoringServer) -> None:
-        self.core, self.server = core, server
+    def __init__(
+        self, core: ScoringCore, server: ScoringServer, *,
+        reporter: ScoreReporter | None = None, batch: BatchScoring | None = None,
+    ) -> None:
+        self.core, self.server, self.reporter, self.batch = core, server, reporter, batch
 
     @handles(ModelReady)
     def on_model_ready(self, event: ModelReady) -> None:
@@ -57,27 +191,79 @@ class ScoringService(Service):
         log.info("serving chain %s after ModelReady %s (correlation %s)",
                  chain, event.event_id, event.correlation_id)
 
+    @handles(BatchScoringRequested, expected=(NotFound,))
+    def on_batch_scoring_requested(self, event: BatchScoringRequested) -> ScoringCompleted:
+        """Score a raw batch or a feature set offline; the scores go to the score store."""
+        if self.batch is None:
+            raise InvalidInput("this scoring service was built without batch scoring")
+        version, uri, rows = self.batch.run(event)
+        log.info("batch scores of version %s: %d rows at %s (event %s, correlation %s)",
+                 version, rows, uri, event.event_id, event.correlation_id)
+        return event.caused(ScoringCompleted, producer=self.name, model_version=version,
+                            uri=uri, rows=rows)
+
     def ready(self) -> bool:
         """Ready only with a model loaded and warmed up."""
         return self.core.ready
 
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        """conveyor_scoring_reports_dropped_total."""
+        if self.reporter is not None:
+            registry.register(ReportsDroppedCollector(self.reporter))
+
     def close(self) -> None:
-        """Stop the gRPC server, then the batchers."""
+        """Stop the gRPC server, flush the score reports, then stop the batchers."""
         self.server.stop()
+        if self.reporter is not None:
+            self.reporter.close()
         self.core.close()
 
 
+def fail_fast_redis(url: str, timeout_s: float) -> redis.Redis:
+    """A client whose calls fail within ``timeout_s`` when Redis is down or hung.
+
+    No retries inside redis-py (they would wait and try again within the request); the
+    pool reconnects on the next call, so the service recovers when Redis returns.
+    """
+    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                retry=Retry(NoBackoff(), 0))
+
+
 def build(settings: Settings) -> ScoringService:
-    """The scoring service, its chain loaded and its gRPC server started."""
+    """The scoring service, its chain loaded, its reporter and gRPC server started."""
     own = ScoringSettings()
     stores = Stores.from_settings(settings)
     config = load_pipeline_config(settings.pipeline_config)
+    registry = stores.registry(settings, config.name)
+    client = fail_fast_redis(settings.redis_url, own.scoring_redis_timeout_s)
+    reporter = _reporter(settings, own)
     core = ScoringCore(
-        stores.models, stores.feature_pipelines, stores.registry(settings, config.name),
-        stores.online, CoreSettings(deadline_s=own.scoring_deadline_s,
-                                    latency_budget_s=own.scoring_latency_budget_s),
+        stores.models, stores.feature_pipelines, registry,
+        RedisOnlineStore(client, settings.namespace, settings.online_ttl_s),
+        CoreSettings(deadline_s=own.scoring_deadline_s,
+                     latency_budget_s=own.scoring_latency_budget_s,
+                     chain_depth=own.scoring_chain_depth),
+        on_served=reporter.report,
     )
     core.load_chain()
+    batch = BatchScoring(registry, stores.models, stores.feature_pipelines, stores.raw,
+                         stores.offline, BatchScoreStore(settings.data_root), config.datasets,
+                         own.batch_scoring_chunk_rows)
     grpc_settings = GrpcSettings(port=own.grpc_port, threads=own.grpc_threads,
                                  max_concurrent_rpcs=own.grpc_max_concurrent_rpcs)
-    return ScoringService(core, ScoringServer(core, grpc_settings).start())
+    server = ScoringServer(core, grpc_settings).start()
+    return ScoringService(core, server, reporter=reporter.start(), batch=batch)
+
+
+def _reporter(settings: Settings, own: ScoringSettings) -> ScoreReporter:
+    """Served scores to the score stream and as ScoreServed events, on connections of
+    their own (off the request path: patient timeouts, a publisher of its own)."""
+    bus = RabbitMQBus(settings, name="scoring-reports")
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=REPORT_REDIS_TIMEOUT_S,
+                                  socket_connect_timeout=REPORT_REDIS_TIMEOUT_S)
+    stream = OnlineScoreStore(client, settings.namespace, settings.score_stream_maxlen)
+    report = ReportSettings(buffer_size=own.score_report_buffer_size,
+                            flush_interval_s=own.score_report_flush_interval_s,
+                            flush_size=own.score_report_flush_size)
+    return ScoreReporter([stream_sink(stream), event_sink(bus.publish_many)], report,
+                         on_close=bus.close)

@@ -15,6 +15,7 @@ scoring run under ``scores/<run_id>/`` in the data root. Example::
     batch = BatchScoreStore(settings.data_root)
     uri = batch.write("run-42", scores_frame)
     batch.read("run-42")
+    batch.rows("run-42"), batch.uri("run-42")
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 import pandas as pd
+import pyarrow.parquet as pq
 import redis
 
 from common.errors import InvalidInput, NotFound
@@ -108,6 +110,17 @@ class BatchScoreStore:
     def exists(self, run_id: str) -> bool:
         """Whether scores of this run are stored."""
         return self._root.exists(_scores(check_id("run id", run_id)))
+
+    def rows(self, run_id: str) -> int:
+        """How many rows a run's scores hold (from the Parquet footer), or ``NotFound``."""
+        if not self.exists(run_id):
+            raise NotFound("batch scores of run", run_id)
+        with self._root.open(_scores(run_id)) as handle:
+            return int(pq.ParquetFile(handle).metadata.num_rows)
+
+    def uri(self, run_id: str) -> str:
+        """The URL of a run's scores file (whether written yet or not)."""
+        return self._root.uri(_scores(check_id("run id", run_id)))
 
 
 def _scores(run_id: str) -> str:

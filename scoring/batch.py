@@ -1,0 +1,140 @@
+"""Offline batch scoring: a model version over a raw batch or a feature set, in chunks. Pure.
+
+A raw batch goes through the model's own fitted feature set (its offline transform, row
+filters and entity aggregates included, each row's aggregates from the entity's earlier
+rows of the batch), then predict; a feature set that is the model's own is predicted
+directly. Rows are processed ``chunk_rows`` at a time so memory stays bounded by a chunk's
+features; a raw batch is cut into chunks by entity, so every entity's rows are transformed
+together and the aggregates are exactly those of one pass over the whole batch.
+
+The result has one row per scored row: ``row_id`` (the input row's index), ``entity_id``,
+``score`` (the last class's probability), ``label``, ``probability_<class>`` per class and
+``model_version``. Example::
+
+    model = BatchModel("v3", estimator, fitted, list(fitted.feature_names))
+    scores = score_raw(model, typed_raw_frame, chunk_rows=50_000)
+    scores = score_features(model, feature_set_frame)         # already transformed
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from common.errors import InvalidInput
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_ROWS = 50_000
+Progress = Callable[[int, int, int], None]
+"""Called after each chunk with (chunk number from 1, chunks, rows scored so far)."""
+
+
+@dataclass(frozen=True)
+class BatchModel:
+    """A model version with its fitted feature set and the feature names it was trained on."""
+
+    version: str
+    estimator: Any
+    features: Any  # preparation.FittedFeatureSet
+    feature_names: Sequence[str]
+
+    @property
+    def feature_set_id(self) -> str:
+        """The id of the feature set the model was trained on."""
+        return str(self.features.feature_set_id)
+
+
+def score_raw(
+    model: BatchModel, frame: pd.DataFrame, *, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    progress: Progress | None = None,
+) -> pd.DataFrame:
+    """Score raw rows: the model's offline transform, then predict, chunk by chunk."""
+    fitted = model.features
+    chunks = entity_chunks(frame, fitted.entity_key, chunk_rows)
+    return _score_chunks(model, (fitted.transform(chunk) for chunk in chunks),
+                         _count(frame, chunk_rows), progress)
+
+
+def score_features(
+    model: BatchModel, frame: pd.DataFrame, *, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    progress: Progress | None = None,
+) -> pd.DataFrame:
+    """Score rows of the model's own feature set (already transformed), chunk by chunk."""
+    missing = [name for name in model.feature_names if name not in frame.columns]
+    if missing:
+        raise InvalidInput(f"the feature set lacks features of model version {model.version}: "
+                           f"{', '.join(missing)}")
+    chunks = (frame.iloc[start:start + chunk_rows] for start in range(0, len(frame), chunk_rows))
+    return _score_chunks(model, chunks, _count(frame, chunk_rows), progress)
+
+
+def entity_chunks(
+    frame: pd.DataFrame, entity_key: str | None, chunk_rows: int
+) -> Iterator[pd.DataFrame]:
+    """About ``chunk_rows`` rows at a time, every entity's rows in one chunk, in row order.
+
+    Without an entity key the rows are cut in order.
+    """
+    if chunk_rows < 1:
+        raise InvalidInput(f"chunk_rows must be at least 1, got {chunk_rows}")
+    parts = _count(frame, chunk_rows)
+    if entity_key is None:
+        for start in range(0, len(frame), chunk_rows):
+            yield frame.iloc[start:start + chunk_rows]
+        return
+    if entity_key not in frame.columns:
+        raise InvalidInput(f"the rows have no entity key column '{entity_key}'")
+    codes, _ = pd.factorize(frame[entity_key], use_na_sentinel=False)
+    bucket = codes % parts
+    for part in range(parts):
+        yield frame[bucket == part]
+
+
+def _count(frame: pd.DataFrame, chunk_rows: int) -> int:
+    return max(1, math.ceil(len(frame) / chunk_rows))
+
+
+def _score_chunks(
+    model: BatchModel, chunks: Iterator[pd.DataFrame], count: int, progress: Progress | None
+) -> pd.DataFrame:
+    scored: list[pd.DataFrame] = []
+    rows = 0
+    for number, chunk in enumerate(chunks, start=1):
+        scored.append(_predict(model, chunk))
+        rows += len(chunk)
+        if progress is not None:
+            progress(number, count, rows)
+    out = pd.concat(scored) if scored else _predict(model, pd.DataFrame())
+    return out.sort_values("row_id", kind="stable").reset_index(drop=True)
+
+
+def _predict(model: BatchModel, transformed: pd.DataFrame) -> pd.DataFrame:
+    """The scores of transformed rows (features and carried columns), in their order."""
+    names = list(model.feature_names)
+    classes = [str(c) for c in model.estimator.classes_]
+    if transformed.empty:
+        proba = np.empty((0, len(classes)))
+    else:
+        X = transformed[names].to_numpy(dtype=np.float64)  # as online: float64 rows
+        proba = model.estimator.predict_proba(pd.DataFrame(X, columns=names))
+    key = model.features.entity_key
+    entity = transformed[key].astype("string") if key and key in transformed.columns else None
+    out = pd.DataFrame({
+        "row_id": transformed.index.to_numpy(dtype=np.int64),
+        "entity_id": pd.array([None] * len(transformed), dtype="string")
+        if entity is None else entity.to_numpy(),
+        "score": proba[:, -1] if len(classes) else np.empty(0),
+        "label": pd.array([classes[i] for i in np.argmax(proba, axis=1)], dtype="string")
+        if len(transformed) else pd.array([], dtype="string"),
+    })
+    for index, label in enumerate(classes):
+        out[f"probability_{label}"] = proba[:, index]
+    out["model_version"] = model.version
+    return out

@@ -1,0 +1,290 @@
+"""Served scores reported off the request path: to the score stream and as ScoreServed events.
+
+The request path calls ``report(query, result)``: one append to a bounded buffer under a
+lock, no I/O, never a wait. A background thread wakes every ``flush_interval_s``, or as
+soon as ``flush_size`` scores wait, turns them into ``ServedScore`` and hands them to each
+sink in batches of at most ``flush_size``: the Redis score stream (one round trip per
+batch) and the bus (one ``ScoreServed`` event per batch).
+
+Each sink has its own bounded outbox, so a slow or unreachable Redis never holds the
+events back, nor the broker the stream. A batch a sink refuses stays at the front of its
+outbox and is tried again on the next cycle; the error is logged, never raised. When a
+buffer or an outbox is full the oldest reports are dropped and counted (``dropped``,
+exported as ``conveyor_scoring_reports_dropped_total``), with a rate-limited warning.
+A ScoreServed event's id is derived from its scores, so a batch sent again after an
+unconfirmed publish carries the same id and monitoring deduplicates it. Example::
+
+    reporter = ScoreReporter([stream_sink(online_scores), event_sink(bus.publish_many)])
+    core = ScoringCore(..., on_served=reporter.report)
+    reporter.start()
+    ...
+    reporter.close()                     # flushes what is left
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from common.events import Event, ScoreServed, ServedScore
+from common.stores import OnlineScoreStore
+from scoring.core import ScoreQuery, ScoreResult
+
+logger = logging.getLogger(__name__)
+
+Sink = Callable[[list[ServedScore]], object]
+"""Takes one batch of scores, or raises; the batch is then offered again later."""
+EVENT_IDS = uuid.UUID("5c0e5e2d-7f0a-4a8e-9a57-3d3c8c1a2b61")
+"""uuid5 namespace of ScoreServed event ids."""
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    """Buffer bound and flush rhythm of the reporter."""
+
+    buffer_size: int = 10_000
+    """Reports held per buffer (the intake and each sink's outbox); beyond, the oldest go."""
+    flush_interval_s: float = 0.5
+    """Longest time a report waits before it is handed to the sinks."""
+    flush_size: int = 500
+    """Reports that trigger a flush at once; also the most per stream write and event."""
+    warn_every_s: float = 10.0
+    """Shortest time between two warnings about drops or failing sinks."""
+
+    def __post_init__(self) -> None:
+        if self.buffer_size < 1 or self.flush_size < 1 or self.flush_interval_s <= 0:
+            raise ValueError(f"need buffer_size >= 1, flush_size >= 1 and "
+                             f"flush_interval_s > 0, got {self}")
+
+
+@dataclass(frozen=True)
+class NamedSink:
+    """A sink and the name its warnings give it."""
+
+    name: str
+    deliver: Sink
+
+
+def stream_sink(store: OnlineScoreStore) -> NamedSink:
+    """Scores appended to the Redis score stream, one round trip per batch."""
+    return NamedSink("score stream", store.append_many)
+
+
+def event_sink(
+    publish_many: Callable[[Sequence[Event]], None], producer: str = "scoring"
+) -> NamedSink:
+    """Scores published as one ScoreServed event per batch (confirmed by the broker)."""
+
+    def publish(scores: list[ServedScore]) -> None:
+        publish_many([served_event(scores, producer)])
+
+    return NamedSink("ScoreServed events", publish)
+
+
+def served_event(scores: list[ServedScore], producer: str = "scoring") -> ScoreServed:
+    """The ScoreServed event of a batch; its id derives from the scores (same batch, same id)."""
+    digest = hashlib.sha256()
+    for score in scores:
+        digest.update(f"{score.request_id}|{score.served_at.isoformat()}\n".encode())
+    event_id = uuid.uuid5(EVENT_IDS, digest.hexdigest())
+    return ScoreServed(event_id=event_id, producer=producer, scores=scores)
+
+
+def served_score(query: ScoreQuery, result: ScoreResult, served_at: float) -> ServedScore:
+    """The report of one answer (``served_at`` in seconds since the epoch)."""
+    return ServedScore(
+        request_id=result.request_id, entity_id=query.entity_id, model_version=result.version,
+        score=result.score, label=result.label, fallback=result.fallback,
+        fallback_reason=result.fallback_reason, latency_ms=result.latency_ms,
+        served_at=datetime.fromtimestamp(served_at, UTC), features=dict(result.features),
+    )
+
+
+class _Warnings:
+    """At most one warning per ``every_s`` for each topic; what came between is summed."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+
+    def due(self, topic: str) -> bool:
+        now = time.monotonic()
+        if now - self._last.get(topic, -self.every_s) < self.every_s:
+            return False
+        self._last[topic] = now
+        return True
+
+
+class _Outbox:
+    """One sink's undelivered scores: bounded (the oldest dropped), delivered in order."""
+
+    def __init__(self, sink: NamedSink, settings: ReportSettings) -> None:
+        self.sink, self.settings = sink, settings
+        self._queue: deque[ServedScore] = deque()
+        self.dropped = 0
+        self.last_error: BaseException | None = None
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def add(self, scores: Sequence[ServedScore]) -> None:
+        self._queue.extend(scores)
+        overflow = len(self._queue) - self.settings.buffer_size
+        for _ in range(max(0, overflow)):
+            self._queue.popleft()
+        self.dropped += max(0, overflow)
+
+    def discard(self) -> None:
+        """Drop (and count) everything waiting."""
+        self.dropped += len(self._queue)
+        self._queue.clear()
+
+    def deliver(self) -> bool:
+        """Send every waiting score in batches; stop at the first refusal (kept for later)."""
+        for batch in self._batches():
+            try:
+                self.sink.deliver(batch)
+            except Exception as exc:  # a down sink must never disturb scoring
+                self.last_error = exc
+                return False
+            for _ in batch:
+                self._queue.popleft()
+        self.last_error = None
+        return True
+
+    def _batches(self) -> Iterator[list[ServedScore]]:
+        while self._queue:
+            size = min(self.settings.flush_size, len(self._queue))
+            yield [self._queue[i] for i in range(size)]
+
+
+class ScoreReporter:
+    """A bounded buffer of answers and the thread that hands them to the sinks."""
+
+    def __init__(
+        self, sinks: Sequence[NamedSink], settings: ReportSettings | None = None, *,
+        on_close: Callable[[], object] | None = None,
+    ) -> None:
+        self.settings = settings or ReportSettings()
+        self._on_close = on_close
+        self._outboxes = [_Outbox(sink, self.settings) for sink in sinks]
+        self._intake: deque[tuple[ScoreQuery, ScoreResult, float]] = deque()
+        self._lock = threading.Lock()  # guards the intake; held for O(1) only
+        self._flush_lock = threading.Lock()  # one flush at a time (thread, close, tests)
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._intake_dropped = 0
+        self._warned_drops = 0
+        self._warnings = _Warnings(self.settings.warn_every_s)
+        self._thread = threading.Thread(target=self._run, name="score-reporter", daemon=True)
+
+    # -- request path ----------------------------------------------------------------------
+
+    def report(self, query: ScoreQuery, result: ScoreResult) -> None:
+        """Queue one answer for reporting: O(1), no I/O; drops the oldest when full."""
+        with self._lock:
+            if len(self._intake) >= self.settings.buffer_size:
+                self._intake.popleft()
+                self._intake_dropped += 1
+            self._intake.append((query, result, time.time()))
+            waiting = len(self._intake)
+        if waiting == self.settings.flush_size:
+            self._wake.set()
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    def start(self) -> ScoreReporter:
+        """Start the flushing thread."""
+        self._thread.start()
+        return self
+
+    def close(self, timeout_s: float = 35.0) -> None:
+        """Flush what is left and stop the thread; what no sink took by then is dropped."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+        else:
+            self.flush()
+        with self._flush_lock:
+            for outbox in self._outboxes:
+                if len(outbox):
+                    logger.warning("closing: %d score reports to %s are lost (%s)",
+                                   len(outbox), outbox.sink.name, outbox.last_error)
+                    outbox.discard()
+        if self._on_close is not None:
+            self._on_close()
+
+    @property
+    def dropped(self) -> int:
+        """Reports dropped so far (buffers full, or lost at close), over every sink."""
+        with self._lock:
+            intake = self._intake_dropped
+        return intake + sum(outbox.dropped for outbox in self._outboxes)
+
+    @property
+    def pending(self) -> int:
+        """Reports waiting: in the intake, and in the fullest sink outbox."""
+        with self._lock:
+            intake = len(self._intake)
+        return intake + max((len(outbox) for outbox in self._outboxes), default=0)
+
+    def flush(self) -> bool:
+        """Hand every waiting report to every sink now; True when all of them took all."""
+        with self._flush_lock:
+            with self._lock:
+                taken, self._intake = self._intake, deque()
+            scores = [served_score(query, result, at) for query, result, at in taken]
+            delivered = True
+            for outbox in self._outboxes:
+                outbox.add(scores)
+                delivered = outbox.deliver() and delivered
+            self._warn()
+            return delivered
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.settings.flush_interval_s)
+            self._wake.clear()
+            self._flush_logged()
+        self._flush_logged()  # what is left at close
+
+    def _flush_logged(self) -> None:
+        try:
+            self.flush()
+        except Exception:  # a bug here must not kill the thread: the next cycle tries again
+            logger.exception("flushing score reports failed")
+
+    def _warn(self) -> None:
+        for outbox in self._outboxes:
+            if outbox.last_error is not None and self._warnings.due(outbox.sink.name):
+                logger.warning("score reports to %s failed (%d waiting, retried): %s",
+                               outbox.sink.name, len(outbox), outbox.last_error)
+        dropped = self.dropped
+        if dropped > self._warned_drops and self._warnings.due("dropped"):
+            logger.warning("%d score reports dropped since the last warning (%d in all): "
+                           "a sink is slow or down", dropped - self._warned_drops, dropped)
+            self._warned_drops = dropped
+
+
+class ReportsDroppedCollector(Collector):
+    """``conveyor_scoring_reports_dropped_total``, read from a reporter at scrape time."""
+
+    def __init__(self, reporter: ScoreReporter) -> None:
+        self.reporter = reporter
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "conveyor_scoring_reports_dropped",
+            "ScoreServed reports dropped (a buffer full, or lost at shutdown)",
+            value=self.reporter.dropped,
+        )

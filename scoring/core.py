@@ -37,13 +37,20 @@ import numpy as np
 import pandas as pd
 import redis
 
-from common.errors import ConveyorError, NotFound, Status
+from common.errors import ConveyorError, InvalidInput, ModelNotFound, NotFound, Status
 from common.events import ModelReady
 from common.stores import ModelRegistry, ModelStore, OnlineFeatureStore
 from scoring.batching import AdaptiveBatchSize, MicroBatcher
 from scoring.inputs import FieldValue, InputSchema
 from scoring.latency import CircuitBreaker
-from scoring.router import DeployedModel, ModelHealth, ModelRouter, answer
+from scoring.router import (
+    DeployedModel,
+    FallbackKind,
+    ModelHealth,
+    ModelRouter,
+    NoModelDeployed,
+    answer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +121,25 @@ class ScoreResult:
     degraded: bool = False
     features: Mapping[str, float] = field(default_factory=dict)
     """The model's input row (its feature set's transform), by feature name."""
+    fallback_kind: FallbackKind | None = None
+    """Why a fallback answered, as a fixed label (metrics)."""
+    role: str = ""
+    """The answering link: champion, previous, older, canary or named."""
+
+
+@dataclass(frozen=True)
+class InferResult:
+    """The answer to one ``infer`` call: class probabilities of every row."""
+
+    probabilities: np.ndarray
+    """rows x classes, in the order of ``classes``."""
+    classes: list[str]
+    version: str
+    fallback: bool
+    fallback_reason: str | None
+    fallback_kind: FallbackKind | None
+    role: str
+    latency_ms: float
 
 
 @dataclass(frozen=True)
@@ -137,6 +163,8 @@ class LoadedModel:
     feature_names: list[str]
     schema: InputSchema
     batcher: MicroBatcher[np.ndarray, np.ndarray] = field(init=False)
+    on_batch: Callable[[int], None] | None = None
+    """Told the rows of each predict call (its batcher's and the direct ones)."""
 
     @property
     def feature_set_id(self) -> str:
@@ -167,6 +195,24 @@ class LoadedModel:
         row = self.features_of(request)
         return row, self.batcher.submit(row, deadline=request.deadline).result()
 
+    def predict_matrix(self, matrix: np.ndarray, deadline: float | None) -> np.ndarray:
+        """Probabilities of a feature matrix (rows x this model's features): a few rows
+        through the micro-batcher (batched with other requests), many in one call."""
+        if matrix.ndim != 2 or matrix.shape[1] != len(self.feature_names):
+            raise InvalidInput(f"model {self.model_id} version {self.version} takes "
+                               f"{len(self.feature_names)} features, got shape {matrix.shape}")
+        if len(matrix) >= self.batcher.batch_size.maximum:
+            if self.on_batch is not None:
+                self.on_batch(len(matrix))
+            return np.asarray(self.predict_batch(list(matrix)))
+        futures = [self.batcher.submit(row, deadline=deadline) for row in matrix]
+        return np.vstack([future.result() for future in futures])
+
+    def predict_records(self, records: list[dict[str, Any]], deadline: float | None) -> np.ndarray:
+        """Probabilities of raw rows, each transformed by this model's own feature set."""
+        out = self.features.transform_online(records)
+        return self.predict_matrix(out[self.feature_names].to_numpy(dtype=np.float64), deadline)
+
     def warm_up(self, calls: int) -> None:
         """Predict a few zero rows through the batcher, so the first request is not slow."""
         zeros = np.zeros(len(self.feature_names), dtype=np.float64)
@@ -186,6 +232,7 @@ class ScoringCore:
         settings: CoreSettings | None = None,
         *,
         on_served: Callable[[ScoreQuery, ScoreResult], None] | None = None,
+        on_batch: Callable[[str, int], None] | None = None,
     ) -> None:
         self.models, self.pipelines, self.registry, self.online = (
             models, pipelines, registry, online)
@@ -194,6 +241,8 @@ class ScoringCore:
         self._loaded: dict[str, LoadedModel] = {}
         self._executor = ThreadPoolExecutor(self.settings.workers, thread_name_prefix="link")
         self.on_served = on_served
+        self.on_batch = on_batch
+        """Called with (version, rows) after each predict call of a model (metrics)."""
         self._in_flight = InFlight()
 
     @property
@@ -220,7 +269,20 @@ class ScoringCore:
         are retired once those requests have finished.
         """
         self.deploy(event.version, event.model_id)
+        self.router.restore(event.version)  # promoted again: no longer demoted
         return self.load_chain()
+
+    def demote(self, version: str, reason: str) -> list[str]:
+        """Revert a degraded version: the registry puts the previous champion back (so a
+        restart keeps it) and the router stops asking the version first, so the next link
+        answers, marked fallback, until the next chain. Returns the serving chain."""
+        try:
+            self.registry.revert(version, reason=reason)
+        except ModelNotFound:
+            logger.warning("cannot revert %s in the registry: no previous version", version)
+        if version in self.router.versions():
+            self.router.demote(version, reason)
+        return [link.version for link in self.router.chain()]
 
     def deploy(self, version: str, model_id: str) -> LoadedModel:
         """Load a version (signatures verified), warm it up and make it routable."""
@@ -260,6 +322,40 @@ class ScoringCore:
         loaded.batcher.close(drain=True)
         logger.info("retired model %s version %s", loaded.model_id, version)
 
+    def infer(
+        self, rows: np.ndarray | list[dict[str, Any]], version: str | None = None,
+        deadline_s: float | None = None,
+    ) -> InferResult:
+        """Predict rows without reading Redis (the Open Inference Protocol's ModelInfer):
+        a feature matrix (rows x the model's features) as it is, or raw records through
+        the answering model's own ``transform_online``. Routed and answered like ``score``.
+        """
+        began = time.perf_counter()
+        deadline_s = self.settings.deadline_s if deadline_s is None else deadline_s
+        deadline = time.monotonic() + deadline_s
+        with self._in_flight.request():
+            decision = self.router.route(version)
+            models = self._loaded  # read after routing: holds every version it can pick
+
+            def call(link: DeployedModel) -> np.ndarray:
+                model = models[link.version]
+                if isinstance(rows, np.ndarray):
+                    return model.predict_matrix(rows, deadline)
+                return model.predict_records(rows, deadline)
+
+            reply = answer(decision, call, deadline_s, executor=self._executor)
+        return InferResult(reply.value, models[reply.version].classes, reply.version,
+                           reply.fallback, reply.fallback_reason, reply.fallback_kind,
+                           reply.role, (time.perf_counter() - began) * 1e3)
+
+    def loaded(self, version: str | None = None) -> LoadedModel:
+        """A deployed version (or alias), else the champion: its schema, features, classes."""
+        chain = self.router.chain()
+        if version is None and not chain:
+            raise NoModelDeployed(self.router.name)
+        chosen = chain[0] if version is None else self.router.get(version)
+        return self._loaded[chosen.version]
+
     def health(self) -> list[ModelHealth]:
         """Every deployed version with its alias, circuit and recent latency."""
         return self.router.health()
@@ -275,15 +371,21 @@ class ScoringCore:
         estimator = self.models.load(model_id)
         fitted = self.pipelines.load(metadata["feature_set_id"])
         names = list(metadata.get("features") or fitted.feature_names)
-        loaded = LoadedModel(version, model_id, estimator, fitted, names, InputSchema.of(fitted))
+        loaded = LoadedModel(version, model_id, estimator, fitted, names, InputSchema.of(fitted),
+                             on_batch=self._batch_observer(version))
         loaded.batcher = MicroBatcher(
             f"{self.registry.name}:{version}", loaded.predict_batch,
             max_queue=self.settings.max_queue,
             batch_size=AdaptiveBatchSize(self.settings.latency_budget_s,
                                          maximum=self.settings.max_batch),
             max_wait_s=self.settings.max_wait_s,
+            on_batch=loaded.on_batch,
         )
         return loaded
+
+    def _batch_observer(self, version: str) -> Callable[[int], None] | None:
+        on_batch = self.on_batch
+        return None if on_batch is None else lambda rows: on_batch(version, rows)
 
     def _retire_all_but(self, versions: Sequence[str]) -> None:
         for version in [v for v in self._loaded if v not in versions]:
@@ -386,7 +488,7 @@ def _result(
     return ScoreResult(
         score=float(proba[-1]), label=classes[int(np.argmax(proba))],
         probabilities=probabilities, version=reply.version, fallback=reply.fallback,
-        fallback_reason=reply.fallback_reason,
+        fallback_reason=reply.fallback_reason, fallback_kind=reply.fallback_kind, role=reply.role,
         latency_ms=(time.perf_counter() - began) * 1e3,
         request_id=query.request_id or uuid.uuid4().hex, degraded=degraded,
         features=dict(zip(model.feature_names, row.tolist(), strict=True)),

@@ -1,9 +1,13 @@
-"""The gRPC edge of scoring: a thin servicer over ``ScoringCore``, health and reflection.
+"""The gRPC edge of scoring: thin servicers over ``ScoringCore``, health and reflection.
 
-The servicer only converts messages; ``grpc_errors`` is the one table that maps
-``common.errors.Status`` to ``grpc.StatusCode``. Overload is bounded twice: the thread
-pool and ``maximum_concurrent_rpcs`` (gRPC answers RESOURCE_EXHAUSTED beyond it), and the
-micro-batchers' queues. Example::
+One server carries ``conveyor.scoring.v1.Scoring``, the Open Inference Protocol's
+``inference.GRPCInferenceService`` (scoring/v2.py), the standard health service and
+reflection. The servicers only convert messages; ``grpc_errors`` is the one table that
+maps ``common.errors.Status`` to ``grpc.StatusCode``. Overload is bounded twice: the
+thread pool and ``maximum_concurrent_rpcs`` (gRPC answers RESOURCE_EXHAUSTED beyond it),
+and the micro-batchers' queues. ``metrics`` (scoring/metrics.py) are recorded by an
+interceptor and the servicers; ``security`` (scoring/security.py) adds TLS and bearer
+tokens. Example::
 
     server = ScoringServer(core, GrpcSettings(port=0)).start()
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
@@ -29,7 +33,9 @@ from protos.conveyor.scoring.v1 import scoring_pb2 as pb
 from protos.conveyor.scoring.v1 import scoring_pb2_grpc as pb_grpc
 from scoring.core import ScoreQuery, ScoreResult, ScoringCore
 from scoring.inputs import FieldValue
+from scoring.metrics import MetricsInterceptor, ScoringMetrics
 from scoring.router import ModelHealth
+from scoring.security import ServerSecurity
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +86,13 @@ class GrpcSettings:
 class ScoringServicer(pb_grpc.ScoringServicer):
     """conveyor.scoring.v1.Scoring: converts messages and calls the core."""
 
-    def __init__(self, core: ScoringCore) -> None:
-        self.core = core
+    def __init__(self, core: ScoringCore, metrics: ScoringMetrics | None = None) -> None:
+        self.core, self.metrics = core, metrics or ScoringMetrics()
 
     @grpc_errors
     def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
-        result = self.core.score(to_query(request), _deadline(self.core, context))
+        result = self.core.score(to_query(request), remaining_deadline(self.core, context))
+        self.metrics.observe_score(result)
         return to_response(result)
 
     @grpc_errors
@@ -93,7 +100,9 @@ class ScoringServicer(pb_grpc.ScoringServicer):
         self, request: pb.ScoreBatchRequest, context: grpc.ServicerContext
     ) -> pb.ScoreBatchResponse:
         queries = [to_query(row) for row in request.rows]
-        results = self.core.score_many(queries, _deadline(self.core, context))
+        results = self.core.score_many(queries, remaining_deadline(self.core, context))
+        for result in results:
+            self.metrics.observe_score(result)
         return pb.ScoreBatchResponse(responses=[to_response(r) for r in results])
 
     @grpc_errors
@@ -146,17 +155,36 @@ def field_value(value: FieldValue) -> pb.FieldValue:
 
 
 class ScoringServer:
-    """The gRPC server: scoring, health (SERVING once a model is ready) and reflection."""
+    """The gRPC server: scoring, the inference protocol, health (SERVING once a model is
+    ready) and reflection; TLS and bearer tokens when ``security`` says so."""
 
-    def __init__(self, core: ScoringCore, settings: GrpcSettings | None = None) -> None:
+    def __init__(
+        self, core: ScoringCore, settings: GrpcSettings | None = None, *,
+        metrics: ScoringMetrics | None = None, security: ServerSecurity | None = None,
+    ) -> None:
+        from scoring import v2  # v2 uses this module's error table
+
         self.core, self.settings = core, settings or GrpcSettings()
+        self.metrics, self.security = metrics or ScoringMetrics(), security or ServerSecurity()
         self.health = health.HealthServicer()
-        self._server = _grpc_server(self.settings)
-        pb_grpc.add_ScoringServicer_to_server(ScoringServicer(core), self._server)
+        self.services = (SERVICE_NAME, v2.SERVICE_NAME)
+        interceptors = [MetricsInterceptor(self.metrics, self.services),
+                        *self.security.interceptors()]
+        self._server = _grpc_server(self.settings, interceptors)
+        pb_grpc.add_ScoringServicer_to_server(ScoringServicer(core, self.metrics), self._server)
+        v2.pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            v2.InferenceServicer(core, self.metrics), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        names = (*self.services, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self._server)
-        self.port = self._server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        self.port = self._listen()
+
+    def _listen(self) -> int:
+        address = f"{self.settings.host}:{self.settings.port}"
+        credentials = self.security.credentials()
+        if credentials is None:
+            return self._server.add_insecure_port(address)
+        return self._server.add_secure_port(address, credentials)
 
     def start(self) -> ScoringServer:
         """Start serving; health follows the core's readiness."""
@@ -168,8 +196,9 @@ class ScoringServer:
         """SERVING when at least one model is loaded and warmed up, else NOT_SERVING."""
         serving = health_pb2.HealthCheckResponse.SERVING
         status = serving if self.core.ready else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", SERVICE_NAME):
+        for name in ("", *self.services):
             self.health.set(name, status)
+        self.metrics.known_versions((m.version, m.alias) for m in self.core.health())
 
     def stop(self, grace_s: float = 2.0) -> None:
         """Stop taking calls; calls in flight get ``grace_s`` to finish."""
@@ -177,13 +206,15 @@ class ScoringServer:
         self._server.stop(grace_s).wait()
 
 
-def _grpc_server(settings: GrpcSettings) -> grpc.Server:
+def _grpc_server(settings: GrpcSettings, interceptors: list[grpc.ServerInterceptor]
+                 ) -> grpc.Server:
     size = settings.max_message_bytes
     options = [("grpc.max_receive_message_length", size),
                ("grpc.max_send_message_length", size)]
     return grpc.server(
         ThreadPoolExecutor(settings.threads, thread_name_prefix="grpc"),
-        options=options, maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        interceptors=interceptors, options=options,
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
 
 
@@ -195,7 +226,7 @@ def _value(name: str, value: pb.FieldValue) -> FieldValue:
     return result
 
 
-def _deadline(core: ScoringCore, context: grpc.ServicerContext) -> float:
+def remaining_deadline(core: ScoringCore, context: grpc.ServicerContext) -> float:
     """The core's deadline, shortened to what the client has left (if it set one)."""
     remaining = context.time_remaining()
     default = core.settings.deadline_s

@@ -19,6 +19,7 @@ SERVICES: dict[str, str] = {
     "training": "training.service:build",
     "evaluation": "evaluation.service:build",
     "scoring": "scoring.service:build",
+    "monitoring": "monitoring.service:build",
 }
 
 

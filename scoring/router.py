@@ -8,9 +8,11 @@ recent latency; ``route`` skips links whose circuit is open, sends a configured 
 requests to a canary and a copy to a shadow. ``answer`` runs the chosen link and, if it
 raises or passes its share of the deadline, asks the next one: better wrong than late.
 
-Every change (``deploy``, ``retire``, ``set_chain``, ``promote``, ``configure``) builds a
-new immutable routing state and swaps one reference, so a request keeps the models it
-picked even while a new champion is put in front (hot swap). Example::
+Every change (``deploy``, ``retire``, ``set_chain``, ``promote``, ``configure``,
+``demote``) builds a new immutable routing state and swaps one reference, so a request
+keeps the models it picked even while a new champion is put in front (hot swap). A
+demoted version (monitoring found it degraded) is skipped like an open circuit that never
+probes, so the next link answers and says it is a fallback. Example::
 
     router = ModelRouter("fraud")
     router.deploy(DeployedModel("v2", "m-1a", old.predict_proba, CircuitBreaker(0.005)))
@@ -167,6 +169,8 @@ class _RoutingState:
     models: Mapping[str, DeployedModel]
     chain: tuple[DeployedModel, ...]
     config: RouterConfig
+    demoted: Mapping[str, str] = field(default_factory=dict)
+    """Versions monitoring found degraded, and why: never asked first."""
 
 
 class ModelRouter:
@@ -230,6 +234,21 @@ class ModelRouter:
         chain = [version, *(m.version for m in self._state.chain if m.version != version)]
         self.set_chain(chain)
 
+    def demote(self, version: str, reason: str) -> None:
+        """Stop asking a degraded version first: the chain skips it like an open circuit
+        that never probes (every answer is a fallback saying why) until ``restore``."""
+        _deployed(self._state, self.name, version)
+        self._change(lambda state: replace(state, demoted={**state.demoted, version: reason}))
+
+    def restore(self, version: str) -> None:
+        """Ask a demoted version again (a new promotion of it, say)."""
+        self._change(lambda state: replace(
+            state, demoted={v: r for v, r in state.demoted.items() if v != version}))
+
+    def demoted(self) -> dict[str, str]:
+        """The demoted versions and why."""
+        return dict(self._state.demoted)
+
     def configure(self, config: RouterConfig) -> None:
         """Change canary and shadow; the versions it names must be deployed."""
         self._change(lambda state: _configured(state, self.name, config))
@@ -257,11 +276,11 @@ class ModelRouter:
         canary = state.models.get(config.canary_version or "")
         if canary is None or not _in_share(request_key, config.canary_share, self._rng):
             return None
-        if not canary.breaker.allow():
+        if canary.version in state.demoted or not canary.breaker.allow():
             return None
         rest = [link for link in state.chain if link is not canary]
         reason = f"canary {canary.version} (share {config.canary_share:g})"
-        return RouteDecision(canary, _fallback_order(rest), reason=reason)
+        return RouteDecision(canary, _fallback_order(rest, state.demoted), reason=reason)
 
     def _change(self, change: Callable[[_RoutingState], _RoutingState]) -> None:
         with self._write_lock:
@@ -352,7 +371,8 @@ def _without_model(state: _RoutingState, name: str, version: str) -> _RoutingSta
     if version in (config.canary_version, config.shadow_version):
         logger.info("retiring %s also ends its canary or shadow traffic", version)
         config = _config_without(config, version)
-    return _RoutingState(models, chain, config)
+    demoted = {v: r for v, r in state.demoted.items() if v != version}
+    return _RoutingState(models, chain, config, demoted)
 
 
 def _config_without(config: RouterConfig, version: str) -> RouterConfig:
@@ -375,18 +395,28 @@ def _walk_chain(state: _RoutingState, name: str) -> RouteDecision:
         raise NoModelDeployed(name)
     skipped: list[str] = []
     for index, link in enumerate(state.chain):
-        if link.breaker.allow():
-            rest = _fallback_order(state.chain[index + 1 :])
+        if link.version in state.demoted:
+            skipped.append(f"{_alias(index)} {link.version} skipped: demoted "
+                           f"({state.demoted[link.version]})")
+        elif link.breaker.allow():
+            rest = _fallback_order(state.chain[index + 1 :], state.demoted)
             reason = "; ".join([*skipped, f"{_alias(index)} {link.version}"])
             return RouteDecision(link, rest, reason=reason, fallback=index > 0)
-        skipped.append(f"{_alias(index)} {link.version} skipped: circuit {link.breaker.describe()}")
+        else:
+            skipped.append(
+                f"{_alias(index)} {link.version} skipped: circuit {link.breaker.describe()}")
     reason = "; ".join([*skipped, "every circuit is open: asking the chain in order"])
     return RouteDecision(state.chain[0], list(state.chain[1:]), reason=reason)
 
 
-def _fallback_order(links: Iterable[DeployedModel]) -> list[DeployedModel]:
-    """Healthy links first, in chain order; the others last, as a last resort."""
-    return sorted(links, key=lambda link: link.breaker.state is not CircuitState.CLOSED)
+def _fallback_order(
+    links: Iterable[DeployedModel], demoted: Mapping[str, str] | None = None
+) -> list[DeployedModel]:
+    """Healthy links first, in chain order; the others last (demoted ones at the very end),
+    as a last resort."""
+    demoted = demoted or {}
+    return sorted(links, key=lambda link: (link.version in demoted,
+                                           link.breaker.state is not CircuitState.CLOSED))
 
 
 def _alias(index: int) -> str:

@@ -71,13 +71,15 @@ class TrainingService(Service):
 
     @handles(RetrainRequested)
     def on_retrain_requested(self, event: RetrainRequested) -> CandidatesTrained:
-        """Train again on the latest feature set of this pipeline."""
-        return self._train(event, self._latest_feature_set())
+        """Train again on the latest feature set of this pipeline (that reads the dataset)."""
+        return self._train(event, self._latest_feature_set(event.dataset))
 
-    def _latest_feature_set(self) -> str:
-        records = [r for r in self.offline.list() if r.metadata.get("pipeline") == self.config.name]
+    def _latest_feature_set(self, dataset: str | None = None) -> str:
+        records = [r for r in self.offline.list() if r.metadata.get("pipeline") == self.config.name
+                   and (dataset is None or dataset in r.metadata.get("batch_ids", {}))]
         if not records:
-            raise InvalidInput(f"no feature set of pipeline {self.config.name} to retrain on")
+            of = f" reading dataset {dataset!r}" if dataset else ""
+            raise InvalidInput(f"no feature set of pipeline {self.config.name}{of} to retrain on")
         return max(records, key=lambda r: r.created_at).feature_set_id
 
     def _train(self, event: Event, fsid: str) -> CandidatesTrained:
@@ -114,7 +116,8 @@ class TrainingService(Service):
         )
         for trained in result.trained:
             self.models.save(trained.model_id, trained.model, {
-                **trained.metadata, "pipeline": self.config.name})
+                **trained.metadata, "pipeline": self.config.name,
+                "datasets": sorted(record.metadata["batch_ids"])})
         for failure in result.failures:
             log.warning("candidate %s failed: %s", failure.name, failure.error)
         return [CandidateFailure(name=f.name, error=f.error) for f in result.failures]

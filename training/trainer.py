@@ -1,7 +1,8 @@
 """Training candidates in parallel: one process per candidate, a timeout, retries.
 
 Pure core of the Model Training Service: frames in, fitted models and metadata out. One
-failing candidate never sinks the others; it is reported in ``failures``. Without a
+failing candidate never sinks the others; it is reported in ``failures``. Each model's
+metadata carries its drift ``reference`` (monitoring/reference.py). Without a
 ``WorkerPool`` each run starts (and stops) worker processes of its own; a service keeps
 one ``WorkerPool`` warm across runs instead (worker start-up and imports are seconds).
 
@@ -36,6 +37,7 @@ from pebble import ProcessExpired, ProcessPool
 from threadpoolctl import threadpool_limits
 
 from common.errors import InvalidInput
+from monitoring.reference import input_references, model_reference, reference_rows
 from training.config import Candidate, TrainingConfig, expand, resolve_estimator
 
 log = logging.getLogger(__name__)
@@ -108,7 +110,8 @@ def train_candidates(
         data_path = Path(tmp) / "train.parquet"
         X.assign(**{LABEL_COLUMN: y.to_numpy()}).to_parquet(data_path)
         outcomes = _run_pool(config, candidates, str(data_path), progress or log.info, pool)
-    context = _Context(feature_set_id, batch_ids, list(X.columns), y)
+    rows = reference_rows(X)  # monitoring's drift reference: inputs once, predictions each
+    context = _Context(feature_set_id, batch_ids, list(X.columns), y, rows, input_references(rows))
     return _collect(candidates, outcomes, context)
 
 
@@ -269,6 +272,8 @@ class _Context:
     batch_ids: list[str]
     features: list[str]
     y: pd.Series
+    reference_rows: pd.DataFrame
+    input_references: dict[str, Any]
 
 
 def _collect(
@@ -303,7 +308,17 @@ def _trained(candidate: Candidate, model: Any, fit_s: float, ctx: _Context) -> T
         "library_versions": library_versions(),
         "trained_at": datetime.now(UTC).isoformat(),
         "status": "candidate",
+        "reference": _reference(candidate, model, ctx),
     })
+
+
+def _reference(candidate: Candidate, model: Any, ctx: _Context) -> dict[str, Any] | None:
+    """The drift reference of a model; None (and a warning) if its predictions fail."""
+    try:
+        return model_reference(model, ctx.reference_rows, ctx.input_references)
+    except Exception as exc:  # noqa: BLE001 - a model without a reference is still a model
+        log.warning("no drift reference for %s: %s", candidate.name, _describe(exc))
+        return None
 
 
 def class_balance(y: pd.Series) -> dict[str, float]:

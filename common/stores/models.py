@@ -21,6 +21,7 @@ update. An object-storage root has no such lock: give it a single writer. Exampl
     registry = ModelRegistry(settings.data_root)
     registry.promote("m-3f2a", reason="auc 0.91 > 0.89")     # -> "v1", now the champion
     registry.demote(reason="latency p99 over budget")         # champion <- previous
+    registry.revert("v2", reason="accuracy 0.41 < 0.97")      # the same, only if v2 leads
 """
 
 from __future__ import annotations
@@ -255,6 +256,11 @@ class ModelRegistry:
         """Put the previous model back as champion; returns its version."""
         return self._update(lambda state: _demote(state, reason, by or default_actor()))
 
+    def revert(self, version: str, *, reason: str = "", by: str | None = None) -> str:
+        """Demote ``version`` if it is the champion (the previous one serves again);
+        otherwise change nothing, so asking twice reverts once. Returns the champion."""
+        return self._update(lambda state: _revert(state, version, reason, by or default_actor()))
+
     def champion(self) -> RegistryEntry:
         """The serving version, or ``ModelNotFound``."""
         return self._alias(1, "champion")
@@ -360,6 +366,14 @@ def _target_version(
     if version not in state.versions:
         raise ModelNotFound(state.name, version)
     return False, version
+
+
+def _revert(state: RegistryState, version: str, reason: str, by: str) -> tuple[bool, str]:
+    if version not in state.versions:
+        raise ModelNotFound(state.name, version)
+    if not state.chain or state.chain[-1] != version:
+        return False, state.chain[-1] if state.chain else version
+    return _demote(state, reason, by)
 
 
 def _demote(state: RegistryState, reason: str, by: str) -> tuple[bool, str]:

@@ -1,0 +1,271 @@
+"""The transport-free core of monitoring: served scores in, per-version figures and findings out.
+
+``MonitoringCore.observe`` takes a list of ``ServedScore`` (what one ScoreServed event
+carries, or anything a script builds) and keeps, per model version: times served and
+answered as a fallback, min/avg/max and a histogram of serving time, recent serving-time
+percentiles, and a sliding window of each input feature and of the predictions. Every
+``drift_every`` scores of a version it compares that window with the version's training
+reference (``monitoring.drift``) and returns a ``DriftFinding``; when the version's p99
+serving time (its own answers, not fallbacks) breaks the budget it returns a
+``LatencyFinding``. It never talks to Redis or the broker; the service turns findings
+into events and the live view. Example::
+
+    core = MonitoringCore(CoreConfig(drift_every=1_000), describe=lambda v: ModelInfo(v))
+    findings = core.observe(event.scores)
+    core.stats("v3").served, core.stats("v3").latency_percentiles()
+    [f.report.level for f in findings if isinstance(f, DriftFinding)]   # ["alert"]
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+
+from common.events import ServedScore
+from monitoring.drift import PREDICTION, DriftReport, DriftThresholds, Reference, drift_report
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+"""Upper bounds of the serving-time histogram (ms); one more bucket holds the rest."""
+
+
+@dataclass(frozen=True)
+class CoreConfig:
+    """How often drift is measured, over how many scores, and the latency budget."""
+
+    drift_every: int = 1_000
+    """Scores of a version between two drift measurements."""
+    drift_window: int = 5_000
+    """The latest scores of a version that a drift measurement looks at."""
+    drift_min_scores: int = 500
+    """Live values an input needs before its drift is measured."""
+    thresholds: DriftThresholds = field(default_factory=DriftThresholds)
+    latency_budget_ms: float = 100.0
+    """p99 serving time a version must keep (its own answers, fallbacks excluded)."""
+    latency_window: int = 1_000
+    """The latest own answers the serving-time percentiles are taken over."""
+    latency_min_scores: int = 200
+    """Own answers needed before the budget is checked."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What monitoring knows of a version: its model, reference and evaluation figures."""
+
+    version: str
+    model_id: str | None = None
+    deployed_at: datetime | None = None
+    references: Mapping[str, Reference] = field(default_factory=dict)
+    expected: Mapping[str, float] = field(default_factory=dict)
+    """The model's metrics on the evaluation part (accuracy, precision, recall, f1...)."""
+    classes: Sequence[str] = ()
+    dataset: str | None = None
+    """The dataset it was trained on, when it is a single one (for RetrainRequested)."""
+
+    @property
+    def feature_names(self) -> list[str]:
+        """The inputs that have a reference, in reference order."""
+        return [name for name in self.references if name != PREDICTION]
+
+
+@dataclass
+class Counters:
+    """Running totals of one version (restored from the live view after a restart)."""
+
+    served: int = 0
+    fallbacks: int = 0
+    latency_sum_ms: float = 0.0
+    latency_min_ms: float = float("inf")
+    latency_max_ms: float = 0.0
+    histogram: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
+
+    def add(self, latencies_ms: np.ndarray, fallbacks: int) -> None:
+        """Account a batch of serving times (ms), ``fallbacks`` of them fallback answers."""
+        self.served += len(latencies_ms)
+        self.fallbacks += fallbacks
+        self.latency_sum_ms += float(latencies_ms.sum())
+        self.latency_min_ms = min(self.latency_min_ms, float(latencies_ms.min()))
+        self.latency_max_ms = max(self.latency_max_ms, float(latencies_ms.max()))
+        buckets = np.searchsorted(LATENCY_BUCKETS_MS, latencies_ms, side="left")
+        counts = np.bincount(buckets, minlength=len(self.histogram))
+        self.histogram = [a + int(b) for a, b in zip(self.histogram, counts, strict=True)]
+
+    @property
+    def latency_avg_ms(self) -> float:
+        """Mean serving time (NaN before the first score)."""
+        return self.latency_sum_ms / self.served if self.served else float("nan")
+
+
+class Ring:
+    """The latest ``size`` rows of ``width`` floats (row order is not kept)."""
+
+    def __init__(self, size: int, width: int) -> None:
+        self._data = np.full((size, width), np.nan)
+        self._next = self._count = 0
+
+    def extend(self, rows: np.ndarray) -> None:
+        """Add rows, overwriting the oldest once full."""
+        size = len(self._data)
+        rows = rows[-size:]
+        index = (self._next + np.arange(len(rows))) % size
+        self._data[index] = rows
+        self._next = (self._next + len(rows)) % size
+        self._count = min(self._count + len(rows), size)
+
+    def values(self) -> np.ndarray:
+        """The rows held (a view)."""
+        return self._data[: self._count]
+
+    def __len__(self) -> int:
+        return self._count
+
+
+@dataclass(frozen=True)
+class DriftFinding:
+    """A drift measurement of one version over its latest scores (level may be "none")."""
+
+    version: str
+    report: DriftReport
+    served: int
+    """The version's total scores when it was measured (names the window)."""
+
+
+@dataclass(frozen=True)
+class LatencyFinding:
+    """A version whose p99 serving time broke the budget."""
+
+    version: str
+    p99_ms: float
+    budget_ms: float
+
+
+Finding = DriftFinding | LatencyFinding
+
+
+class VersionStats:
+    """Everything monitoring keeps in memory about one model version."""
+
+    def __init__(self, info: ModelInfo, config: CoreConfig, counters: Counters) -> None:
+        self.info, self.config, self.counters = info, config, counters
+        self.names = info.feature_names
+        self.window = Ring(config.drift_window, len(self.names) + 1)  # + the prediction
+        self.latencies = Ring(config.latency_window, 1)
+        self.since_drift = 0
+        self.last_drift: DriftFinding | None = None
+
+    @property
+    def served(self) -> int:
+        """Scores answered by this version, in total."""
+        return self.counters.served
+
+    def add(self, scores: Sequence[ServedScore]) -> None:
+        """Account a batch of this version's scores."""
+        latencies = np.fromiter((s.latency_ms for s in scores), np.float64, len(scores))
+        own = np.fromiter((not s.fallback for s in scores), bool, len(scores))
+        self.counters.add(latencies, int(len(scores) - own.sum()))
+        self.latencies.extend(latencies[own, None])
+        self.window.extend(self._rows(scores))
+        self.since_drift += len(scores)
+
+    def _rows(self, scores: Sequence[ServedScore]) -> np.ndarray:
+        """Each score's features in reference order (NaN where absent), then its score."""
+        nan = float("nan")
+        return np.array([[*(s.features.get(n, nan) for n in self.names), s.score]
+                         for s in scores], dtype=np.float64)
+
+    def latency_percentiles(self) -> dict[str, float]:
+        """p50, p95 and p99 of the latest own answers, in ms (NaN before any)."""
+        values = self.latencies.values()[:, 0]
+        if not len(values):
+            return dict.fromkeys(("p50", "p95", "p99"), float("nan"))
+        p50, p95, p99 = np.quantile(values, [0.50, 0.95, 0.99])
+        return {"p50": float(p50), "p95": float(p95), "p99": float(p99)}
+
+    def drift_due(self) -> bool:
+        """Whether enough scores came since the last measurement, and the version has a
+        reference to measure against."""
+        return bool(self.info.references) and self.since_drift >= self.config.drift_every
+
+    def measure_drift(self) -> DriftFinding:
+        """Drift of the window against the reference; resets the countdown."""
+        values = self.window.values()
+        live = {name: values[:, i] for i, name in enumerate([*self.names, PREDICTION])}
+        report = drift_report(self.info.references, live, self.config.thresholds,
+                              min_values=self.config.drift_min_scores)
+        self.since_drift = 0
+        self.last_drift = DriftFinding(self.info.version, report, self.served)
+        return self.last_drift
+
+    def latency_breach(self) -> LatencyFinding | None:
+        """A finding when the p99 of enough own answers breaks the budget."""
+        if len(self.latencies) < self.config.latency_min_scores:
+            return None
+        p99 = self.latency_percentiles()["p99"]
+        if p99 <= self.config.latency_budget_ms:
+            return None
+        return LatencyFinding(self.info.version, p99, self.config.latency_budget_ms)
+
+
+class MonitoringCore:
+    """Per-version serving figures and drift of the scores it is given."""
+
+    def __init__(
+        self,
+        config: CoreConfig,
+        describe: Callable[[str], ModelInfo],
+        restore: Callable[[str], Counters | None] = lambda version: None,
+    ) -> None:
+        self.config = config
+        self._describe, self._restore = describe, restore
+        self._stats: dict[str, VersionStats] = {}
+
+    def observe(self, scores: Sequence[ServedScore]) -> list[Finding]:
+        """Account scores (of any versions); the drift and latency findings they lead to."""
+        by_version: dict[str, list[ServedScore]] = defaultdict(list)
+        for score in scores:
+            by_version[score.model_version].append(score)
+        findings: list[Finding] = []
+        for version, batch in by_version.items():
+            stats = self.stats(version)
+            stats.add(batch)
+            if stats.drift_due():
+                findings.append(stats.measure_drift())
+            breach = stats.latency_breach()
+            if breach is not None:
+                findings.append(breach)
+        return findings
+
+    def stats(self, version: str) -> VersionStats:
+        """The figures of a version (described, and its totals restored, at first sight)."""
+        if version not in self._stats:
+            info = self._describe(version)
+            if not info.references:
+                log.warning("model version %s has no drift reference: drift is not measured",
+                            version)
+            counters = self._restore(version) or Counters()
+            self._stats[version] = VersionStats(info, self.config, counters)
+        return self._stats[version]
+
+    def versions(self) -> list[str]:
+        """The versions seen so far."""
+        return list(self._stats)
+
+
+def summary(stats: VersionStats) -> dict[str, Any]:
+    """The figures of one version as flat values (for the live view and the reports)."""
+    counters = stats.counters
+    percentiles = stats.latency_percentiles()
+    return {
+        "served": counters.served, "fallbacks": counters.fallbacks,
+        "fallback_share": counters.fallbacks / counters.served if counters.served else 0.0,
+        "latency_min_ms": counters.latency_min_ms if counters.served else float("nan"),
+        "latency_avg_ms": counters.latency_avg_ms, "latency_max_ms": counters.latency_max_ms,
+        **{f"latency_{k}_ms": v for k, v in percentiles.items()},
+    }

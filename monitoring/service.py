@@ -1,0 +1,355 @@
+"""Performance Monitoring Service: ScoreServed / OutcomeObserved → drift, quality, healing.
+
+Feeds each ScoreServed batch to the ``MonitoringCore`` (serving figures and drift per
+model version), remembers each answer for the outcome join, and writes the live view to
+Redis and a Parquet report per drift measurement. Joins each OutcomeObserved to the score
+it judges (by request id, else the entity's latest score) and scores the version's
+sliding window of outcomes against its evaluation figures. Then it decides:
+
+- drift at warn or alert → ``DriftDetected`` (once per version and level per cooldown);
+- drift alert → ``RetrainRequested`` (once per retrain cooldown, whatever the version);
+- live quality below the evaluation figure by the margin, or p99 serving time over the
+  budget → ``ModelDegraded`` (once per version and reason per cooldown); the scoring
+  service demotes that version and the previous one serves.
+
+Decisions are claimed in Redis by the event that made them, and the events they emitted
+are kept by that event's id, so a redelivered event re-emits the same events (with the
+same derived ids) and never a second decision. An outcome that matches no served score
+(its score expired, was never reported, or the id is wrong) is counted
+(``conveyor_outcomes_total{result="unmatched"}``) and logged, and acknowledged: no retry
+would make it match. Example::
+
+    conveyor run monitoring        # settings: CONVEYOR_MONITORING_* (MonitoringSettings)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Literal
+
+from prometheus_client import CollectorRegistry
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from common.config import load_pipeline_config
+from common.errors import ModelIdNotFound, ModelNotFound
+from common.events import (
+    DriftDetected,
+    Event,
+    ModelDegraded,
+    OutcomeObserved,
+    RetrainRequested,
+    ScoreServed,
+    ServedScore,
+)
+from common.runtime import Service, handles
+from common.settings import Settings
+from common.stores import ModelRegistry, ModelStore
+from common.wiring import Stores
+from monitoring.core import (
+    CoreConfig,
+    DriftFinding,
+    Finding,
+    LatencyFinding,
+    ModelInfo,
+    MonitoringCore,
+    summary,
+)
+from monitoring.drift import PREDICTION, DriftReport, DriftThresholds
+from monitoring.metrics import MonitoringMetrics
+from monitoring.quality import QualityRule, degradation, label_of, quality_of
+from monitoring.reference import classes_from, references_from
+from monitoring.reports import Reports
+from monitoring.state import MonitoringState
+
+log = logging.getLogger(__name__)
+SEEN_BATCHES = 1_000
+
+
+class MonitoringSettings(BaseSettings):
+    """Settings of the monitoring service (prefix ``CONVEYOR_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="CONVEYOR_", extra="ignore")
+
+    monitoring_drift_every: int = 1_000
+    """Scores of a version between two drift measurements."""
+    monitoring_drift_window: int = 5_000
+    """Latest scores of a version a drift measurement looks at."""
+    monitoring_drift_min_scores: int = 500
+    """Live values an input needs before its drift is measured."""
+    monitoring_psi_warn: float = 0.1
+    """PSI from which an input's drift is a warning."""
+    monitoring_psi_alert: float = 0.2
+    """PSI from which an input's drift is an alert (and retraining is requested)."""
+    monitoring_ks_warn: float = 0.1
+    """KS statistic from which a significant difference is a warning."""
+    monitoring_ks_alert: float = 0.2
+    """KS statistic from which a significant difference is an alert."""
+    monitoring_ks_pvalue: float = 0.01
+    """KS p-value under which a difference is significant."""
+    monitoring_quality_metric: Literal["accuracy", "precision", "recall", "f1"] = "accuracy"
+    """The live quality figure compared with the evaluation's."""
+    monitoring_quality_margin: float = 0.05
+    """How far the live figure may fall below the evaluation's before ModelDegraded."""
+    monitoring_quality_min_outcomes: int = 100
+    """Outcomes a version needs before its quality is judged."""
+    monitoring_outcome_window: int = 500
+    """The latest outcomes of a version its live quality is computed over."""
+    monitoring_latency_budget_ms: float = 100.0
+    """p99 serving time (own answers) past which a version is degraded."""
+    monitoring_latency_min_scores: int = 200
+    """Own answers a version needs before its serving time is judged."""
+    monitoring_served_ttl_s: int = 86_400
+    """How long a served score can still be joined to its outcome."""
+    monitoring_retrain_cooldown_s: int = 3_600
+    """At most one RetrainRequested per this many seconds."""
+    monitoring_drift_cooldown_s: int = 600
+    """At most one DriftDetected per version and level per this many seconds."""
+    monitoring_degraded_cooldown_s: int = 3_600
+    """At most one ModelDegraded per version and reason per this many seconds."""
+    monitoring_reports: bool = True
+    """Write a Parquet report per drift measurement under the data root."""
+
+    def core(self) -> CoreConfig:
+        """The core's part of the settings."""
+        return CoreConfig(
+            drift_every=self.monitoring_drift_every, drift_window=self.monitoring_drift_window,
+            drift_min_scores=self.monitoring_drift_min_scores,
+            thresholds=DriftThresholds(
+                psi_warn=self.monitoring_psi_warn, psi_alert=self.monitoring_psi_alert,
+                ks_warn=self.monitoring_ks_warn, ks_alert=self.monitoring_ks_alert,
+                ks_pvalue=self.monitoring_ks_pvalue),
+            latency_budget_ms=self.monitoring_latency_budget_ms,
+            latency_min_scores=self.monitoring_latency_min_scores,
+        )
+
+    def quality_rule(self) -> QualityRule:
+        """When live quality counts as degraded."""
+        return QualityRule(self.monitoring_quality_metric, self.monitoring_quality_margin,
+                           self.monitoring_quality_min_outcomes)
+
+
+class ModelCatalogue:
+    """What monitoring knows of each registered version (read once per version)."""
+
+    def __init__(self, models: ModelStore, registry: ModelRegistry) -> None:
+        self.models, self.registry = models, registry
+        self._known: dict[str, ModelInfo] = {}
+
+    def describe(self, version: str) -> ModelInfo:
+        """The version's model, reference and evaluation figures (bare if unregistered)."""
+        if version not in self._known:
+            self._known[version] = self._read(version)
+        return self._known[version]
+
+    def _read(self, version: str) -> ModelInfo:
+        try:
+            model_id = self.registry.model_id_of(version)
+        except ModelNotFound:
+            log.warning("scores of version %s, which the registry does not know", version)
+            return ModelInfo(version)
+        try:
+            metadata = self.models.metadata(model_id).metadata
+        except ModelIdNotFound:
+            log.warning("version %s names model %s, which the store lacks", version, model_id)
+            return ModelInfo(version, model_id)
+        datasets = metadata.get("datasets") or []
+        return ModelInfo(
+            version, model_id, self._deployed_at(version), references_from(metadata),
+            {k: float(v) for k, v in (metadata.get("metrics") or {}).items()},
+            classes_from(metadata), datasets[0] if len(datasets) == 1 else None,
+        )
+
+    def _deployed_at(self, version: str) -> datetime | None:
+        promoted = [h.at for h in self.registry.history()
+                    if h.action == "promote" and h.to_version == version]
+        return promoted[-1] if promoted else None
+
+    def champion(self) -> tuple[str | None, list[str]]:
+        """The champion's version (None if none) and every registered version."""
+        versions = list(self.registry.versions())
+        try:
+            return self.registry.champion().version, versions
+        except ModelNotFound:
+            return None, versions
+
+
+class MonitoringService(Service):
+    """Watches served scores and outcomes; reports drift and degradation; asks to retrain."""
+
+    name = "monitoring"
+
+    def __init__(
+        self, catalogue: ModelCatalogue, state: MonitoringState, settings: MonitoringSettings,
+        reports: Reports | None = None,
+    ) -> None:
+        self.catalogue, self.state, self.settings, self.reports = (
+            catalogue, state, settings, reports)
+        self.core = MonitoringCore(settings.core(), catalogue.describe, state.counters)
+        self.metrics = MonitoringMetrics(CollectorRegistry())
+        self._seen: OrderedDict[str, list[Finding]] = OrderedDict()
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        """Export the monitoring metrics on the service's /metrics registry."""
+        self.metrics = MonitoringMetrics(registry, self.catalogue.champion)
+        for version in self.catalogue.champion()[1]:
+            self.metrics.track(version, self.catalogue.describe(version).expected)
+
+    @handles(ScoreServed)
+    def on_score_served(self, event: ScoreServed) -> list[Event]:
+        """Account a batch of scores; drift and latency decisions it leads to."""
+        done = self.state.decisions(event.event_id)
+        if done is not None:
+            return done  # a redelivery of a batch that already decided something
+        findings = self._observe(event)
+        self.state.remember(event.scores)
+        self._publish_figures(event.scores, findings)
+        events = [e for finding in findings for e in self._decide(event, finding)]
+        return self._recorded(event, events)
+
+    @handles(OutcomeObserved)
+    def on_outcome_observed(self, event: OutcomeObserved) -> list[Event]:
+        """Join an outcome to its score; a degradation decision it leads to."""
+        done = self.state.decisions(event.event_id)
+        if done is not None:
+            return done
+        served = self.state.served(event.request_id, event.entity_id)
+        if served is None or served.label is None:
+            return self._unmatched(event)
+        self.metrics.outcomes.labels("joined").inc()
+        pairs = self.state.add_outcome(served.version, served.label, label_of(event.outcome))
+        info = self.catalogue.describe(served.version)
+        live = quality_of([p for p, _ in pairs], [o for _, o in pairs], info.classes)
+        self.metrics.observe_quality(served.version, live)
+        self.state.write_live(served.version, {"quality": live, "outcomes": len(pairs),
+                                               "quality_expected": dict(info.expected)})
+        found = degradation(live, info.expected, count=len(pairs),
+                            rule=self.settings.quality_rule())
+        events: list[Event] = []
+        if found is not None:
+            events = self._degraded(event, served.version, "accuracy", found.observed,
+                                    found.expected)
+        return self._recorded(event, events)
+
+    # -- scores ----------------------------------------------------------------------
+
+    def _observe(self, event: ScoreServed) -> list[Finding]:
+        """The core's findings on a batch; a batch retried in this process is not counted
+        twice (its first findings are given again)."""
+        key = str(event.event_id)
+        if key not in self._seen:
+            self._count(event.scores)
+            self._seen[key] = self.core.observe(event.scores)
+            while len(self._seen) > SEEN_BATCHES:
+                self._seen.popitem(last=False)
+        return self._seen[key]
+
+    def _count(self, scores: Sequence[ServedScore]) -> None:
+        """The served counter and serving-time histogram of each version."""
+        for version in {s.model_version for s in scores}:
+            self.metrics.track(version, self.catalogue.describe(version).expected)
+            latencies = [s.latency_ms / 1e3 for s in scores if s.model_version == version]
+            self.metrics.served.labels(version).inc(len(latencies))
+            histogram = self.metrics.latency.labels(version)
+            for seconds in latencies:
+                histogram.observe(seconds)
+
+    def _publish_figures(self, scores: Sequence[ServedScore], findings: list[Finding]) -> None:
+        """The live view of each version in the batch, drift gauges and reports."""
+        for version in {s.model_version for s in scores}:
+            self.state.write_live(version, self._live_fields(version))
+        for finding in findings:
+            if isinstance(finding, DriftFinding):
+                self._publish_drift(finding)
+
+    def _live_fields(self, version: str) -> dict[str, object]:
+        stats = self.core.stats(version)
+        counters, info = stats.counters, stats.info
+        return {**summary(stats), "latency_sum_ms": counters.latency_sum_ms,
+                "histogram": counters.histogram, "model_id": info.model_id or "",
+                "deployed_at": info.deployed_at.isoformat() if info.deployed_at else ""}
+
+    def _publish_drift(self, finding: DriftFinding) -> None:
+        report, version = finding.report, finding.version
+        self.metrics.observe_drift(version, report)
+        self.state.write_live(version, {
+            "drift_level": report.level, "drift_served": finding.served,
+            "drift": {name: {"psi": d.psi, "ks": d.ks_statistic, "level": d.level}
+                      for name, d in report.inputs.items()}})
+        if self.reports is not None and report.inputs:
+            path = self.reports.write(finding, summary(self.core.stats(version)))
+            log.info("drift of %s: %s (report %s)", version, report.level, path)
+
+    def _decide(self, cause: ScoreServed, finding: Finding) -> list[Event]:
+        if isinstance(finding, LatencyFinding):
+            return self._degraded(cause, finding.version, "latency", finding.p99_ms / 1e3,
+                                  finding.budget_ms / 1e3)
+        return self._drifted(cause, finding.version, finding.report)
+
+    def _drifted(self, cause: ScoreServed, version: str, report: DriftReport) -> list[Event]:
+        level = report.level
+        if level == "none":
+            return []
+        events: list[Event] = []
+        if self.state.claim(f"{version}:drift:{level}", cause.event_id,
+                            self.settings.monitoring_drift_cooldown_s):
+            self.metrics.drift_detected.labels(version, level).inc()
+            events.append(cause.caused(DriftDetected, producer=self.name, model_version=version,
+                                       level=level, psi=report.psi))
+        if level == "alert" and self.state.claim("retrain", cause.event_id,
+                                                 self.settings.monitoring_retrain_cooldown_s):
+            events.append(cause.caused(
+                RetrainRequested, producer=self.name, reason=_drift_reason(version, report),
+                dataset=self.catalogue.describe(version).dataset, model_version=version))
+        return events
+
+    # -- degradation and bookkeeping ---------------------------------------------------
+
+    def _degraded(self, cause: Event, version: str, reason: Literal["accuracy", "latency"],
+                  observed: float, expected: float) -> list[Event]:
+        if not self.state.claim(f"{version}:degraded:{reason}", cause.event_id,
+                                self.settings.monitoring_degraded_cooldown_s):
+            return []
+        log.warning("model %s degraded (%s): %.4g against %.4g (event %s, correlation %s)",
+                    version, reason, observed, expected, cause.event_id, cause.correlation_id)
+        self.metrics.degraded.labels(version, reason).inc()
+        self.state.write_live(version, {"degraded": reason})
+        return [cause.caused(ModelDegraded, producer=self.name, model_version=version,
+                             reason=reason, observed=observed, expected=expected)]
+
+    def _unmatched(self, event: OutcomeObserved) -> list[Event]:
+        total = self.state.count_unmatched()
+        self.metrics.outcomes.labels("unmatched").inc()
+        log.warning("outcome %s of entity %s (request %s) matches no served score with a "
+                    "label; counted as unmatched (%d so far)", event.event_id, event.entity_id,
+                    event.request_id, total)
+        return []
+
+    def _recorded(self, cause: Event, events: list[Event]) -> list[Event]:
+        if events:
+            ttl = max(self.settings.monitoring_retrain_cooldown_s,
+                      self.settings.monitoring_degraded_cooldown_s)
+            self.state.record_decisions(cause.event_id, events, ttl)
+        return events
+
+
+def _drift_reason(version: str, report: DriftReport) -> str:
+    worst = sorted(report.inputs.items(), key=lambda item: -item[1].psi)[:3]
+    names = ", ".join(f"{'predictions' if n == PREDICTION else n} (PSI {d.psi:.2f})"
+                      for n, d in worst)
+    return f"drift alert on model {version}: {names}"
+
+
+def build(settings: Settings) -> MonitoringService:
+    """The monitoring service for the settings."""
+    own = MonitoringSettings()
+    stores = Stores.from_settings(settings)
+    config = load_pipeline_config(settings.pipeline_config)
+    catalogue = ModelCatalogue(stores.models, stores.registry(settings, config.name))
+    state = MonitoringState(stores.redis, settings.namespace,
+                            served_ttl_s=own.monitoring_served_ttl_s,
+                            outcome_window=own.monitoring_outcome_window)
+    reports = Reports(settings.data_root) if own.monitoring_reports else None
+    return MonitoringService(catalogue, state, own, reports)

@@ -1,0 +1,184 @@
+"""Monitoring's state in Redis: the live view, the outcome join, and decisions already made.
+
+All keys live under ``<namespace>:monitoring:`` and are bounded:
+
+- ``model:<version>`` (hash): the live view of a version (served, latency figures, drift,
+  quality...) and its running totals, so a restarted service carries on counting;
+  ``versions`` (set) names the versions that have one.
+- ``served:<bucket>`` (hash, expires): ``r:<request_id>`` and ``e:<entity_id>`` ->
+  ``[version, label, score]`` of each served score, one hash per time bucket, written
+  with one HSET per ScoreServed batch; an outcome looks its score up in the buckets of
+  the last ``served_ttl_s``, newest first (so ``e:`` finds the entity's latest score).
+- ``outcomes:<version>`` (list, trimmed): the last ``outcome_window`` (predicted,
+  observed) pairs of a version.
+- ``claim:<what>`` (string, expires): the event that made a decision (retrain, drift
+  level, degradation) within its cooldown; ``decided:<event_id>`` (expires): the events
+  that decision emitted, so a redelivered cause re-emits exactly them.
+
+Example::
+
+    state = MonitoringState(redis.Redis(), "conveyor", served_ttl_s=86_400)
+    state.remember(event.scores)
+    state.served(request_id="r-1", entity_id="C42")   # Served("v3", "1", 0.93) or None
+    state.claim("retrain", event.event_id, ttl_s=3600) # True once per cooldown (same id: True)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import orjson
+import redis
+
+from common.events import Event, ServedScore, parse_event
+from monitoring.core import Counters
+
+COUNTER_FIELDS = ("served", "fallbacks", "latency_sum_ms", "latency_min_ms", "latency_max_ms")
+
+
+@dataclass(frozen=True)
+class Served:
+    """What was answered for a request: the version, the label and the score."""
+
+    version: str
+    label: str | None
+    score: float
+
+
+class MonitoringState:
+    """Monitoring's keys in one Redis namespace."""
+
+    def __init__(
+        self, client: redis.Redis, namespace: str, *, served_ttl_s: int = 86_400,
+        outcome_window: int = 500,
+    ) -> None:
+        self.client, self.prefix = client, f"{namespace}:monitoring"
+        self.served_ttl_s, self.outcome_window = served_ttl_s, outcome_window
+        self.bucket_s = max(60, served_ttl_s // 24)
+
+    def key(self, *parts: str) -> str:
+        """A key of monitoring in this namespace."""
+        return ":".join((self.prefix, *parts))
+
+    # -- the outcome join ------------------------------------------------------------
+
+    def remember(self, scores: Sequence[ServedScore], now: float | None = None) -> None:
+        """Keep each score's answer by request id and as its entity's latest, for a while."""
+        mapping: dict[str, bytes] = {}
+        for score in scores:
+            value = orjson.dumps([score.model_version, score.label, score.score])
+            mapping[f"r:{score.request_id}"] = mapping[f"e:{score.entity_id}"] = value
+        key = self._bucket_key(self._bucket(now))
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
+        pipe.expire(key, self.served_ttl_s + self.bucket_s)
+        pipe.execute()
+
+    def served(self, request_id: str | None, entity_id: str, now: float | None = None
+               ) -> Served | None:
+        """The answer a request got (by its id, else the entity's latest), or None."""
+        field = f"r:{request_id}" if request_id else f"e:{entity_id}"
+        newest = self._bucket(now)
+        buckets = range(newest, newest - self.served_ttl_s // self.bucket_s - 2, -1)
+        pipe = self.client.pipeline(transaction=False)
+        for bucket in buckets:
+            pipe.hget(self._bucket_key(bucket), field)
+        found = next((raw for raw in pipe.execute() if raw is not None), None)
+        if found is None:
+            return None
+        version, label, score = orjson.loads(found)
+        return Served(version, label, float(score))
+
+    def _bucket(self, now: float | None) -> int:
+        return int((time.time() if now is None else now) // self.bucket_s)
+
+    def _bucket_key(self, bucket: int) -> str:
+        return self.key("served", str(bucket))
+
+    # -- outcomes --------------------------------------------------------------------
+
+    def add_outcome(self, version: str, predicted: str, observed: str) -> list[tuple[str, str]]:
+        """Add a (predicted, observed) pair to the version's window; the window after it."""
+        key = self.key("outcomes", version)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.rpush(key, orjson.dumps([predicted, observed]))
+        pipe.ltrim(key, -self.outcome_window, -1)
+        pipe.lrange(key, 0, -1)
+        pairs = pipe.execute()[-1]
+        return [tuple(orjson.loads(raw)) for raw in pairs]  # type: ignore[misc]
+
+    def count_unmatched(self) -> int:
+        """One more outcome that matched no served score; the total."""
+        return cast(int, self.client.incr(self.key("outcomes_unmatched")))
+
+    def unmatched(self) -> int:
+        """How many outcomes matched no served score."""
+        return int(cast(bytes | None, self.client.get(self.key("outcomes_unmatched"))) or 0)
+
+    # -- the live view ---------------------------------------------------------------
+
+    def counters(self, version: str) -> Counters | None:
+        """The running totals of a version, as last written (None if never)."""
+        raw = cast(list[bytes | None],
+                   self.client.hmget(self.key("model", version), [*COUNTER_FIELDS, "histogram"]))
+        if raw[0] is None:
+            return None
+        served, fallbacks, total, low, high, histogram = (v or b"0" for v in raw)
+        return Counters(int(served), int(fallbacks), float(total), float(low), float(high),
+                        json.loads(histogram) if histogram != b"0" else Counters().histogram)
+
+    def write_live(self, version: str, fields: Mapping[str, Any]) -> None:
+        """Set fields of a version's live view (each value as JSON)."""
+        encoded = {name: _encode(value) for name, value in fields.items()}
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(self.key("model", version), mapping=encoded)  # type: ignore[arg-type]
+        pipe.sadd(self.key("versions"), version)
+        pipe.execute()
+
+    def live(self, version: str) -> dict[str, Any]:
+        """A version's live view, decoded ({} if none)."""
+        raw = cast(dict[bytes, bytes], self.client.hgetall(self.key("model", version)))
+        return {name.decode(): _decode(value) for name, value in raw.items()}
+
+    def live_all(self) -> dict[str, dict[str, Any]]:
+        """The live view of every version, by version."""
+        members = cast(set[bytes], self.client.smembers(self.key("versions")))
+        versions = sorted(v.decode() for v in members)
+        return {version: self.live(version) for version in versions}
+
+    # -- decisions -------------------------------------------------------------------
+
+    def claim(self, what: str, event_id: object, ttl_s: int) -> bool:
+        """Whether the event ``event_id`` may make decision ``what`` now: the first in a
+        cooldown of ``ttl_s`` takes it, and the same event asking again still has it."""
+        key, owner = self.key("claim", what), str(event_id)
+        if self.client.set(key, owner, nx=True, ex=max(1, ttl_s)):
+            return True
+        held = cast(bytes | None, self.client.get(key))
+        return held is not None and held.decode() == owner
+
+    def record_decisions(self, cause_id: object, events: Sequence[Event], ttl_s: int) -> None:
+        """Remember the events a cause emitted (their ids are derived from the cause's)."""
+        body = orjson.dumps([json.loads(event.to_json()) for event in events])
+        self.client.set(self.key("decided", str(cause_id)), body, ex=max(1, ttl_s))
+
+    def decisions(self, cause_id: object) -> list[Event] | None:
+        """The events a cause emitted before (None if it emitted none, or was never seen)."""
+        raw = cast(bytes | None, self.client.get(self.key("decided", str(cause_id))))
+        return None if raw is None else [parse_event(data) for data in orjson.loads(raw)]
+
+
+def _encode(value: Any) -> str:
+    return json.dumps(value, default=str)  # NaN and Infinity included, as json reads them
+
+
+def _decode(raw: bytes) -> Any:
+    text = raw.decode()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text

@@ -31,7 +31,7 @@ from redis.retry import Retry
 from common.bus.rabbitmq import RabbitMQBus
 from common.config import load_pipeline_config
 from common.errors import InvalidInput, NotFound
-from common.events import BatchScoringRequested, ModelReady, ScoringCompleted
+from common.events import BatchScoringRequested, ModelDegraded, ModelReady, ScoringCompleted
 from common.runtime import Service, handles
 from common.settings import Settings
 from common.stores import (
@@ -190,6 +190,14 @@ class ScoringService(Service):
         self.server.update_health()
         log.info("serving chain %s after ModelReady %s (correlation %s)",
                  chain, event.event_id, event.correlation_id)
+
+    @handles(ModelDegraded)
+    def on_model_degraded(self, event: ModelDegraded) -> None:
+        """Revert a degraded version: the previous one serves (answers say fallback)."""
+        reason = f"{event.reason} {event.observed:.4g} against {event.expected:.4g}"
+        chain = self.core.demote(event.model_version, reason)
+        log.warning("model %s demoted (%s); serving chain %s (event %s, correlation %s)",
+                    event.model_version, reason, chain, event.event_id, event.correlation_id)
 
     @handles(BatchScoringRequested, expected=(NotFound,))
     def on_batch_scoring_requested(self, event: BatchScoringRequested) -> ScoringCompleted:

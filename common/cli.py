@@ -15,6 +15,7 @@ import contextlib
 import json
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import click
@@ -168,8 +169,14 @@ def lineage(ident: str) -> None:
 @click.option("--target", default="127.0.0.1:50051", show_default=True,
               help="Address of the scoring service.")
 @click.option("--timeout", default=2.0, show_default=True, help="Deadline in seconds.")
+@click.option("--token", envvar="CONVEYOR_GRPC_TOKEN", default="",
+              help="Bearer token, when the service requires one [env CONVEYOR_GRPC_TOKEN].")
+@click.option("--tls-ca", envvar="CONVEYOR_GRPC_TLS_CA", default="",
+              type=click.Path(exists=True, dir_okay=False),
+              help="PEM CA of the service's certificate: connect with TLS "
+                   "[env CONVEYOR_GRPC_TLS_CA].")
 def score(entity: str, fields: tuple[str, ...], model_version: str, target: str,
-          timeout: float) -> None:
+          timeout: float, token: str, tls_ca: str) -> None:
     """Score one entity over gRPC and print the answer."""
     import grpc
     from google.protobuf.json_format import MessageToDict
@@ -180,12 +187,24 @@ def score(entity: str, fields: tuple[str, ...], model_version: str, target: str,
 
     request = pb.ScoreRequest(entity_id=entity, model_version=model_version, fields={
         name: field_value(value) for name, value in map(parse_field, fields)})
-    with grpc.insecure_channel(target) as channel:
+    metadata = [("authorization", f"Bearer {token}")] if token else None
+    with _scoring_channel(target, tls_ca) as channel:
         try:
-            reply = scoring_pb2_grpc.ScoringStub(channel).Score(request, timeout=timeout)
+            reply = scoring_pb2_grpc.ScoringStub(channel).Score(
+                request, timeout=timeout, metadata=metadata)
         except grpc.RpcError as exc:
             raise click.ClickException(f"{exc.code().name}: {exc.details()}") from exc
     click.echo(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+
+
+def _scoring_channel(target: str, tls_ca: str) -> Any:
+    """A TLS channel trusting ``tls_ca`` when given, else a plain-text one."""
+    import grpc
+
+    if not tls_ca:
+        return grpc.insecure_channel(target)
+    credentials = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes())
+    return grpc.secure_channel(target, credentials)
 
 
 def parse_field(text: str) -> tuple[str, bool | int | float | str]:

@@ -47,6 +47,7 @@ from common.wiring import Stores
 from ingestion.contract import DatasetContract, read_typed
 from scoring.batch import DEFAULT_CHUNK_ROWS, BatchModel, score_features, score_raw
 from scoring.core import CoreSettings, ScoringCore
+from scoring.metrics import ScoringMetrics
 from scoring.reporting import (
     ReportsDroppedCollector,
     ReportSettings,
@@ -54,6 +55,7 @@ from scoring.reporting import (
     event_sink,
     stream_sink,
 )
+from scoring.security import ServerSecurity
 from scoring.server import GrpcSettings, ScoringServer
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,23 @@ class ScoringSettings(BaseSettings):
     """Served scores that trigger a flush at once; the most per ScoreServed event."""
     batch_scoring_chunk_rows: int = DEFAULT_CHUNK_ROWS
     """Rows transformed and predicted at a time by offline batch scoring."""
+    grpc_auth_tokens: str = ""
+    """Accepted bearer tokens, comma-separated; none (and no file): no authentication."""
+    grpc_auth_tokens_file: str = ""
+    """A file of accepted bearer tokens, one per line (a mounted Secret), added to those."""
+    grpc_tls_cert: str = ""
+    """PEM certificate (chain) of the gRPC server; with the key, the server speaks TLS."""
+    grpc_tls_key: str = ""
+    """PEM private key of that certificate."""
+    grpc_tls_client_ca: str = ""
+    """PEM CA of client certificates: clients must present one it signed (mutual TLS)."""
+
+    def security(self) -> ServerSecurity:
+        """The token list and TLS material; a file that cannot be read fails, naming it."""
+        return ServerSecurity.from_settings(
+            tokens=self.grpc_auth_tokens, tokens_file=self.grpc_auth_tokens_file,
+            cert_file=self.grpc_tls_cert, key_file=self.grpc_tls_key,
+            client_ca_file=self.grpc_tls_client_ca)
 
 
 @dataclass(frozen=True)
@@ -215,7 +234,8 @@ class ScoringService(Service):
         return self.core.ready
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
-        """conveyor_scoring_reports_dropped_total."""
+        """The server's conveyor_scoring_* metrics and conveyor_scoring_reports_dropped_total."""
+        self.server.metrics.register(registry)
         if self.reporter is not None:
             registry.register(ReportsDroppedCollector(self.reporter))
 
@@ -240,6 +260,8 @@ def fail_fast_redis(url: str, timeout_s: float) -> redis.Redis:
 def build(settings: Settings) -> ScoringService:
     """The scoring service, its chain loaded, its reporter and gRPC server started."""
     own = ScoringSettings()
+    security = own.security()  # first: a bad security setting fails before anything starts
+    metrics = ScoringMetrics()
     stores = Stores.from_settings(settings)
     config = load_pipeline_config(settings.pipeline_config)
     registry = stores.registry(settings, config.name)
@@ -251,7 +273,7 @@ def build(settings: Settings) -> ScoringService:
         CoreSettings(deadline_s=own.scoring_deadline_s,
                      latency_budget_s=own.scoring_latency_budget_s,
                      chain_depth=own.scoring_chain_depth),
-        on_served=reporter.report,
+        on_served=reporter.report, on_batch=metrics.observe_batch,
     )
     core.load_chain()
     batch = BatchScoring(registry, stores.models, stores.feature_pipelines, stores.raw,
@@ -259,7 +281,7 @@ def build(settings: Settings) -> ScoringService:
                          own.batch_scoring_chunk_rows)
     grpc_settings = GrpcSettings(port=own.grpc_port, threads=own.grpc_threads,
                                  max_concurrent_rpcs=own.grpc_max_concurrent_rpcs)
-    server = ScoringServer(core, grpc_settings).start()
+    server = ScoringServer(core, grpc_settings, metrics=metrics, security=security).start()
     return ScoringService(core, server, reporter=reporter.start(), batch=batch)
 
 

@@ -1,0 +1,94 @@
+"""Served scores reported off the request path, through the real service, RabbitMQ and Redis.
+
+Score calls go through a real stub to the service ``scoring.service.build`` makes; a
+consumer of ScoreServed stands in for monitoring, and the score stream is read back from
+Redis. Each reported row of features must reproduce its score through the estimator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pandas as pd
+import pytest
+from prometheus_client import CollectorRegistry
+
+from common.events import ScoreServed, ServedScore
+from common.stores import OnlineScoreStore
+from common.testing import BusNamespace, running_consumer, running_services, wait_until
+from protos.conveyor.scoring.v1 import scoring_pb2 as pb
+from protos.conveyor.scoring.v1 import scoring_pb2_grpc as pb_grpc
+from scoring.server import field_value
+from scoring.service import ScoringService
+from tests.fixtures.scoring_service import ServiceWorld, scoring_settings, service_world
+
+pytestmark = pytest.mark.integration
+CALLS = 12
+
+
+@pytest.fixture
+def ns(
+    tmp_path: Path, services_up: None, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[BusNamespace]:
+    monkeypatch.setenv("CONVEYOR_GRPC_PORT", "0")
+    monkeypatch.setenv("CONVEYOR_SCORE_REPORT_FLUSH_SIZE", "5")  # several events
+    namespace = BusNamespace(scoring_settings(tmp_path))
+    yield namespace
+    namespace.close()
+
+
+@pytest.fixture
+def world(tmp_path: Path, ns: BusNamespace) -> ServiceWorld:
+    return service_world(tmp_path, ns.settings)
+
+
+def score_calls(world: ServiceWorld, target: str) -> list[pb.ScoreResponse]:
+    rows = world.typed.iloc[:CALLS]
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.ScoringStub(channel)
+        return [stub.Score(pb.ScoreRequest(
+            entity_id=row["nameOrig"], request_id=f"req-{i}",
+            model_version="v1" if i == 3 else "",
+            fields={k: field_value(v) for k, v in world.fields(row).items()}), timeout=5)
+            for i, (_, row) in enumerate(rows.iterrows())]
+
+
+def reproduces(world: ServiceWorld, served: ServedScore) -> float:
+    """The score the estimator gives the reported features."""
+    names = list(world.fitted.feature_names)
+    assert list(served.features) == names
+    row = pd.DataFrame([[served.features[n] for n in names]], columns=names)
+    return float(world.estimators[served.model_version].predict_proba(row)[0, 1])
+
+
+def test_score_calls_are_published_as_score_served_and_kept_in_the_stream(
+        ns: BusNamespace, world: ServiceWorld) -> None:
+    events: list[ScoreServed] = []
+    watch = ns.dispatcher("monitoring", {"ScoreServed": events.append})
+    with running_consumer(ns.bus(), watch), running_services(ns, ["scoring"]) as running:
+        service = running["scoring"].runner.service
+        assert isinstance(service, ScoringService)
+        replies = score_calls(world, f"127.0.0.1:{service.server.port}")
+        wait_until(lambda: sum(len(e.scores) for e in events) >= CALLS, timeout=30)
+        registry = CollectorRegistry()
+        service.register_metrics(registry)
+        dropped = registry.get_sample_value("conveyor_scoring_reports_dropped_total")
+    served = {s.request_id: s for e in events for s in e.scores}
+    assert sorted(served) == sorted(f"req-{i}" for i in range(CALLS))
+    assert max(len(e.scores) for e in events) <= 5
+    for i, reply in enumerate(replies):
+        report = served[f"req-{i}"]
+        assert (report.model_version, report.score, report.label, report.fallback) == (
+            reply.model_version, reply.score, reply.label, reply.fallback)
+        assert report.entity_id == world.typed["nameOrig"].iloc[i]
+        assert report.latency_ms == pytest.approx(reply.latency_ms)
+        assert reproduces(world, report) == pytest.approx(report.score, rel=1e-9, abs=1e-12)
+    assert served["req-3"].model_version == "v1"
+    assert {e.producer for e in events} == {"scoring"}
+    stream = OnlineScoreStore(ns.redis, ns.namespace).recent(100)
+    assert sorted(s.request_id for s in stream) == sorted(served)
+    assert {s.request_id: s.features for s in stream} == {
+        k: s.features for k, s in served.items()}
+    assert dropped == 0

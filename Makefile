@@ -15,7 +15,7 @@ test: setup
 
 lint: setup
 	@$(VENV)/bin/ruff check .
-	@$(VENV)/bin/mypy common ingestion preparation segregation training evaluation scoring
+	@$(VENV)/bin/mypy common ingestion preparation segregation training evaluation scoring monitoring
 
 bench-bus: setup
 	@$(PY) bench/bus.py

@@ -4,6 +4,7 @@ Examples::
 
     conveyor run eventlog
     conveyor publish SourceDataAvailable --json '{"dataset": "paysim", "uri": "tx.csv"}'
+    conveyor publish outcome --entity C42 --outcome 1 --request-id 3f9a...
     conveyor events schema SourceDataAvailable
     conveyor dlq list eventlog
     conveyor status
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 import threading
 from pathlib import Path
@@ -87,10 +89,26 @@ def up() -> None:
         stop.wait()
 
 
-@main.command()
+class PublishGroup(click.Group):
+    """``publish outcome ...``, or ``publish EVENT_TYPE --json ...`` for any event type."""
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        if args and args[0] not in self.commands:
+            return "event", self.commands["event"], args  # the type stays an argument
+        return super().resolve_command(ctx, args)
+
+
+@main.group(cls=PublishGroup)
+def publish() -> None:
+    """Publish an event: EVENT_TYPE --json '{...}', or an observed outcome."""
+
+
+@publish.command("event")
 @click.argument("event_type")
 @click.option("--json", "payload", required=True, help="Payload fields as JSON, or @file.")
-def publish(event_type: str, payload: str) -> None:
+def publish_event(event_type: str, payload: str) -> None:
     """Publish an event (envelope fields are filled in unless given)."""
     fields = _load_json(payload)
     event = parse_event({"producer": "cli", **fields, "event_type": event_class(event_type)
@@ -101,6 +119,28 @@ def publish(event_type: str, payload: str) -> None:
     finally:
         bus.close()
     click.echo(f"published {event.event_type} {event.event_id} (confirmed by the broker)")
+
+
+@publish.command("outcome")
+@click.option("--entity", required=True, help="The entity whose outcome is known.")
+@click.option("--outcome", required=True, help="The observed outcome (a label or a number).")
+@click.option("--request-id", default=None, help="The request id of the score it judges "
+              "(default: the entity's latest score).")
+def publish_outcome(entity: str, outcome: str, request_id: str | None) -> None:
+    """Publish an observed outcome, joined by monitoring to the score it judges."""
+    from monitoring.outcomes import publish_outcome as publish_one
+
+    event = publish_one(Settings(), entity, outcome_value(outcome), request_id, producer="cli")
+    click.echo(f"published OutcomeObserved {event.event_id} (confirmed by the broker)")
+
+
+def outcome_value(text: str) -> str | float:
+    """A finite number where the text reads as one ("1" and "1.0" -> 1.0), else the text."""
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return number if math.isfinite(number) else text
 
 
 def _load_json(text: str) -> dict[str, Any]:
@@ -257,13 +297,18 @@ def dlq_replay(service: str) -> None:
 
 @main.command()
 def status() -> None:
-    """Broker and Redis reachability, queue depths and dead-letter counts."""
+    """Reachability, queue depths, dead letters, and how each model serves (monitoring)."""
     settings = Settings()
     broker_ok, redis_ok = broker_reachable(settings), redis_reachable(settings)
     click.echo(f"RabbitMQ {settings.amqp_url.split('@')[-1]}: {'up' if broker_ok else 'DOWN'}")
     click.echo(f"Redis    {settings.redis_url}: {'up' if redis_ok else 'DOWN'}")
     if broker_ok:
         click.echo(queue_table(RabbitMQBus(settings, name="cli")))
+    if redis_ok:
+        from monitoring.state import MonitoringState
+
+        state = MonitoringState(redis.Redis.from_url(settings.redis_url), settings.namespace)
+        click.echo(model_table(state.live_all()))
     sys.exit(0 if broker_ok and redis_ok else 1)
 
 
@@ -295,6 +340,35 @@ def queue_table(bus: RabbitMQBus) -> str:
         retrying = sum(v for k, v in depths.items() if k.startswith("retry") and v > 0)
         lines.append(f"{name:<14} {depths['ready']:>7} {retrying:>9} {depths['dead']:>6}")
     return "\n".join(lines)
+
+
+def model_table(live: dict[str, dict[str, Any]]) -> str:
+    """Per model version, as monitoring sees it: served, latency, fallbacks, quality, drift."""
+    if not live:
+        return "models: nothing served yet (or the monitoring service is not running)"
+    header = (f"{'model':<8} {'served':>9} {'p50/p95/p99 ms':>18} {'fallback':>9} "
+              f"{'accuracy (eval)':>16} {'outcomes':>9}  drift")
+    return "\n".join([header, *(_model_line(v, view) for v, view in live.items())])
+
+
+def _model_line(version: str, view: dict[str, Any]) -> str:
+    percentiles = (view.get(f"latency_{p}_ms") for p in ("p50", "p95", "p99"))
+    latency = "/".join(_figure(value, ".1f") for value in percentiles)
+    live = _figure((view.get("quality") or {}).get("accuracy"), ".3f")
+    expected = _figure((view.get("quality_expected") or {}).get("accuracy"), ".3f")
+    drift = str(view.get("drift_level", "-"))
+    if view.get("degraded"):
+        drift += f", degraded: {view['degraded']}"
+    return (f"{version:<8} {view.get('served', 0):>9} {latency:>18} "
+            f"{_figure(view.get('fallback_share'), '.1%'):>9} {f'{live} ({expected})':>16} "
+            f"{view.get('outcomes', 0):>9}  {drift}")
+
+
+def _figure(value: Any, spec: str) -> str:
+    """A number formatted, or "-" when there is none."""
+    if not isinstance(value, int | float) or math.isnan(value):
+        return "-"
+    return format(value, spec)
 
 
 @main.command()

@@ -269,6 +269,7 @@ class MonitoringService(Service):
         counters, info = stats.counters, stats.info
         return {**summary(stats), "latency_sum_ms": counters.latency_sum_ms,
                 "histogram": counters.histogram, "model_id": info.model_id or "",
+                "quality_expected": dict(info.expected),
                 "deployed_at": info.deployed_at.isoformat() if info.deployed_at else ""}
 
     def _publish_drift(self, finding: DriftFinding) -> None:

@@ -83,7 +83,8 @@ class ScoringMetrics:
             self.batch_size.labels(version)
             for reason in FallbackKind:
                 self.fallbacks.labels(version, reason.value)
-            for link in (alias, "named"):
+            role = "older" if alias and alias.startswith("older") else alias  # "older #1"
+            for link in (role, "named"):
                 if link in LINKS:
                     self.answers.labels(version, link)
                     self.latency.labels(version, link)

@@ -126,6 +126,8 @@ def test_calls_answers_fallbacks_and_batches_are_counted(
     assert value(registry, answers, model_version="v2", link="previous") == 1
     assert value(registry, answers, model_version="v2", link="named") == 2
     assert value(registry, answers, model_version="v1", link="named") == 3
+    assert value(registry, answers, model_version="v1", link="older") == 0  # pre-created
+    assert value(registry, answers, model_version="v3", link="champion") == 0
     assert value(registry, "conveyor_scoring_latency_seconds_count",
                  model_version="v2", link="previous") == 1
 

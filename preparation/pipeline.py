@@ -43,6 +43,7 @@ from sklearn.preprocessing import FunctionTransformer
 
 from common.errors import InvalidInput
 from preparation.aggregates import EntityAggregate
+from preparation.online import fast_frame
 from preparation.registry import StepContext, build_step, naming_step, step_label
 from preparation.spec import FeatureSpec, parse_spec
 from preparation.transformers import RowFilter, require_numeric, to_utc
@@ -132,14 +133,19 @@ class FittedFeatureSet:
         out = _run(self.pipeline, _unique_index(frame), "offline")
         return self._output(out, frame, self.carried)
 
-    def transform_online(self, records: Records,
-                         history: Records | None = None) -> pd.DataFrame:
+    def transform_online(self, records: Records, history: Records | None = None, *,
+                         fast: bool = True) -> pd.DataFrame:
         """Scoring time: the same fitted steps on raw rows, without row filters.
 
         Aggregate columns the rows carry are used as they are; missing ones are computed
         from ``history``: raw rows strictly earlier than ``records`` (not the records
         themselves, or a count window would see them twice); none means no past.
+        A few records without history take the steps' compiled row forms
+        (``preparation.online``), which give the same frame; ``fast=False`` runs the
+        pandas steps, the reference.
         """
+        if fast and history is None and (out := fast_frame(self, records)) is not None:
+            return out
         frame, carried = self._online_frame(records)
         past = None if history is None else self._online_frame(history)[0]
         return self._output(self._run_online(frame, past), frame, carried)

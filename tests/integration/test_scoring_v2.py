@@ -23,6 +23,7 @@ from scoring.core import ScoringCore
 from scoring.inputs import InputSchema
 from scoring.server import GrpcSettings, ScoringServer, field_value
 from scoring.v2 import MAX_ROWS, field_tensors
+from tests.fixtures.models import SlowClassifier
 from tests.fixtures.scoring import ScoringWorld, fields_of, scoring_world
 
 pytestmark = pytest.mark.integration
@@ -261,6 +262,36 @@ def test_only_the_requested_outputs_are_returned(world: ScoringWorld, stub: Any)
     reply = stub.ModelInfer(request, timeout=5)
     assert [(o.name, o.datatype, list(o.shape)) for o in reply.outputs] == [
         ("predict", "BYTES", [2])]
+
+
+def test_column_tensors_and_integer_numbers_are_accepted(world: ScoringWorld, stub: Any) -> None:
+    records = raw_fields(world, range(40, 43))
+    plain = probabilities(stub.ModelInfer(infer(records), timeout=5))
+    columns = infer(records)
+    for tensor in columns.inputs:
+        tensor.shape[:] = [3, 1]
+    rounded = [{**r, "amount": round(r["amount"])} for r in records]
+    integers = with_tensor(infer(rounded), "amount", datatype="INT64", shape=[3],
+                           contents=Contents(int64_contents=[r["amount"] for r in rounded]))
+    np.testing.assert_allclose(probabilities(stub.ModelInfer(columns, timeout=5)), plain)
+    np.testing.assert_allclose(probabilities(stub.ModelInfer(integers, timeout=5)),
+                               probabilities(stub.ModelInfer(infer(rounded), timeout=5)))
+
+
+def test_a_slow_champion_is_answered_by_previous_and_says_so(world: ScoringWorld) -> None:
+    world.add_model(SlowClassifier(world.estimators["v2"], delay_s=2.0), "m-slow")
+    core = world.core(deadline_s=0.3, warmup_calls=0)
+    core.load_chain()
+    server = ScoringServer(core, GrpcSettings(host="127.0.0.1", port=0)).start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                infer(raw_fields(world, range(2))), timeout=1.0)
+    finally:
+        server.stop(0)
+        core.close()
+    assert (reply.model_version, reply.parameters["fallback"].bool_param) == ("v2", True)
+    assert "v3 passed its deadline" in reply.parameters["fallback_reason"].string_param
 
 
 def raw_bytes(tensor: Any) -> bytes:

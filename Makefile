@@ -1,8 +1,9 @@
 # The two commands: `make demo` and `make test`. Both set up what they need first.
-.PHONY: setup demo test lint bench-bus bench-features bench-pipeline clean
+.PHONY: setup demo test lint observe dashboards bench-bus bench-features bench-pipeline clean
 
 VENV := .venv
 PY := $(VENV)/bin/python
+PROMETHEUS_PORT ?= 9090
 
 setup:
 	@bash scripts/setup.sh
@@ -15,7 +16,20 @@ test: setup
 
 lint: setup
 	@$(VENV)/bin/ruff check .
-	@$(VENV)/bin/mypy common ingestion preparation segregation training evaluation scoring monitoring
+	@$(VENV)/bin/mypy common ingestion preparation segregation training evaluation scoring monitoring \
+		deploy/grafana/build.py
+
+# Prometheus on 127.0.0.1:$(PROMETHEUS_PORT) with deploy/prometheus/prometheus.yml: scrapes
+# the services `conveyor up` or `make demo` start (their file_sd targets), loads the rules.
+observe:
+	@bash scripts/setup.sh prometheus
+	@mkdir -p var/prometheus var/run/targets var/demo/targets
+	@echo "Prometheus on http://127.0.0.1:$(PROMETHEUS_PORT) (Ctrl-C stops it)"
+	@prometheus --config.file=deploy/prometheus/prometheus.yml --storage.tsdb.path=var/prometheus \
+		--web.listen-address=127.0.0.1:$(PROMETHEUS_PORT)
+
+dashboards: setup
+	@$(PY) deploy/grafana/build.py
 
 bench-bus: setup
 	@$(PY) bench/bus.py

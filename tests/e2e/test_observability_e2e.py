@@ -323,6 +323,19 @@ def test_the_run_shows_in_the_metrics(run: Run) -> None:
                  at_least=SCORED_ROWS) >= SCORED_ROWS
 
 
+def test_every_service_exports_the_common_metrics_and_no_summaries(run: Run) -> None:
+    for metric in ("conveyor_events_handled_total", "conveyor_handler_duration_seconds_count",
+                   "conveyor_queue_depth"):
+        exporters = {s["metric"]["service"] for s in run.prometheus.query(metric)}
+        assert exporters >= set(SERVICES), f"{metric} missing from {set(SERVICES) - exporters}"
+    metadata = run.prometheus.get("/api/v1/metadata")
+    kinds = {name: {m["type"] for m in entries} for name, entries in metadata.items()
+             if name.startswith("conveyor_")}
+    assert kinds["conveyor_events_published_total"] == {"counter"}
+    assert kinds["conveyor_pipeline_stage_duration_seconds"] == {"histogram"}
+    assert not {name for name, types in kinds.items() if "summary" in types}
+
+
 def params() -> list[Any]:
     """One test per panel query; an xfail where a metric it reads has not landed."""
     marked = []

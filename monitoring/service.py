@@ -204,8 +204,11 @@ class MonitoringService(Service):
         if done is not None:
             return done  # a redelivery of a batch that already decided something
         findings = self._observe(event)
-        self.state.remember(event.scores)
-        self._publish_figures(event.scores, findings)
+        versions = {s.model_version for s in event.scores}
+        self.state.remember(event.scores, {v: self._live_fields(v) for v in versions})
+        for finding in findings:
+            if isinstance(finding, DriftFinding):
+                self._publish_drift(finding)
         events = [e for finding in findings for e in self._decide(event, finding)]
         return self._recorded(event, events)
 
@@ -255,14 +258,6 @@ class MonitoringService(Service):
             histogram = self.metrics.latency.labels(version)
             for seconds in latencies:
                 histogram.observe(seconds)
-
-    def _publish_figures(self, scores: Sequence[ServedScore], findings: list[Finding]) -> None:
-        """The live view of each version in the batch, drift gauges and reports."""
-        for version in {s.model_version for s in scores}:
-            self.state.write_live(version, self._live_fields(version))
-        for finding in findings:
-            if isinstance(finding, DriftFinding):
-                self._publish_drift(finding)
 
     def _live_fields(self, version: str) -> dict[str, object]:
         stats = self.core.stats(version)

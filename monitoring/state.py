@@ -66,8 +66,12 @@ class MonitoringState:
 
     # -- the outcome join ------------------------------------------------------------
 
-    def remember(self, scores: Sequence[ServedScore], now: float | None = None) -> None:
-        """Keep each score's answer by request id and as its entity's latest, for a while."""
+    def remember(
+        self, scores: Sequence[ServedScore], views: Mapping[str, Mapping[str, Any]] | None = None,
+        now: float | None = None,
+    ) -> None:
+        """Keep each score's answer by request id and as its entity's latest, for a while;
+        with ``views`` (version -> fields), update those live views in the same round trip."""
         mapping: dict[str, bytes] = {}
         for score in scores:
             value = orjson.dumps([score.model_version, score.label, score.score])
@@ -76,6 +80,8 @@ class MonitoringState:
         pipe = self.client.pipeline(transaction=False)
         pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
         pipe.expire(key, self.served_ttl_s + self.bucket_s)
+        for version, fields in (views or {}).items():
+            self._set_live(pipe, version, fields)
         pipe.execute()
 
     def served(self, request_id: str | None, entity_id: str, now: float | None = None
@@ -133,11 +139,14 @@ class MonitoringState:
 
     def write_live(self, version: str, fields: Mapping[str, Any]) -> None:
         """Set fields of a version's live view (each value as JSON)."""
-        encoded = {name: _encode(value) for name, value in fields.items()}
         pipe = self.client.pipeline(transaction=False)
-        pipe.hset(self.key("model", version), mapping=encoded)  # type: ignore[arg-type]
-        pipe.sadd(self.key("versions"), version)
+        self._set_live(pipe, version, fields)
         pipe.execute()
+
+    def _set_live(self, pipe: Any, version: str, fields: Mapping[str, Any]) -> None:
+        encoded = {name: _encode(value) for name, value in fields.items()}
+        pipe.hset(self.key("model", version), mapping=encoded)
+        pipe.sadd(self.key("versions"), version)
 
     def live(self, version: str) -> dict[str, Any]:
         """A version's live view, decoded ({} if none)."""

@@ -27,20 +27,23 @@ import logging
 import threading
 import time
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import redis
+from threadpoolctl import threadpool_limits
 
 from common.errors import ConveyorError, InvalidInput, ModelNotFound, NotFound, Status
 from common.events import ModelReady
 from common.stores import ModelRegistry, ModelStore, OnlineFeatureStore
-from scoring.batching import AdaptiveBatchSize, MicroBatcher
+from preparation.online import online_matrix
+from scoring.batching import AdaptiveBatchSize, DeadlineExceeded, MicroBatcher, Overloaded
 from scoring.inputs import FieldValue, InputSchema
 from scoring.latency import CircuitBreaker
 from scoring.router import (
@@ -48,12 +51,17 @@ from scoring.router import (
     FallbackKind,
     ModelHealth,
     ModelRouter,
+    NoAnswer,
     NoModelDeployed,
     answer,
 )
 
 logger = logging.getLogger(__name__)
 
+# Models get 2-D float arrays in the order of the features they were trained on; building a
+# DataFrame per batch only to carry those names costs more than the predict of a few rows.
+warnings.filterwarnings("ignore", message="X does not have valid feature names",
+                        category=UserWarning)
 REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
@@ -84,8 +92,9 @@ class CoreSettings:
     """Largest micro-batch of one model."""
     max_queue: int = 1024
     """Requests one model may hold queued before refusing (RESOURCE_EXHAUSTED)."""
-    max_wait_s: float = 0.0005
-    """How long a batch waits for more rows after its first."""
+    max_wait_s: float = 0.0
+    """How long a batch waits for more rows after its first. None: under load, rows queue
+    while the batch before them predicts, so batches form without making a lone row wait."""
     workers: int = 64
     """Threads that run model links (a slow model is abandoned, not waited for)."""
     warmup_calls: int = 3
@@ -165,6 +174,9 @@ class LoadedModel:
     batcher: MicroBatcher[np.ndarray, np.ndarray] = field(init=False)
     on_batch: Callable[[int], None] | None = None
     """Told the rows of each predict call (its batcher's and the direct ones)."""
+    frame_input: bool = False
+    """Predict on DataFrames with the feature names, set when a model refuses a plain 2-D
+    array (one that selects columns by name)."""
 
     @property
     def feature_set_id(self) -> str:
@@ -177,18 +189,29 @@ class LoadedModel:
         return [str(c) for c in self.estimator.classes_]
 
     def predict_batch(self, rows: list[np.ndarray]) -> list[np.ndarray]:
-        """Class probabilities for a batch of feature rows (the batcher calls this)."""
-        frame = pd.DataFrame(np.vstack(rows), columns=self.feature_names)
-        return list(self.estimator.predict_proba(frame))
+        """Class probabilities for a batch of feature rows (the batcher calls this): one
+        ``predict_proba`` on a 2-D array, its OpenMP work on the calling thread only."""
+        _one_openmp_thread()
+        matrix = np.vstack(rows)
+        if not self.frame_input:
+            try:
+                return list(self.estimator.predict_proba(matrix))
+            except Exception:  # e.g. a ColumnTransformer that picks columns by name
+                logger.info("model %s version %s needs named columns: predicting on "
+                            "DataFrames", self.model_id, self.version)
+                self.frame_input = True
+        return list(self.estimator.predict_proba(
+            pd.DataFrame(matrix, columns=self.feature_names)))
 
     def features_of(self, request: _Request) -> np.ndarray:
-        """The model's feature row for a request (its own feature set's online transform)."""
+        """The model's feature row for a request (its own feature set's online transform,
+        compiled into row functions by ``preparation.online`` where it can be)."""
         query = request.query
         self.schema.check(query.fields)
         record = self.schema.record(
             query.entity_id, query.fields, request.online.get(self.feature_set_id))
-        out = self.features.transform_online([record])
-        return out[self.feature_names].to_numpy(dtype=np.float64)[0]
+        return online_matrix(self.features, [record], self.feature_names)[0]
+
 
     def predict(self, request: _Request) -> tuple[np.ndarray, np.ndarray]:
         """The feature row and its probabilities for one request, predicted in a micro-batch."""
@@ -210,8 +233,8 @@ class LoadedModel:
 
     def predict_records(self, records: list[dict[str, Any]], deadline: float | None) -> np.ndarray:
         """Probabilities of raw rows, each transformed by this model's own feature set."""
-        out = self.features.transform_online(records)
-        return self.predict_matrix(out[self.feature_names].to_numpy(dtype=np.float64), deadline)
+        matrix = online_matrix(self.features, records, self.feature_names)
+        return self.predict_matrix(matrix, deadline)
 
     def warm_up(self, calls: int) -> None:
         """Predict a few zero rows through the batcher, so the first request is not slow."""
@@ -240,6 +263,7 @@ class ScoringCore:
         self.router = ModelRouter(registry.name)
         self._loaded: dict[str, LoadedModel] = {}
         self._executor = ThreadPoolExecutor(self.settings.workers, thread_name_prefix="link")
+        self._inline = InlineStart(self._executor)
         self.on_served = on_served
         self.on_batch = on_batch
         """Called with (version, rows) after each predict call of a model (metrics)."""
@@ -399,10 +423,26 @@ class ScoringCore:
         loaded = [models[link.version] for link in links]
         loaded[0].schema.check(query.fields)  # the request's fault, before any model runs
         request = self._with_online(query, loaded, time.monotonic() + deadline_s)
-        reply = answer(decision, lambda link: link.predict(request), deadline_s,
-                       executor=self._executor)
-        row, proba = reply.value
-        return _result(query, models[reply.version], row, proba, reply, request.degraded, began)
+        raised: list[Exception] = []  # by the links, to tell overload and lateness apart
+        rows: dict[str, np.ndarray] = {}  # each asked link's feature row
+
+        def start(link: DeployedModel) -> Future[np.ndarray]:
+            model = models[link.version]
+            try:
+                rows[link.version] = row = model.features_of(request)
+                future = model.batcher.submit(row, deadline=request.deadline)
+            except Exception as exc:
+                raised.append(exc)
+                raise
+            future.add_done_callback(lambda done: _note_failure(done, raised))
+            return future
+
+        try:
+            reply = answer(decision, Started(start), deadline_s, executor=self._inline)
+        except NoAnswer as exc:
+            raise _no_answer(exc, raised, len(links)) from None
+        return _result(query, models[reply.version], rows[reply.version], reply.value, reply,
+                       request.degraded, began)
 
     def _with_online(
         self, query: ScoreQuery, loaded: Sequence[LoadedModel], deadline: float
@@ -444,6 +484,66 @@ class ScoringCore:
                 self.on_served(query, result)
         except Exception:  # reporting must never fail a request
             logger.exception("reporting %d scores failed", len(results))
+
+
+class Started:
+    """A link call in two halves: ``start(link)`` does the request's own work on the
+    caller's thread and returns the future of the batch its row joined. Called whole (a
+    shadow on the pool), it waits for that future."""
+
+    def __init__(self, start: Callable[[DeployedModel], Future[Any]]) -> None:
+        self.start = start
+
+    def __call__(self, link: DeployedModel) -> Any:
+        return self.start(link).result()
+
+
+class InlineStart(Executor):
+    """The executor ``answer`` runs links on: a ``Started`` call is started on the
+    request's own thread and its batch's future handed back, so ``answer`` waits for the
+    batch itself (its deadline cancels the queued row) with no thread in between. Anything
+    else (a shadow) runs on ``pool``."""
+
+    def __init__(self, pool: Executor) -> None:
+        self.pool = pool
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        if isinstance(fn, Started):
+            return fn.start(*args, **kwargs)
+        return self.pool.submit(fn, *args, **kwargs)
+
+
+def _note_failure(done: Future[Any], raised: list[Exception]) -> None:
+    if not done.cancelled() and isinstance(error := done.exception(), Exception):
+        raised.append(error)
+
+
+_OPENMP = threading.local()
+
+
+def _one_openmp_thread() -> None:
+    """Predict on one OpenMP thread (set once per thread): HistGradientBoosting's default of
+    one per core spins against the server's other threads, ~10x slower on a busy machine;
+    throughput comes from batching and from concurrent requests instead."""
+    if not getattr(_OPENMP, "limited", False):
+        threadpool_limits(limits=1, user_api="openmp")
+        _OPENMP.limited = True
+
+
+class LateAnswer(NoAnswer):
+    """No link answered before the deadline: every one was too slow or never asked."""
+
+    status = Status.DEADLINE_EXCEEDED
+
+
+def _no_answer(exc: NoAnswer, raised: Sequence[Exception], links: int) -> ConveyorError:
+    """Every link overloaded: RESOURCE_EXHAUSTED; only too slow: DEADLINE_EXCEEDED."""
+    overloads = [e for e in raised if isinstance(e, Overloaded)]
+    if len(overloads) == links:
+        return overloads[0]
+    if all(isinstance(e, DeadlineExceeded) for e in raised):  # expired in a queue, or none
+        return LateAnswer(exc.failures)
+    return exc
 
 
 class InFlight:

@@ -76,13 +76,15 @@ class Reference:
 
 @dataclass(frozen=True)
 class InputDrift:
-    """One input's drift: PSI, KS statistic and p-value, how many live values, level."""
+    """One input's drift: PSI, KS statistic and p-value, how many live values, level, and
+    the live distribution (share of live values in each reference bin)."""
 
     psi: float
     ks_statistic: float
     ks_pvalue: float
     live_count: int
     level: Level
+    shares: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -139,8 +141,13 @@ def reference_of(
 
 def psi(reference: Reference, live: np.ndarray, epsilon: float = 1e-4) -> float:
     """Population stability index of live values against the reference's bins."""
-    expected = np.maximum(reference.proportions, epsilon)
-    actual = np.maximum(proportions(reference.cuts, finite(live)), epsilon)
+    return psi_of_shares(reference.proportions, proportions(reference.cuts, finite(live)),
+                         epsilon)
+
+
+def psi_of_shares(expected: np.ndarray, actual: np.ndarray, epsilon: float = 1e-4) -> float:
+    """PSI of live shares against reference shares of the same bins (floored at epsilon)."""
+    expected, actual = np.maximum(expected, epsilon), np.maximum(actual, epsilon)
     return float(np.sum((actual - expected) * np.log(actual / expected)))
 
 
@@ -157,10 +164,12 @@ def ks(reference: Reference, live: np.ndarray) -> tuple[float, float]:
 
 def drift_of(reference: Reference, live: np.ndarray, thresholds: DriftThresholds) -> InputDrift:
     """PSI and KS of one input, and the level they reach."""
-    value = psi(reference, live, thresholds.epsilon)
+    live = finite(live)
+    shares = proportions(reference.cuts, live)
+    value = psi_of_shares(reference.proportions, shares, thresholds.epsilon)
     statistic, pvalue = ks(reference, live)
     level = worst([_psi_level(value, thresholds), _ks_level(statistic, pvalue, thresholds)])
-    return InputDrift(value, statistic, pvalue, int(np.isfinite(live).sum()), level)
+    return InputDrift(value, statistic, pvalue, len(live), level, tuple(shares.tolist()))
 
 
 def drift_report(

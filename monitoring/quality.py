@@ -16,7 +16,7 @@ live figure fell below the evaluation's by more than the margin. Example::
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -63,6 +63,11 @@ def quality_of(
         observed, predicted, labels=chosen, average="macro", zero_division=0.0)
     return {"accuracy": float(skm.accuracy_score(observed, predicted)),
             "precision": float(precision), "recall": float(recall), "f1": float(f1)}
+
+
+def confusion(pairs: Sequence[tuple[str, str]]) -> dict[str, int]:
+    """Predicted versus observed: how many of each ``"predicted->observed"`` pair."""
+    return dict(sorted(Counter(f"{p}->{o}" for p, o in pairs).items()))
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@
 Each measurement becomes ``monitoring/<version>/window-<served>.parquet`` under the data
 root (any fsspec URL), ``served`` being the version's total scores when it was taken, so
 the names sort in time. One row per input (and ``__prediction__``) with its PSI, KS
-statistic and p-value, level and live count, beside the version's serving figures and
-live quality at that moment. Example::
+statistic and p-value, level, live count and live shares of the reference bins, beside
+the version's serving figures at that moment. Example::
 
     reports = Reports(settings.data_root)
     reports.write(finding, figures={"served": 12_000, "latency_p99_ms": 4.1})
@@ -32,12 +32,12 @@ def report_frame(
         {"model_version": finding.version, "at": at or utc_now(), "served": finding.served,
          "input": name, "psi": d.psi, "ks_statistic": d.ks_statistic,
          "ks_pvalue": d.ks_pvalue, "live_count": d.live_count, "level": d.level,
-         "model_level": finding.report.level}
+         "model_level": finding.report.level, "live_shares": list(d.shares)}
         for name, d in finding.report.inputs.items()
     ]
     frame = pd.DataFrame(rows, columns=["model_version", "at", "served", "input", "psi",
                                         "ks_statistic", "ks_pvalue", "live_count", "level",
-                                        "model_level"])
+                                        "model_level", "live_shares"])
     for name, value in figures.items():
         if name not in frame.columns and isinstance(value, int | float | str):
             frame[name] = value

@@ -59,7 +59,7 @@ from monitoring.core import (
 )
 from monitoring.drift import PREDICTION, DriftReport, DriftThresholds
 from monitoring.metrics import MonitoringMetrics
-from monitoring.quality import QualityRule, degradation, label_of, quality_of
+from monitoring.quality import QualityRule, confusion, degradation, label_of, quality_of
 from monitoring.reference import classes_from, references_from
 from monitoring.reports import Reports
 from monitoring.state import MonitoringState
@@ -226,8 +226,9 @@ class MonitoringService(Service):
         info = self.catalogue.describe(served.version)
         live = quality_of([p for p, _ in pairs], [o for _, o in pairs], info.classes)
         self.metrics.observe_quality(served.version, live)
-        self.state.write_live(served.version, {"quality": live, "outcomes": len(pairs),
-                                               "quality_expected": dict(info.expected)})
+        self.state.write_live(served.version, {
+            "quality": live, "outcomes": len(pairs), "quality_expected": dict(info.expected),
+            "confusion": confusion(pairs)})
         found = degradation(live, info.expected, count=len(pairs),
                             rule=self.settings.quality_rule())
         events: list[Event] = []
@@ -272,11 +273,16 @@ class MonitoringService(Service):
         self.metrics.observe_drift(version, report)
         self.state.write_live(version, {
             "drift_level": report.level, "drift_served": finding.served,
-            "drift": {name: {"psi": d.psi, "ks": d.ks_statistic, "level": d.level}
+            "drift": {name: {"psi": d.psi, "ks": d.ks_statistic, "level": d.level,
+                             "live_shares": d.shares,
+                             "reference_shares": self._reference_shares(version, name)}
                       for name, d in report.inputs.items()}})
         if self.reports is not None and report.inputs:
             path = self.reports.write(finding, summary(self.core.stats(version)))
             log.info("drift of %s: %s (report %s)", version, report.level, path)
+
+    def _reference_shares(self, version: str, name: str) -> list[float]:
+        return self.catalogue.describe(version).references[name].proportions.tolist()
 
     def _decide(self, cause: ScoreServed, finding: Finding) -> list[Event]:
         if isinstance(finding, LatencyFinding):

@@ -180,6 +180,9 @@ def test_contradicting_outcomes_make_scoring_demote_the_champion(
     last = registry.history()[-1]
     assert (last.action, last.from_version, last.to_version) == ("demote", "v2", "v1")
     assert state.unmatched() == 0
+    status = CliRunner().invoke(main, ["status"], env=settings_env(ns))
+    [line] = [row for row in status.output.splitlines() if row.startswith("v2 ")]
+    assert line.split()[1] == str(len(replies)) and "degraded: accuracy" in line
 
 
 def flipped(label: str) -> str:

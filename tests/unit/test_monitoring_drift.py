@@ -48,6 +48,7 @@ def test_the_same_distribution_does_not_drift() -> None:
     result = drift_of(ref, normal(seed=2), THRESHOLDS)
     assert result.psi < 0.02 and result.level == "none"
     assert result.live_count == 5_000
+    assert len(result.shares) == 10 and sum(result.shares) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize(("shift", "level"), [(0.35, "warn"), (1.0, "alert")])

@@ -115,6 +115,9 @@ def test_unshifted_traffic_raises_nothing_and_is_reported(
     assert sorted(reports["served"].unique()) == [500, 1_000, 1_500, 2_000]
     assert set(reports["input"]) == {"a", "b", "c", "__prediction__"}
     assert (reports["psi"] < 0.1).all() and (reports["level"] == "none").all()
+    shares = live["drift"]["a"]
+    assert sum(shares["live_shares"]) == pytest.approx(1.0)
+    assert len(shares["live_shares"]) == len(shares["reference_shares"]) == 10
 
 
 def test_a_shifted_feature_is_detected_and_retraining_asked_once(
@@ -151,6 +154,8 @@ def test_contradicting_outcomes_degrade_the_model_once(
     assert degraded.observed < expected - 0.05
     live = m.state.live("v2")
     assert live["outcomes"] == 200 and live["quality"]["accuracy"] == pytest.approx(60 / 200)
+    assert sum(live["confusion"].values()) == 200
+    assert sum(n for pair, n in live["confusion"].items() if pair in ("0->0", "1->1")) == 60
     assert m.sample("conveyor_model_quality", model_version="v2", metric="accuracy") == \
         pytest.approx(0.3)
     assert m.sample("conveyor_model_degraded_total", model_version="v2", reason="accuracy") == 1

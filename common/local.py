@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TypeVar
@@ -60,17 +60,32 @@ def wait_until(
 class LocalService:
     """A service started as a local process, its JSON log captured to a file."""
 
-    def __init__(self, name: str, settings: Settings, log_dir: Path) -> None:
-        self.name, self.port = name, free_port()
+    def __init__(
+        self, name: str, settings: Settings, log_dir: Path, env: Mapping[str, str] | None = None
+    ) -> None:
+        self.name, self.port, self.namespace = name, free_port(), settings.namespace
+        self.env = dict(env or {})
         self.log_path = log_dir / f"{name}.log"
-        env = {**os.environ, "CONVEYOR_HTTP_PORT": str(self.port),
-               "CONVEYOR_NAMESPACE": settings.namespace}
         self._log = self.log_path.open("w")
-        cmd = [sys.executable, "-m", "common.cli", "run", name]
-        # A session of its own: a Ctrl-C meant for the parent must not hit it mid-shutdown.
-        self.process = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=self._log,
-                                        start_new_session=True)
+        self.process = self._spawn(self.env)
         self.target_path = write_scrape_target(log_dir / "targets", name, self.port)
+
+    def _spawn(self, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+        full = {**os.environ, "CONVEYOR_HTTP_PORT": str(self.port),
+                "CONVEYOR_NAMESPACE": self.namespace, **env}
+        cmd = [sys.executable, "-m", "common.cli", "run", self.name]
+        # A session of its own: a Ctrl-C meant for the parent must not hit it mid-shutdown.
+        return subprocess.Popen(cmd, env=full, stdout=self._log, stderr=self._log,
+                                start_new_session=True)
+
+    def restart(self, env: Mapping[str, str]) -> int:
+        """Stop it (SIGTERM) and start it again on the same port with these settings added
+        (the demo's fault injection); returns the old process's exit status."""
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=60)
+        self.env = {**self.env, **env}
+        self.process = self._spawn(self.env)
+        return code
 
     def ready(self) -> bool:
         """Whether its /readyz answers 200."""
@@ -129,10 +144,12 @@ def consumers(bus: RabbitMQBus, service: str) -> int:
 
 def start_missing_services(
     settings: Settings, bus: RabbitMQBus, stack: ExitStack, log_dir: Path,
-    say: Callable[[str], None],
+    say: Callable[[str], None], env: Mapping[str, Mapping[str, str]] | None = None,
 ) -> list[LocalService]:
-    """Start, as local processes, the pipeline services that have no consumer yet."""
-    started = [LocalService(n, settings, log_dir) for n in PIPELINE_SERVICES
+    """Start, as local processes, the pipeline services that have no consumer yet
+    (``env``: extra environment by service name)."""
+    env = env or {}
+    started = [LocalService(n, settings, log_dir, env.get(n)) for n in PIPELINE_SERVICES
                if consumers(bus, n) == 0]
     for service in started:
         stack.callback(_stopper(service, say))

@@ -24,6 +24,9 @@ from monitoring.drift import PREDICTION, Reference, reference_of
 
 REFERENCE_ROWS = 20_000
 """Training rows the reference is built from (a seeded sample when there are more)."""
+PREDICTION_ROWS = 5_000
+"""Of those, the rows predicted for the predictions' reference (a predict per candidate
+costs training time; 5,000 rows bin the scores well enough)."""
 KS_SAMPLE = 2_000
 """Values per input kept for the KS test."""
 BINS = 10
@@ -53,10 +56,11 @@ def model_reference(
     model: Any, rows: pd.DataFrame, inputs: Mapping[str, Any], seed: int = 0
 ) -> dict[str, Any]:
     """The JSON reference of one model: its inputs', its predictions' and its classes."""
-    predictions = reference_of(scores_of(model, rows), bins=BINS, sample_size=KS_SAMPLE,
-                               seed=seed)
+    predictions = reference_of(scores_of(model, rows.iloc[:PREDICTION_ROWS]), bins=BINS,
+                               sample_size=KS_SAMPLE, seed=seed)
     classes = [str(c) for c in getattr(model, "classes_", [])]
-    return {"bins": BINS, "rows": int(len(rows)), "inputs": dict(inputs),
+    return {"bins": BINS, "rows": int(len(rows)),
+            "prediction_rows": int(min(len(rows), PREDICTION_ROWS)), "inputs": dict(inputs),
             "prediction": predictions.to_json(), "classes": classes}
 
 

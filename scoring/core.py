@@ -30,7 +30,7 @@ import uuid
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -212,29 +212,30 @@ class LoadedModel:
             query.entity_id, query.fields, request.online.get(self.feature_set_id))
         return online_matrix(self.features, [record], self.feature_names)[0]
 
-
     def predict(self, request: _Request) -> tuple[np.ndarray, np.ndarray]:
         """The feature row and its probabilities for one request, predicted in a micro-batch."""
         row = self.features_of(request)
         return row, self.batcher.submit(row, deadline=request.deadline).result()
 
-    def predict_matrix(self, matrix: np.ndarray, deadline: float | None) -> np.ndarray:
-        """Probabilities of a feature matrix (rows x this model's features): a few rows
-        through the micro-batcher (batched with other requests), many in one call."""
+    def start_rows(self, rows: np.ndarray | list[dict[str, Any]], deadline: float | None,
+                   pool: Executor) -> Future[np.ndarray]:
+        """Start predicting a feature matrix, or raw records (transformed here, by this
+        model's own feature set): a few rows through the micro-batcher (batched with other
+        requests), many in one call on ``pool``. The future holds rows x classes;
+        cancelling it drops the rows still queued."""
+        matrix = rows if isinstance(rows, np.ndarray) else online_matrix(
+            self.features, rows, self.feature_names)
         if matrix.ndim != 2 or matrix.shape[1] != len(self.feature_names):
             raise InvalidInput(f"model {self.model_id} version {self.version} takes "
                                f"{len(self.feature_names)} features, got shape {matrix.shape}")
         if len(matrix) >= self.batcher.batch_size.maximum:
-            if self.on_batch is not None:
-                self.on_batch(len(matrix))
-            return np.asarray(self.predict_batch(list(matrix)))
-        futures = [self.batcher.submit(row, deadline=deadline) for row in matrix]
-        return np.vstack([future.result() for future in futures])
+            return pool.submit(self._predict_all, matrix)
+        return _stacked([self.batcher.submit(row, deadline=deadline) for row in matrix])
 
-    def predict_records(self, records: list[dict[str, Any]], deadline: float | None) -> np.ndarray:
-        """Probabilities of raw rows, each transformed by this model's own feature set."""
-        matrix = online_matrix(self.features, records, self.feature_names)
-        return self.predict_matrix(matrix, deadline)
+    def _predict_all(self, matrix: np.ndarray) -> np.ndarray:
+        if self.on_batch is not None:
+            self.on_batch(len(matrix))
+        return np.asarray(self.predict_batch(list(matrix)))
 
     def warm_up(self, calls: int) -> None:
         """Predict a few zero rows through the batcher, so the first request is not slow."""
@@ -360,14 +361,21 @@ class ScoringCore:
         with self._in_flight.request():
             decision = self.router.route(version)
             models = self._loaded  # read after routing: holds every version it can pick
+            raised: list[Exception] = []
 
-            def call(link: DeployedModel) -> np.ndarray:
-                model = models[link.version]
-                if isinstance(rows, np.ndarray):
-                    return model.predict_matrix(rows, deadline)
-                return model.predict_records(rows, deadline)
+            def start(link: DeployedModel) -> Future[np.ndarray]:
+                try:
+                    future = models[link.version].start_rows(rows, deadline, self._executor)
+                except Exception as exc:
+                    raised.append(exc)
+                    raise
+                future.add_done_callback(lambda done: _note_failure(done, raised))
+                return future
 
-            reply = answer(decision, call, deadline_s, executor=self._executor)
+            try:
+                reply = answer(decision, Started(start), deadline_s, executor=self._inline)
+            except NoAnswer as exc:
+                raise _no_answer(exc, raised, 1 + len(decision.fallbacks)) from None
         return InferResult(reply.value, models[reply.version].classes, reply.version,
                            reply.fallback, reply.fallback_reason, reply.fallback_kind,
                            reply.role, (time.perf_counter() - began) * 1e3)
@@ -511,6 +519,32 @@ class InlineStart(Executor):
         if isinstance(fn, Started):
             return fn.start(*args, **kwargs)
         return self.pool.submit(fn, *args, **kwargs)
+
+
+def _stacked(parts: list[Future[np.ndarray]]) -> Future[np.ndarray]:
+    """One future of the parts' results stacked as rows (or their first failure);
+    cancelling it cancels the parts still queued."""
+    whole: Future[np.ndarray] = Future()
+    left, lock = [len(parts)], threading.Lock()
+
+    def part_done(_: Future[np.ndarray]) -> None:
+        with lock:
+            left[0] -= 1
+            if left[0]:
+                return
+        with contextlib.suppress(InvalidStateError):  # cancelled meanwhile
+            failed = next((p for p in parts if p.cancelled() or p.exception()), None)
+            if failed is None:
+                whole.set_result(np.vstack([p.result() for p in parts]))
+            elif failed.cancelled():
+                whole.cancel()
+            else:
+                whole.set_exception(failed.exception())
+
+    whole.add_done_callback(lambda w: [p.cancel() for p in parts] if w.cancelled() else None)
+    for part in parts:
+        part.add_done_callback(part_done)
+    return whole
 
 
 def _note_failure(done: Future[Any], raised: list[Exception]) -> None:

@@ -103,6 +103,10 @@ class CoreSettings:
     """Versions kept deployed (champion, previous, older); the rest are retired."""
     retire_wait_s: float = 30.0
     """How long a retirement waits for the requests in flight before stopping a model."""
+    inject_delay_s: float = 0.0
+    """Fault injection for demos and drills, off at 0: every predict call of the version
+    ``inject_delay_version`` first sleeps this long, as a slow model would."""
+    inject_delay_version: str = ""
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,8 @@ class LoadedModel:
     frame_input: bool = False
     """Predict on DataFrames with the feature names, set when a model refuses a plain 2-D
     array (one that selects columns by name)."""
+    delay_s: float = 0.0
+    """Injected slowness of each predict call (``CoreSettings.inject_delay_s``)."""
 
     @property
     def feature_set_id(self) -> str:
@@ -191,6 +197,8 @@ class LoadedModel:
     def predict_batch(self, rows: list[np.ndarray]) -> list[np.ndarray]:
         """Class probabilities for a batch of feature rows (the batcher calls this): one
         ``predict_proba`` on a 2-D array, its OpenMP work on the calling thread only."""
+        if self.delay_s:
+            time.sleep(self.delay_s)  # injected fault: a slow model
         _one_openmp_thread()
         matrix = np.vstack(rows)
         if not self.frame_input:
@@ -403,8 +411,13 @@ class ScoringCore:
         estimator = self.models.load(model_id)
         fitted = self.pipelines.load(metadata["feature_set_id"])
         names = list(metadata.get("features") or fitted.feature_names)
+        injected = version == self.settings.inject_delay_version
+        delay_s = self.settings.inject_delay_s if injected else 0.0
+        if delay_s:
+            logger.warning("fault injection: every predict of version %s sleeps %.0f ms",
+                           version, delay_s * 1e3)
         loaded = LoadedModel(version, model_id, estimator, fitted, names, InputSchema.of(fitted),
-                             on_batch=self._batch_observer(version))
+                             on_batch=self._batch_observer(version), delay_s=delay_s)
         loaded.batcher = MicroBatcher(
             f"{self.registry.name}:{version}", loaded.predict_batch,
             max_queue=self.settings.max_queue,

@@ -1,5 +1,6 @@
 # The two commands: `make demo` and `make test`. Both set up what they need first.
-.PHONY: setup demo test lint observe dashboards bench-bus bench-features bench-pipeline clean
+.PHONY: setup demo test lint observe dashboards bench-bus bench-features bench-pipeline \
+	bench-monitoring clean
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -39,6 +40,9 @@ bench-features: setup
 
 bench-pipeline: setup
 	@$(PY) bench/pipeline.py
+
+bench-monitoring: setup
+	@$(PY) bench/monitoring.py
 
 clean:
 	rm -rf var/ .pytest_cache

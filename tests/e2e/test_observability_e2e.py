@@ -51,6 +51,15 @@ ENVIRONMENT = {  # what the services need beyond their namespace, and quick moni
     "CONVEYOR_MONITORING_DRIFT_EVERY": "100",
     "CONVEYOR_MONITORING_DRIFT_MIN_SCORES": "50",
     "CONVEYOR_MONITORING_QUALITY_MIN_OUTCOMES": "20",
+    # Drift is measured (and may warn) but never reaches "alert": a retrained champion v3
+    # would race the run's checks. Drift and retraining have end-to-end tests of their own.
+    "CONVEYOR_MONITORING_PSI_ALERT": "1000",
+    "CONVEYOR_MONITORING_KS_ALERT": "2",
+    # Deadlines and latency budgets a loaded test machine keeps: the run's only fallbacks
+    # come from the demotion it asks for.
+    "CONVEYOR_SCORING_DEADLINE_S": "10",
+    "CONVEYOR_SCORING_LATENCY_BUDGET_S": "10",
+    "CONVEYOR_MONITORING_LATENCY_BUDGET_MS": "60000",
 }
 NOT_LANDED: dict[str, str] = {}
 """Metric name -> what has not landed yet, for the panels that cannot have data today."""
@@ -142,7 +151,6 @@ class Run:
     """What the run left behind for the tests to look at."""
 
     prometheus: Prometheus
-    namespace: str
 
 
 @pytest.fixture(scope="module")
@@ -152,25 +160,24 @@ def run(tmp_path_factory: pytest.TempPathFactory, services_up: None) -> Iterator
     (folder / "run").mkdir()
     config = paysim_config(evaluation={"minimum": 0.0, "max_regression": 1.0})
     ns = pipeline_namespace(folder, config)  # every challenger passes: champion v2, then v1
-    with pytest.MonkeyPatch.context() as env, contextlib.ExitStack() as stack:
-        grpc_port = free_port()
-        for name, value in {**ENVIRONMENT, "CONVEYOR_GRPC_PORT": str(grpc_port),
-                            "CONVEYOR_DATA_ROOT": ns.settings.data_root,
-                            "CONVEYOR_PIPELINE_CONFIG": ns.settings.pipeline_config}.items():
-            env.setenv(name, value)
+    grpc_port = free_port()
+    env = {**ENVIRONMENT, "CONVEYOR_GRPC_PORT": str(grpc_port),
+           "CONVEYOR_DATA_ROOT": ns.settings.data_root,
+           "CONVEYOR_PIPELINE_CONFIG": ns.settings.pipeline_config}
+    with contextlib.ExitStack() as stack:
         stack.callback(ns.close)
         prometheus = stack.enter_context(running_prometheus(folder, folder / "run" / "targets"))
-        services = start_services(ns, folder / "run", stack)
+        services = start_services(ns, folder / "run", env, stack)
         wait_until(lambda: scraped(prometheus) >= set(SERVICES), 60, 0.5,
                    f"Prometheus scraping {', '.join(SERVICES)}")
         traffic(ns, folder, services["scoring"], grpc_port, prometheus)
-        yield Run(prometheus, ns.namespace)
+        yield Run(prometheus)
 
 
-def start_services(ns: BusNamespace, logs: Path, stack: contextlib.ExitStack
-                   ) -> dict[str, LocalService]:
+def start_services(ns: BusNamespace, logs: Path, env: dict[str, str],
+                   stack: contextlib.ExitStack) -> dict[str, LocalService]:
     """The services as local processes (SIGTERM at the end), once each answers."""
-    started = {name: LocalService(name, ns.settings, logs) for name in SERVICES}
+    started = {name: LocalService(name, ns.settings, logs, env) for name in SERVICES}
     for service in started.values():
         ns.services.add(service.name)
         stack.callback(service.stop)
@@ -198,7 +205,12 @@ def traffic(ns: BusNamespace, folder: Path, scoring: LocalService, grpc_port: in
         client = ScoringClient(channel, pd.read_csv(sources[1]))
         wait_until(lambda: scoring.ready() and client.answers_with("v2"), 120, 0.2,
                    "scoring serving the second champion, v2")
-        scored = client.score_rows(SCORED_ROWS)
+        # Traffic over several scrapes, as in life: a counter's first sample is not its
+        # last, so rate() sees it grow (monitoring's series of a version start with it).
+        scored = client.score(range(20))
+        wait_until(lambda: served(prometheus) >= len(scored), 60, 0.5,
+                   "monitoring counting the first scores")
+        scored |= client.score(range(20, SCORED_ROWS))
         client.refused_without_entity()
         wait_until(lambda: served(prometheus) >= len(scored), 60, 0.5,
                    "monitoring counting the served scores")
@@ -248,16 +260,19 @@ class ScoringClient:
         except grpc.RpcError:
             return False
 
-    def score_rows(self, count: int) -> dict[str, tuple[str, str]]:
-        """Score rows (a ScoreBatch and single calls); request id -> (entity, true label)."""
-        batch = [self.request(i) for i in range(count - 20)]
-        replies = list(self.stub.ScoreBatch(self.pb.ScoreBatchRequest(rows=batch),
-                                            timeout=60).responses)
-        replies += [self.stub.Score(self.request(i), timeout=10) for i in range(count - 20, count)]
-        assert all(reply.model_version == "v2" and not reply.fallback for reply in replies)
+    def score(self, indexes: range) -> dict[str, tuple[str, str]]:
+        """Score rows (single calls up to 20, else a ScoreBatch) by the champion, v2;
+        request id -> (entity, true label)."""
+        requests = [self.request(i) for i in indexes]
+        replies = ([self.stub.Score(r, timeout=10) for r in requests] if len(requests) <= 20
+                   else self.stub.ScoreBatch(self.pb.ScoreBatchRequest(rows=requests),
+                                             timeout=60).responses)
+        wrong = [(r.model_version, r.fallback_reason) for r in replies
+                 if r.model_version != "v2" or r.fallback]
+        assert not wrong, f"not answered by the champion v2: {wrong[:5]}"
         return {reply.request_id: (str(self.rows.iloc[i]["nameOrig"]),
                                    str(self.rows.iloc[i]["isFraud"]))
-                for i, reply in enumerate(replies)}
+                for i, reply in zip(indexes, replies, strict=True)}
 
     def refused_without_entity(self) -> None:
         with pytest.raises(grpc.RpcError) as refused:
@@ -310,9 +325,9 @@ def test_the_run_shows_in_the_metrics(run: Run) -> None:
 
     stage = "conveyor_pipeline_stage_duration_seconds_count"
     assert total(f'{stage}{{stage="ingestion"}}', at_least=2) == 2
-    # monitoring may ask for retraining on drift: training and evaluation then run again
-    assert total(f'{stage}{{stage="evaluation"}}', at_least=2) >= 2
-    assert total(f'{stage}{{stage="deployment"}}', at_least=2) >= 2
+    assert total(f'{stage}{{stage="training"}}', at_least=2) == 2
+    assert total(f'{stage}{{stage="evaluation"}}', at_least=2) == 2
+    assert total(f'{stage}{{stage="deployment"}}', at_least=2) == 2
     assert total('conveyor_events_published_total{service="ingestion", '
                  'event_type="RawDataExtracted"}', at_least=2) == 2
     assert total('conveyor_events_dead_lettered_total{service="ingestion"}', at_least=1) == 1

@@ -1,6 +1,6 @@
 # The two commands: `make demo` and `make test`. Both set up what they need first.
 .PHONY: setup demo test lint observe dashboards bench-bus bench-features bench-pipeline \
-	bench-monitoring clean
+	bench-monitoring bench-scoring clean
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -43,6 +43,9 @@ bench-pipeline: setup
 
 bench-monitoring: setup
 	@$(PY) bench/monitoring.py
+
+bench-scoring: setup
+	@$(PY) bench/scoring.py
 
 clean:
 	rm -rf var/ .pytest_cache

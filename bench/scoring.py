@@ -1,0 +1,575 @@
+"""Benchmark: online scoring, Conveyor side by side with Seldon MLServer, in one run.
+
+Run it with ``make bench-scoring`` (``--seconds 10`` per measurement, ``--quick`` for a
+3-second smoke run). One model for everyone: a scikit-learn HistGradientBoostingClassifier
+(``max_iter=100``) on 20 float features, trained here on seeded synthetic data. One load
+generator for everyone: this process, one asynchronous gRPC client (``grpc.aio``, one
+channel on loopback) with ``concurrency`` coroutines each sending its next request as soon
+as the last is answered; the servers are separate processes, started one at a time:
+
+- MLServer 1.7 with its scikit-learn runtime, V2 gRPC ``ModelInfer`` (a ``[1, 20]`` FP64
+  tensor, output ``predict_proba``), adaptive batching off, then on (``max_batch_size``
+  32, ``max_batch_time`` 2 ms). The script installs it once into ``bench/.venv-mlserver``
+  (with the project's scikit-learn version, so both load the same pickled model) and
+  starts ``mlserver start`` on free ports; readiness is polled through ``ServerReady`` and
+  ``ModelReady``.
+- Conveyor ``ModelInfer``: the same request to the scoring server's Open Inference
+  Protocol service (``scoring/v2.py``), the same work as MLServer's.
+- Conveyor ``Score``: the model registered as champion in a throwaway namespace with a
+  feature set whose 8 entity aggregates come from Redis (written here for 10,000
+  entities) and whose 12 other features come in the request: a Redis read, the compiled
+  online transform and the predict, per call.
+- Fallback: a second registry whose champion is the same model wrapped to sleep 100 ms per
+  predict call (``tests.fixtures.models.SlowClassifier``) and whose previous version is the
+  model itself; ``Score`` at concurrency 32 with a 20 ms client deadline. Reported: the
+  share of requests answered within the deadline, and errors.
+
+Each measurement is ``--warmup`` seconds unrecorded, then ``--seconds`` recorded, at
+concurrency 1 and 32: requests per second (answers whose call started in the recorded
+window), p50 and p99 of their latency as the client saw it, and errors (any status but
+OK). Both servers predict on one OpenMP thread: Conveyor's batchers set it for
+themselves, MLServer gets ``OMP_NUM_THREADS=1`` (scikit-learn's default of one thread per
+core spins against everything else on a 2-core machine and makes a predict ~10x slower).
+Conveyor's servers run without the ScoreServed reporter (no broker in this benchmark).
+Results go to ``bench/results/scoring.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import grpc
+import numpy as np
+import pandas as pd
+import redis
+from features import cpu_model, delete_keys, memory_gib
+from pipeline import free_port
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))  # tests.fixtures.models (the slow model) for the fallback
+
+from common.settings import Settings  # noqa: E402
+from protos.conveyor.scoring.v1 import scoring_pb2 as spb  # noqa: E402
+from protos.conveyor.scoring.v1 import scoring_pb2_grpc as spb_grpc  # noqa: E402
+from protos.inference import grpc_service_pb2 as ipb  # noqa: E402
+from protos.inference import grpc_service_pb2_grpc as ipb_grpc  # noqa: E402
+
+MLSERVER_VENV = HERE / ".venv-mlserver"
+MLSERVER_PINS = ("mlserver==1.7.*", "mlserver-sklearn==1.7.*", "uvloop<0.20")
+WORK = HERE / ".work"
+RESULTS = HERE / "results" / "scoring.json"
+MODEL = "bench-hgb"
+SEED = 11
+FEATURES, REQUEST_FEATURES = 20, 12
+TRAIN_ROWS, POOL_ROWS, ENTITIES = 20_000, 1_024, 10_000
+CONCURRENCY = (1, 32)
+FALLBACK = {"concurrency": 32, "deadline_ms": 20.0, "champion_delay_ms": 100.0}
+MLSERVER_BATCHING = {"max_batch_size": 32, "max_batch_time": 0.002}
+SPEC: dict[str, Any] = {
+    "name": "bench_scoring", "inputs": ["bench"], "entity_key": "account", "label": "label",
+    "steps": [
+        {"kind": "entity_aggregate", "params": {"column": "a", "window": 5}},
+        {"kind": "entity_aggregate", "params": {"column": "a", "window": 50}},
+        {"kind": "entity_aggregate",
+         "params": {"column": "b", "window": 5, "stats": ["sum", "mean"]}},
+        {"kind": "drop", "params": {"columns": ["a", "b"]}},
+    ],
+}
+"""12 request features x0..x11 as they are, and 8 per-account aggregates the online store
+holds (their raw columns a and b are dropped): 20 features, all floats."""
+
+
+def main() -> None:
+    args = parse_args()
+    settings = Settings()
+    run = uuid4().hex[:8]
+    work = WORK / f"scoring-{run}"
+    work.mkdir(parents=True)
+    client = redis.Redis.from_url(settings.redis_url)
+    namespace = f"bench-scoring-{run}"
+    try:
+        ensure_mlserver()
+        world = build_world(work, client, namespace)
+        systems = {
+            "mlserver_batching_off": bench_mlserver(world, work, args, batching=False),
+            "mlserver_batching_on": bench_mlserver(world, work, args, batching=True),
+            **bench_conveyor(world, args, settings),
+        }
+        fallback = bench_fallback(world, args, settings)
+    finally:
+        delete_keys(client, f"{namespace}:*".encode())
+        shutil.rmtree(work, ignore_errors=True)
+    results = report(systems, fallback, args, settings)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print_summary(results)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="recorded, per setting")
+    parser.add_argument("--warmup", type=float, default=2.0, help="unrecorded, per setting")
+    parser.add_argument("--quick", action="store_true", help="3 s per setting: a smoke run")
+    args = parser.parse_args()
+    if args.quick:
+        args.seconds, args.warmup = 3.0, 1.0
+    return args
+
+
+def say(message: str) -> None:
+    print(f"[bench-scoring] {message}", file=sys.stderr, flush=True)
+
+
+# --- MLServer's own environment -------------------------------------------------------
+
+
+def ensure_mlserver() -> None:
+    """Install MLServer 1.7 into bench/.venv-mlserver unless it is there with our
+    scikit-learn (the model is pickled once, by this process, for both servers)."""
+    sklearn = version("scikit-learn")
+    installed = mlserver_versions()
+    if installed.get("mlserver", "").startswith("1.7.") and installed.get("sklearn") == sklearn:
+        return
+    say(f"installing MLServer 1.7 into {MLSERVER_VENV} (once)")
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(MLSERVER_VENV)], check=True)
+    pip = [str(MLSERVER_VENV / "bin" / "python"), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, "--upgrade", "pip"], check=True)
+    subprocess.run([*pip, *MLSERVER_PINS, f"scikit-learn=={sklearn}"], check=True)
+    installed = mlserver_versions()
+    if not installed.get("mlserver", "").startswith("1.7."):
+        sys.exit(f"MLServer 1.7 did not install into {MLSERVER_VENV}: {installed}")
+
+
+def mlserver_versions() -> dict[str, str]:
+    python = MLSERVER_VENV / "bin" / "python"
+    if not python.exists():
+        return {}
+    probe = ("import json, importlib.metadata as m; print(json.dumps({k: m.version(p) for k, p "
+             "in [('mlserver', 'mlserver'), ('mlserver_sklearn', 'mlserver-sklearn'), "
+             "('sklearn', 'scikit-learn'), ('uvloop', 'uvloop')]}))")
+    done = subprocess.run([str(python), "-c", probe], capture_output=True, text=True)
+    return json.loads(done.stdout) if done.returncode == 0 else {}
+
+
+# --- the model, the stores, the requests ----------------------------------------------
+
+
+@dataclass
+class World:
+    """What every system serves and is asked."""
+
+    work: Path
+    namespace: str
+    key: bytes
+    feature_names: list[str]
+    matrix: np.ndarray
+    """Rows for ModelInfer, in the model's feature order."""
+    score_requests: list[spb.ScoreRequest]
+    model_path: Path
+
+
+def build_world(work: Path, client: redis.Redis, namespace: str) -> World:
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    from common.stores import ModelRegistry, ModelStore, RedisOnlineStore
+    from preparation import build_pipeline
+    from tests.fixtures.models import SlowClassifier
+
+    rng = np.random.default_rng(SEED)
+    fitted = build_pipeline(SPEC).fit(raw_rows(rng, 2_000), batch_ids=["bench"])
+    names = list(fitted.feature_names)
+    aggregates = fitted.aggregate_columns
+    assert len(names) == FEATURES and len(aggregates) == FEATURES - REQUEST_FEATURES, names
+    say(f"training HistGradientBoostingClassifier(max_iter=100) on {TRAIN_ROWS:,} rows")
+    X = rng.normal(size=(TRAIN_ROWS, FEATURES))
+    y = (X @ rng.normal(size=FEATURES) + rng.normal(size=TRAIN_ROWS) > 0).astype(int)
+    model = HistGradientBoostingClassifier(max_iter=100, random_state=SEED).fit(X, y)
+    model_path = work / "model.joblib"
+    import joblib
+
+    joblib.dump(model, model_path)
+    key = secrets.token_bytes(32)
+    pipelines = ModelStore(str(work / "pipelines"), key)
+    pipelines.save(fitted.feature_set_id, fitted)
+    metadata = {"feature_set_id": fitted.feature_set_id, "features": names}
+    for registry_name, models in (("normal", [model]),
+                                  ("fallback", [model, SlowClassifier(
+                                      model, FALLBACK["champion_delay_ms"] / 1e3)])):
+        store = ModelStore(str(work / registry_name), key)
+        registry = ModelRegistry(str(work / registry_name), MODEL)
+        for i, estimator in enumerate(models):
+            store.save(f"{registry_name}-m{i}", estimator, metadata)
+            registry.register(f"{registry_name}-m{i}")
+            registry.promote(f"{registry_name}-m{i}")
+    online = RedisOnlineStore(client, namespace)
+    accounts = [f"A{i}" for i in range(ENTITIES)]
+    rows = pd.DataFrame(rng.normal(size=(ENTITIES, len(aggregates))), columns=aggregates)
+    online.write_batch(fitted.feature_set_id, rows.assign(account=accounts), "account")
+    matrix = rng.normal(size=(POOL_ROWS, FEATURES))
+    requests = [score_request(accounts[int(rng.integers(ENTITIES))], names, row)
+                for row in matrix]
+    return World(work, namespace, key, names, matrix, requests, model_path)
+
+
+def raw_rows(rng: np.random.Generator, rows: int) -> pd.DataFrame:
+    frame = pd.DataFrame(rng.normal(size=(rows, REQUEST_FEATURES)),
+                         columns=[f"x{i}" for i in range(REQUEST_FEATURES)])
+    return frame.assign(account=[f"A{i}" for i in rng.integers(0, 200, rows)],
+                        a=rng.normal(size=rows), b=rng.normal(size=rows),
+                        label=rng.integers(0, 2, rows))
+
+
+def score_request(account: str, names: list[str], row: np.ndarray) -> spb.ScoreRequest:
+    fields = {name: spb.FieldValue(number=float(value))
+              for name, value in zip(names, row, strict=True) if name.startswith("x")}
+    return spb.ScoreRequest(entity_id=account, fields=fields)
+
+
+def infer_requests(world: World, model_name: str) -> list[ipb.ModelInferRequest]:
+    """The same [1, 20] FP64 rows for MLServer and Conveyor, asking for predict_proba."""
+    return [ipb.ModelInferRequest(
+        model_name=model_name,
+        inputs=[ipb.ModelInferRequest.InferInputTensor(
+            name="input-0", datatype="FP64", shape=[1, FEATURES],
+            contents=ipb.InferTensorContents(fp64_contents=row.tolist()))],
+        outputs=[ipb.ModelInferRequest.InferRequestedOutputTensor(name="predict_proba")],
+    ) for row in world.matrix]
+
+
+# --- the load generator ---------------------------------------------------------------
+
+
+Call = Callable[[Any, float | None], Awaitable[Any]]
+
+
+@dataclass
+class Outcome:
+    """What one measurement saw in its recorded window."""
+
+    latencies_ms: list[float]
+    errors: Counter[str]
+    seconds: float
+    fallbacks: int = 0
+
+    def figures(self) -> dict[str, Any]:
+        ordered = sorted(self.latencies_ms)
+        return {
+            "rps": round(len(ordered) / self.seconds, 1),
+            "p50_ms": round(statistics.median(ordered), 3) if ordered else None,
+            "p99_ms": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 3)
+            if ordered else None,
+            "errors": sum(self.errors.values()),
+            "error_codes": dict(self.errors),
+            "answers": len(ordered),
+        }
+
+
+async def load(call: Call, requests: Sequence[Any], concurrency: int, seconds: float,
+               warmup: float, timeout: float | None = None,
+               is_fallback: Callable[[Any], bool] | None = None) -> Outcome:
+    """``concurrency`` coroutines calling back to back; only calls started in the recorded
+    window (after ``warmup``) count."""
+    loop_clock = time.perf_counter
+    start = loop_clock() + warmup
+    stop = start + seconds
+    outcome = Outcome([], Counter(), seconds)
+
+    async def worker(first: int) -> None:
+        index = first
+        while (began := loop_clock()) < stop:
+            request = requests[index % len(requests)]
+            index += concurrency
+            try:
+                reply = await call(request, timeout)
+            except grpc.aio.AioRpcError as exc:
+                if began >= start:
+                    outcome.errors[exc.code().name] += 1
+                continue
+            if began >= start:
+                outcome.latencies_ms.append((loop_clock() - began) * 1e3)
+                if is_fallback is not None and is_fallback(reply):
+                    outcome.fallbacks += 1
+
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    return outcome
+
+
+def measure(target: str, method: str, requests: Sequence[Any], concurrency: int,
+            args: argparse.Namespace, timeout: float | None = None) -> Outcome:
+    async def run() -> Outcome:
+        async with grpc.aio.insecure_channel(target) as channel:
+            call = rpc(channel, method)
+            fallback = (lambda reply: reply.fallback) if method == "Score" else None
+            return await load(call, requests, concurrency, args.seconds, args.warmup,
+                              timeout, fallback)
+
+    return asyncio.run(run())
+
+
+def rpc(channel: grpc.aio.Channel, method: str) -> Call:
+    if method == "Score":
+        stub: Any = spb_grpc.ScoringStub(channel)
+    else:
+        stub = ipb_grpc.GRPCInferenceServiceStub(channel)
+    bound = getattr(stub, method)
+
+    def call(request: Any, timeout: float | None) -> Awaitable[Any]:
+        return bound(request, timeout=timeout)
+
+    return call
+
+
+def wait_ready(target: str, model: str, process: subprocess.Popen[bytes],
+               timeout_s: float = 180.0) -> None:
+    """Poll the V2 ServerReady and ModelReady until both say ready (or the server died)."""
+    until = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as channel:
+        stub = ipb_grpc.GRPCInferenceServiceStub(channel)
+        while time.monotonic() < until:
+            if process.poll() is not None:
+                sys.exit(f"the server at {target} exited with {process.returncode}")
+            try:
+                if (stub.ServerReady(ipb.ServerReadyRequest(), timeout=1).ready
+                        and stub.ModelReady(ipb.ModelReadyRequest(name=model), timeout=1).ready):
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)  # polling a starting server: nothing to wait on but its port
+    sys.exit(f"the server at {target} was not ready after {timeout_s:.0f} s")
+
+
+@contextmanager
+def running(command: list[str], log: Path, env: dict[str, str] | None = None
+            ) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **(env or {})}, start_new_session=True)
+        try:
+            yield process
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+
+
+# --- MLServer -------------------------------------------------------------------------
+
+
+def bench_mlserver(world: World, work: Path, args: argparse.Namespace,
+                   batching: bool) -> dict[str, Any]:
+    folder = work / f"mlserver-{'on' if batching else 'off'}"
+    folder.mkdir()
+    grpc_port = free_port()
+    settings = {"debug": False, "http_port": free_port(), "grpc_port": grpc_port,
+                "metrics_port": free_port(), "host": "127.0.0.1"}
+    model_settings: dict[str, Any] = {
+        "name": MODEL, "implementation": "mlserver_sklearn.SKLearnModel",
+        "parameters": {"uri": str(world.model_path)}}
+    if batching:
+        model_settings |= MLSERVER_BATCHING
+    (folder / "settings.json").write_text(json.dumps(settings))
+    (folder / "model-settings.json").write_text(json.dumps(model_settings))
+    target = f"127.0.0.1:{grpc_port}"
+    command = [str(MLSERVER_VENV / "bin" / "mlserver"), "start", str(folder)]
+    say(f"MLServer, adaptive batching {'on' if batching else 'off'}: starting")
+    with running(command, work / f"{folder.name}.log", {"OMP_NUM_THREADS": "1"}) as process:
+        wait_ready(target, MODEL, process)
+        return bench_system(target, "ModelInfer", infer_requests(world, MODEL), args,
+                            f"MLServer batching {'on' if batching else 'off'}")
+
+
+def bench_system(target: str, method: str, requests: Sequence[Any],
+                 args: argparse.Namespace, label: str) -> dict[str, Any]:
+    figures = {}
+    for concurrency in CONCURRENCY:
+        say(f"{label}: {method} at concurrency {concurrency}")
+        figures[f"c{concurrency}"] = measure(target, method, requests, concurrency,
+                                             args).figures()
+    return figures
+
+
+# --- Conveyor -------------------------------------------------------------------------
+
+
+@contextmanager
+def conveyor_server(world: World, registry: str, settings: Settings
+                    ) -> Iterator[str]:
+    port = free_port()
+    config = {"root": str(world.work / registry), "pipelines": str(world.work / "pipelines"),
+              "key": world.key.hex(), "namespace": world.namespace, "port": port,
+              "redis_url": settings.redis_url}
+    command = [sys.executable, str(Path(__file__).resolve()), "--serve", json.dumps(config)]
+    target = f"127.0.0.1:{port}"
+    with running(command, world.work / f"conveyor-{registry}.log") as process:
+        wait_ready(target, MODEL, process)
+        yield target
+
+
+def bench_conveyor(world: World, args: argparse.Namespace, settings: Settings
+                   ) -> dict[str, Any]:
+    say("Conveyor: starting the scoring server")
+    with conveyor_server(world, "normal", settings) as target:
+        infer = bench_system(target, "ModelInfer", infer_requests(world, MODEL), args,
+                             "Conveyor")
+        score = bench_system(target, "Score", world.score_requests, args, "Conveyor")
+    return {"conveyor_modelinfer": infer, "conveyor_score": score}
+
+
+def bench_fallback(world: World, args: argparse.Namespace, settings: Settings
+                   ) -> dict[str, Any]:
+    say("Conveyor fallback: champion sleeps 100 ms per predict, Score with a 20 ms deadline")
+    deadline_s = FALLBACK["deadline_ms"] / 1e3
+    with conveyor_server(world, "fallback", settings) as target:
+        outcome = measure(target, "Score", world.score_requests, FALLBACK["concurrency"], args,
+                          timeout=deadline_s)
+    within = sum(latency <= FALLBACK["deadline_ms"] for latency in outcome.latencies_ms)
+    total = len(outcome.latencies_ms) + sum(outcome.errors.values())
+    return {**FALLBACK, **outcome.figures(),
+            "within_deadline_share": round(within / total, 5) if total else 0.0,
+            "fallback_answers": outcome.fallbacks}
+
+
+def serve(config: dict[str, Any]) -> None:
+    """The Conveyor scoring server of the benchmark (a subprocess): the registry's chain,
+    the online store in the run's namespace, gRPC on 127.0.0.1; stops on SIGTERM."""
+    import threading
+
+    from common.stores import ModelRegistry, ModelStore, RedisOnlineStore
+    from scoring.core import ScoringCore
+    from scoring.metrics import ScoringMetrics
+    from scoring.server import GrpcSettings, ScoringServer
+
+    key = bytes.fromhex(config["key"])
+    client = redis.Redis.from_url(config["redis_url"], socket_timeout=1.0)
+    metrics = ScoringMetrics()
+    core = ScoringCore(ModelStore(config["root"], key), ModelStore(config["pipelines"], key),
+                       ModelRegistry(config["root"], MODEL),
+                       RedisOnlineStore(client, config["namespace"]),
+                       on_batch=metrics.observe_batch)
+    core.load_chain()
+    server = ScoringServer(core, GrpcSettings(host="127.0.0.1", port=config["port"]),
+                           metrics=metrics).start()
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    stopped.wait()
+    server.stop(grace_s=1.0)
+    core.close()
+
+
+# --- the report -----------------------------------------------------------------------
+
+
+def report(systems: dict[str, Any], fallback: dict[str, Any], args: argparse.Namespace,
+           settings: Settings) -> dict[str, Any]:
+    best = max(("mlserver_batching_off", "mlserver_batching_on"),
+               key=lambda name: systems[name]["c32"]["rps"])
+    best_rps = systems[best]["c32"]["rps"]
+    ratios = {f"{name}_c32_vs_best_mlserver": round(systems[name]["c32"]["rps"] / best_rps, 2)
+              for name in ("conveyor_modelinfer", "conveyor_score")} if best_rps else {}
+    return {
+        **systems,
+        "fallback": fallback,
+        "fallback_within_deadline_share": fallback["within_deadline_share"],
+        "fallback_errors": fallback["errors"],
+        "best_mlserver": best,
+        "ratios": ratios,
+        "targets": targets(systems, fallback, ratios),
+        "workload": workload(args),
+        "machine": machine(settings),
+        "command": "make bench-scoring" + (" (--quick)" if args.quick else ""),
+    }
+
+
+def targets(systems: dict[str, Any], fallback: dict[str, Any],
+            ratios: dict[str, float]) -> dict[str, bool]:
+    infer, score = systems["conveyor_modelinfer"]["c32"], systems["conveyor_score"]["c32"]
+    return {
+        "modelinfer_c32_at_least_6x_mlserver": ratios.get(
+            "conveyor_modelinfer_c32_vs_best_mlserver", 0) >= 6,
+        "score_c32_at_least_4x_mlserver": ratios.get(
+            "conveyor_score_c32_vs_best_mlserver", 0) >= 4,
+        "modelinfer_c32_p99_within_25ms": (infer["p99_ms"] or 1e9) <= 25,
+        "score_c32_p99_within_25ms": (score["p99_ms"] or 1e9) <= 25,
+        "score_c1_p50_within_1_5ms": (systems["conveyor_score"]["c1"]["p50_ms"] or 1e9) <= 1.5,
+        "fallback_99pct_within_deadline": fallback["within_deadline_share"] >= 0.99,
+        "fallback_no_errors": fallback["errors"] == 0,
+    }
+
+
+def workload(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "model": "HistGradientBoostingClassifier(max_iter=100), 20 float features",
+        "train_rows": TRAIN_ROWS,
+        "request": "one row per call; ModelInfer: [1, 20] FP64 in contents, output "
+                   "predict_proba; Score: entity id + 12 fields, 8 features from Redis",
+        "entities_in_redis": ENTITIES,
+        "concurrency": list(CONCURRENCY),
+        "seconds_per_setting": args.seconds,
+        "warmup_seconds": args.warmup,
+        "load_generator": "one grpc.aio client process, one channel, loopback",
+        "mlserver_batching_on": MLSERVER_BATCHING,
+        "openmp_threads": 1,
+        "conveyor_reporter": "off (no broker)",
+    }
+
+
+def machine(settings: Settings) -> dict[str, Any]:
+    info = redis.Redis.from_url(settings.redis_url).info("server")
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "memory_gib": memory_gib(),
+        "python": platform.python_version(),
+        "redis_server": info.get("redis_version"),  # type: ignore[union-attr]
+        "packages": {name: version(name) for name in ("grpcio", "scikit-learn", "numpy")},
+        "mlserver": mlserver_versions(),
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def print_summary(results: dict[str, Any]) -> None:
+    print(f"{'':24}{'c':>4}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    for name in ("mlserver_batching_off", "mlserver_batching_on", "conveyor_modelinfer",
+                 "conveyor_score"):
+        for concurrency in CONCURRENCY:
+            row = results[name][f"c{concurrency}"]
+            print(f"{name:24}{concurrency:>4}{row['rps']:>10,.0f}{row['p50_ms'] or 0:>9.2f}"
+                  f"{row['p99_ms'] or 0:>9.2f}{row['errors']:>8}")
+    fallback = results["fallback"]
+    print(f"fallback: {fallback['within_deadline_share']:.2%} within "
+          f"{fallback['deadline_ms']:.0f} ms, {fallback['errors']} errors, "
+          f"{fallback['fallback_answers']} answered by the previous model")
+    print(f"ratios: {results['ratios']}")
+    print(f"targets: {results['targets']}  ->  {RESULTS.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--serve":
+        serve(json.loads(sys.argv[2]))
+    else:
+        main()

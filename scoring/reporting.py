@@ -208,21 +208,31 @@ class ScoreReporter:
         return self
 
     def close(self, timeout_s: float = 35.0) -> None:
-        """Flush what is left and stop the thread; what no sink took by then is dropped."""
+        """Flush what is left and stop the thread; what no sink took by then is dropped.
+
+        Never waits longer than ``timeout_s`` for the thread: a sink that hangs is left
+        behind (the thread is a daemon), with a warning.
+        """
         self._stop.set()
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
         else:
             self.flush()
-        with self._flush_lock:
-            for outbox in self._outboxes:
-                if len(outbox):
-                    logger.warning("closing: %d score reports to %s are lost (%s)",
-                                   len(outbox), outbox.sink.name, outbox.last_error)
-                    outbox.discard()
+        if self._thread.is_alive():
+            logger.warning("closing: a score report sink still hangs after %.0f s; "
+                           "%d reports wait for it", timeout_s, self.pending)
+        else:
+            self._discard_undelivered()
         if self._on_close is not None:
             self._on_close()
+
+    def _discard_undelivered(self) -> None:
+        for outbox in self._outboxes:
+            if len(outbox):
+                logger.warning("closing: %d score reports to %s are lost (%s)",
+                               len(outbox), outbox.sink.name, outbox.last_error)
+                outbox.discard()
 
     @property
     def dropped(self) -> int:

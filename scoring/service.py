@@ -99,6 +99,19 @@ class ScoringSettings(BaseSettings):
     """PEM private key of that certificate."""
     grpc_tls_client_ca: str = ""
     """PEM CA of client certificates: clients must present one it signed (mutual TLS)."""
+    scoring_inject_delay_ms: float = 0.0
+    """Fault injection for demos and drills, off at 0: every predict call of the version
+    ``SCORING_INJECT_DELAY_VERSION`` first sleeps this many milliseconds (a slow model)."""
+    scoring_inject_delay_version: str = ""
+    """The version ``SCORING_INJECT_DELAY_MS`` slows."""
+
+    def core(self) -> CoreSettings:
+        """The scoring core's part of the settings."""
+        return CoreSettings(deadline_s=self.scoring_deadline_s,
+                            latency_budget_s=self.scoring_latency_budget_s,
+                            chain_depth=self.scoring_chain_depth,
+                            inject_delay_s=self.scoring_inject_delay_ms / 1e3,
+                            inject_delay_version=self.scoring_inject_delay_version)
 
     def security(self) -> ServerSecurity:
         """The token list and TLS material; a file that cannot be read fails, naming it."""
@@ -248,13 +261,14 @@ class ScoringService(Service):
 
 
 def fail_fast_redis(url: str, timeout_s: float) -> redis.Redis:
-    """A client whose calls fail within ``timeout_s`` when Redis is down or hung.
+    """A client whose calls fail within about ``2 * timeout_s`` when Redis is down or hung.
 
-    No retries inside redis-py (they would wait and try again within the request); the
-    pool reconnects on the next call, so the service recovers when Redis returns.
+    redis-py's default retries back off for seconds within the call; here one immediate
+    retry on a fresh connection, so a connection left broken by a Redis restart costs no
+    request, and a Redis that stays down fails fast. The service recovers by itself.
     """
     return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                retry=Retry(NoBackoff(), 0))
+                                retry=Retry(NoBackoff(), 1))
 
 
 def build(settings: Settings) -> ScoringService:
@@ -270,10 +284,7 @@ def build(settings: Settings) -> ScoringService:
     core = ScoringCore(
         stores.models, stores.feature_pipelines, registry,
         RedisOnlineStore(client, settings.namespace, settings.online_ttl_s),
-        CoreSettings(deadline_s=own.scoring_deadline_s,
-                     latency_budget_s=own.scoring_latency_budget_s,
-                     chain_depth=own.scoring_chain_depth),
-        on_served=reporter.report, on_batch=metrics.observe_batch,
+        own.core(), on_served=reporter.report, on_batch=metrics.observe_batch,
     )
     core.load_chain()
     batch = BatchScoring(registry, stores.models, stores.feature_pipelines, stores.raw,
@@ -289,8 +300,7 @@ def _reporter(settings: Settings, own: ScoringSettings) -> ScoreReporter:
     """Served scores to the score stream and as ScoreServed events, on connections of
     their own (off the request path: patient timeouts, a publisher of its own)."""
     bus = RabbitMQBus(settings, name="scoring-reports")
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=REPORT_REDIS_TIMEOUT_S,
-                                  socket_connect_timeout=REPORT_REDIS_TIMEOUT_S)
+    client = fail_fast_redis(settings.redis_url, REPORT_REDIS_TIMEOUT_S)  # retried next cycle
     stream = OnlineScoreStore(client, settings.namespace, settings.score_stream_maxlen)
     report = ReportSettings(buffer_size=own.score_report_buffer_size,
                             flush_interval_s=own.score_report_flush_interval_s,

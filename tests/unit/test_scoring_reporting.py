@@ -231,3 +231,19 @@ def test_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="flush_size"):
         ReportSettings(flush_size=0)
 
+
+
+def test_close_does_not_wait_forever_for_a_hung_sink(caplog: pytest.LogCaptureFixture) -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    def hung(scores: list[ServedScore]) -> None:
+        entered.set()
+        release.wait(60)
+
+    reporter = ScoreReporter([NamedSink("stream", hung)], ReportSettings(flush_size=1)).start()
+    report(reporter, range(1))
+    assert entered.wait(10)
+    with caplog.at_level(logging.WARNING, logger="scoring.reporting"):
+        reporter.close(timeout_s=0.1)  # returns although the sink never does
+    release.set()
+    assert "a score report sink still hangs" in caplog.text

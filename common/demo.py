@@ -4,7 +4,9 @@ It starts the services that are not running yet as local processes, writes a see
 PaySim-style data set, publishes ``SourceDataAvailable`` and follows the run stage by
 stage through the event log until a model is promoted (or rejected), then prints the
 champion, its metrics and its lineage. A second run on fresh data trains a challenger
-that is gated against the champion. Last, an invalid event shows the dead-letter path.
+that is gated against the champion. Then monitoring at work (``common.demo_monitoring``):
+normal traffic with outcomes, a drift that retrains, a slowed champion reverted. Last,
+an invalid event shows the dead-letter path, and the per-model status view.
 """
 
 from __future__ import annotations
@@ -14,20 +16,21 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import redis
 
 from common.bus.rabbitmq import RabbitMQBus
-from common.cli import broker_reachable, queue_table, redis_reachable
+from common.cli import broker_reachable, model_table, queue_table, redis_reachable
 from common.config import PipelineConfig, load_pipeline_config
 from common.datasets import paysim
+from common.demo_monitoring import MONITORING_ENV, MonitoringDemo, ScoreClient, show_monitoring
 from common.eventlog import EventLog
 from common.events import Event, SourceDataAvailable
 from common.local import start_missing_services, wait_until
 from common.settings import Settings
 from common.stores import ModelRegistry, ModelStore
+from monitoring.state import MonitoringState
 
 FINAL_EVENTS = {"ModelReady", "ModelRejected", "IngestionFailed"}
 
@@ -51,25 +54,34 @@ def run_demo(settings: Settings, *, rows: int, seed: int | None, timeout: float)
         bus = RabbitMQBus(settings, name="demo")
         stack.callback(bus.close)
         say("\n1. services")
-        start_missing_services(settings, bus, stack, work, say)
+        started = start_missing_services(settings, bus, stack, work, say,
+                                         env={"monitoring": MONITORING_ENV})
+        seed = seed if seed is not None else int(time.time()) % 100_000
         final, source = _pipeline_run(settings, bus, work, rows, seed, timeout)
+        if final.event_type == "ModelReady" and len(registry.versions()) == 1:
+            say("\n   a first champion: a second run on fresh data trains a challenger, gated "
+                "against it (and a previous version to fall back to)")
+            final, source = _pipeline_run(settings, bus, work, rows, seed + 1, timeout)
         _show_outcome(settings, registry, final)
         # A rejected challenger is a good ending too when a champion already serves.
         serving = bool(registry.chain())
         if serving:
-            _live_scoring(config, registry, source, timeout)
+            data = _live_scoring(config, registry, source, timeout)
+            scoring = next((s for s in started if s.name == "scoring"), None)
+            show_monitoring(MonitoringDemo(settings, bus, config, registry, data, scoring,
+                                           _follow, min(timeout, 180.0)), say, first_step=6)
         _dead_letter_path(settings, bus, timeout)
-        say("\n7. queues (0 ready everywhere: every event was acknowledged)")
+        say("\n10. queues (0 ready everywhere: every event was acknowledged)")
         say(queue_table(bus))
+        _dashboards_and_status(settings)
         say("\nstopping the services this demo started:")
     say("\nTry: conveyor status | conveyor events log | conveyor lineage <id> | make demo again")
     return 0 if final.event_type == "ModelReady" or serving else 1
 
 
 def _pipeline_run(
-    settings: Settings, bus: RabbitMQBus, work: Path, rows: int, seed: int | None, timeout: float
+    settings: Settings, bus: RabbitMQBus, work: Path, rows: int, seed: int, timeout: float
 ) -> tuple[Event, Path]:
-    seed = seed if seed is not None else int(time.time()) % 100_000
     source = work / f"transactions-{seed}.csv"
     say(f"\n2. data: {rows:,} PaySim-style transactions (seed {seed}) -> {source}")
     paysim(rows, seed=seed).to_csv(source, index=False)
@@ -102,8 +114,13 @@ def _run_events(log: EventLog, cursor: str, source: Event, deadline: float) -> I
 
 def _gist(event: Event) -> str:
     data = event.model_dump(mode="json")
+    if "scores" in data:  # ScoreServed: a batch of answers
+        data["scores"] = len(data["scores"])
+    if "psi" in data:  # DriftDetected: the three most drifted inputs
+        data["psi"] = dict(sorted(data["psi"].items(), key=lambda kv: -kv[1])[:3])
     keep = ("dataset", "batch_id", "rows", "feature_set_id", "model_ids", "failures",
-            "model_id", "version", "previous_version", "reasons", "reason", "errors")
+            "model_id", "version", "previous_version", "reasons", "reason", "errors",
+            "scores", "model_version", "level", "psi")
     return json.dumps({k: data[k] for k in keep if data.get(k) not in (None, [], {})})[:300]
 
 
@@ -140,7 +157,7 @@ def _dead_letter_path(settings: Settings, bus: RabbitMQBus, timeout: float) -> N
     before = bus.queue_depths("ingestion")["dead"]
     bad = {"event_type": "SourceDataAvailable", "uri": "s3://bucket/missing-dataset.csv"}
     bus.publish_raw("SourceDataAvailable", json.dumps(bad).encode())
-    say("\n6. published an invalid SourceDataAvailable (no 'dataset' field)")
+    say("\n9. published an invalid SourceDataAvailable (no 'dataset' field)")
     wait_until(lambda: bus.queue_depths("ingestion")["dead"] > before, timeout,
                message="the dead letter")
     letter = bus.dead_letters("ingestion", limit=before + 1)[-1]
@@ -148,45 +165,43 @@ def _dead_letter_path(settings: Settings, bus: RabbitMQBus, timeout: float) -> N
     say("   the services keep consuming; `conveyor dlq list ingestion` shows it")
 
 
-
 def _live_scoring(
     config: PipelineConfig, registry: ModelRegistry, source: Path, timeout: float
-) -> None:
-    """A few Score calls over gRPC, once the scoring service serves the champion."""
+) -> pd.DataFrame:
+    """A few Score calls over gRPC, once the scoring service serves the champion; returns
+    the transactions (the monitoring steps send more of them)."""
     import grpc
 
-    from protos.conveyor.scoring.v1 import scoring_pb2 as pb
-    from protos.conveyor.scoring.v1 import scoring_pb2_grpc
-    from scoring.server import field_value
     from scoring.service import ScoringSettings
 
     champion = registry.champion().version
     key, label = config.features.entity_key or "", config.features.label
     data = pd.read_csv(source)
     rows = pd.concat([data.tail(2), data[data[label] == 1].tail(1)])  # and one fraud
-    say(f"\n5. live scoring over gRPC (127.0.0.1:{ScoringSettings().grpc_port})")
-    with grpc.insecure_channel(f"127.0.0.1:{ScoringSettings().grpc_port}") as channel:
-        stub = scoring_pb2_grpc.ScoringStub(channel)
-
-        def request(row: pd.Series) -> Any:
-            fields = {k: field_value(v.item() if hasattr(v, "item") else v)
-                      for k, v in row.items() if k not in (key, label)}
-            return pb.ScoreRequest(entity_id=str(row[key]), fields=fields)
-
-        def serves_champion() -> bool:
-            try:
-                return bool(stub.Score(request(rows.iloc[0]), timeout=2).model_version
-                            == champion)
-            except grpc.RpcError:
-                return False
-
-        wait_until(serves_champion, timeout, message=f"the scoring service serving {champion}")
-        for _, row in rows.iterrows():
-            try:
-                reply = stub.Score(request(row), timeout=2)
-            except grpc.RpcError as exc:
-                say(f"   {row[key]}: {exc.code().name}: {exc.details()}")
+    port = ScoringSettings().grpc_port
+    say(f"\n5. live scoring over gRPC (127.0.0.1:{port})")
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        client = ScoreClient(channel, config)
+        first = rows.iloc[0].to_dict()
+        wait_until(lambda: client.serves(first, champion), timeout,
+                   message=f"the scoring service serving {champion}")
+        for row in rows.to_dict(orient="records"):
+            answer = client.score(row, timeout=2)
+            reply = answer.reply
+            if reply is None:
+                say(f"   {row[key]}: {answer.error}")
                 continue
             say(f"   {row[key]}: score {reply.score:.4f} label {reply.label} by "
                 f"{reply.model_version} (fallback {reply.fallback}) in {reply.latency_ms:.1f} ms;"
                 f" truth {row[label]}")
+    return data
+
+
+def _dashboards_and_status(settings: Settings) -> None:
+    """Where the dashboards are, and each model as monitoring sees it (conveyor status)."""
+    state = MonitoringState(redis.Redis.from_url(settings.redis_url), settings.namespace)
+    say("\n11. each model as monitoring sees it (`conveyor status`):")
+    say(model_table(state.live_all()))
+    say("   dashboards: deploy/grafana/dashboards/ (Scoring, Pipeline, Models; provisioning in "
+        "deploy/grafana/provisioning/); `make observe` runs Prometheus on :9090 against "
+        "the running services (see README, Observability)")

@@ -8,6 +8,7 @@ transform over the whole batch at once, then the estimator.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Iterator
@@ -260,3 +261,20 @@ def test_online_and_offline_scores_agree(
     assert [r is None for r in online_rows] == [False] * len(known) + [True] * 4
     np.testing.assert_allclose(from_redis, offline, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(carried, offline, rtol=1e-9, atol=1e-12)
+
+
+def test_batch_scoring_is_requested_from_the_command_line(
+        ns: BusNamespace, world: ServiceWorld, scoring: Running,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from common.cli import main
+
+    monkeypatch.setenv("CONVEYOR_NAMESPACE", ns.namespace)
+    payload = json.dumps({"batch_id": world.batch_id, "model_version": "previous"})
+    with wait_for_handler(scoring.watch, "ScoringCompleted", 60) as waited:
+        result = CliRunner().invoke(main, ["publish", "BatchScoringRequested", "--json", payload])
+        assert result.exit_code == 0, result.output
+    done = as_event(ScoringCompleted, waited.event)
+    assert (done.model_version, done.rows) == ("v1", len(world.typed))
+    assert f"published BatchScoringRequested {done.causation_id}" in result.output

@@ -119,22 +119,24 @@ def _predict(model: BatchModel, transformed: pd.DataFrame) -> pd.DataFrame:
     """The scores of transformed rows (features and carried columns), in their order."""
     names = list(model.feature_names)
     classes = [str(c) for c in model.estimator.classes_]
-    if transformed.empty:
-        proba = np.empty((0, len(classes)))
-    else:
-        X = transformed[names].to_numpy(dtype=np.float64)  # as online: float64 rows
+    proba = np.empty((0, len(classes)))
+    if not transformed.empty:
+        X = transformed[names].to_numpy(dtype=np.float64)  # float64 rows, as online
         proba = model.estimator.predict_proba(pd.DataFrame(X, columns=names))
-    key = model.features.entity_key
-    entity = transformed[key].astype("string") if key and key in transformed.columns else None
     out = pd.DataFrame({
         "row_id": transformed.index.to_numpy(dtype=np.int64),
-        "entity_id": pd.array([None] * len(transformed), dtype="string")
-        if entity is None else entity.to_numpy(),
-        "score": proba[:, -1] if len(classes) else np.empty(0),
-        "label": pd.array([classes[i] for i in np.argmax(proba, axis=1)], dtype="string")
-        if len(transformed) else pd.array([], dtype="string"),
+        "entity_id": _entities(transformed, model.features.entity_key),
+        "score": proba[:, -1],
+        "label": pd.array(np.asarray(classes, dtype=object)[np.argmax(proba, axis=1)],
+                          dtype="string"),
     })
     for index, label in enumerate(classes):
         out[f"probability_{label}"] = proba[:, index]
     out["model_version"] = model.version
     return out
+
+
+def _entities(transformed: pd.DataFrame, key: str | None) -> pd.arrays.StringArray:
+    if key and key in transformed.columns:
+        return pd.array(transformed[key].astype("string").to_numpy(), dtype="string")
+    return pd.array([None] * len(transformed), dtype="string")

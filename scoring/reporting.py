@@ -3,12 +3,14 @@
 The request path calls ``report(query, result)``: one append to a bounded buffer under a
 lock, no I/O, never a wait. A background thread wakes every ``flush_interval_s``, or as
 soon as ``flush_size`` scores wait, turns them into ``ServedScore`` and hands them to each
-sink in batches of at most ``flush_size``: the Redis score stream (one round trip per
-batch) and the bus (one ``ScoreServed`` event per batch).
+sink's outbox; each sink sends in batches of at most ``flush_size`` from a thread of its
+own: the Redis score stream (one round trip per batch) and the bus (one ``ScoreServed``
+event per batch).
 
-Each sink has its own bounded outbox, so a slow or unreachable Redis never holds the
-events back, nor the broker the stream. A batch a sink refuses stays at the front of its
-outbox and is tried again on the next cycle; the error is logged, never raised. When a
+Each sink has its own bounded outbox and thread, so a slow or unreachable Redis never
+holds the events back, nor the broker the stream. A batch a sink refuses goes back to
+the front of its outbox and is tried again on the next cycle; the error is logged (at
+most every ``warn_every_s``), never raised. When a
 buffer or an outbox is full the oldest reports are dropped and counted (``dropped``,
 exported as ``conveyor_scoring_reports_dropped_total``), with a rate-limited warning.
 A ScoreServed event's id is derived from its scores, so a batch sent again after an
@@ -126,50 +128,89 @@ class _Warnings:
 
 
 class _Outbox:
-    """One sink's undelivered scores: bounded (the oldest dropped), delivered in order."""
+    """One sink's undelivered scores: bounded (the oldest dropped), delivered in order by
+    a thread of its own, so a slow sink never delays another."""
 
     def __init__(self, sink: NamedSink, settings: ReportSettings) -> None:
         self.sink, self.settings = sink, settings
         self._queue: deque[ServedScore] = deque()
+        self._lock = threading.Lock()  # the queue and the drop count
+        self._sending = threading.Lock()  # one delivery at a time
+        self._wake, self._stop = threading.Event(), threading.Event()
         self.dropped = 0
         self.last_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"score-reports-{sink.name}",
+                                        daemon=True)
 
     def __len__(self) -> int:
         return len(self._queue)
 
     def add(self, scores: Sequence[ServedScore]) -> None:
-        self._queue.extend(scores)
-        overflow = len(self._queue) - self.settings.buffer_size
-        for _ in range(max(0, overflow)):
-            self._queue.popleft()
-        self.dropped += max(0, overflow)
+        """Queue scores (the oldest dropped beyond the bound) and wake the thread."""
+        with self._lock:
+            self._queue.extend(scores)
+            self._trim()
+        self._wake.set()
+
+    def deliver(self) -> bool:
+        """Send every waiting score in batches; a refused batch goes back to the front."""
+        with self._sending:
+            while batch := self._take():
+                try:
+                    self.sink.deliver(batch)
+                except Exception as exc:  # a down sink must never disturb scoring
+                    self.last_error = exc
+                    self._put_back(batch)
+                    return False
+            self.last_error = None
+            return True
 
     def discard(self) -> None:
         """Drop (and count) everything waiting."""
-        self.dropped += len(self._queue)
-        self._queue.clear()
+        with self._lock:
+            self.dropped += len(self._queue)
+            self._queue.clear()
 
-    def deliver(self) -> bool:
-        """Send every waiting score in batches; stop at the first refusal (kept for later)."""
-        for batch in self._batches():
-            try:
-                self.sink.deliver(batch)
-            except Exception as exc:  # a down sink must never disturb scoring
-                self.last_error = exc
-                return False
-            for _ in batch:
-                self._queue.popleft()
-        self.last_error = None
-        return True
+    def start(self) -> None:
+        self._thread.start()
 
-    def _batches(self) -> Iterator[list[ServedScore]]:
-        while self._queue:
+    def stop(self, timeout_s: float) -> bool:
+        """Deliver what is left and stop; False if the sink still hangs after the timeout."""
+        self._stop.set()
+        self._wake.set()
+        if not self._thread.is_alive():
+            self.deliver()
+            return True
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.settings.flush_interval_s)  # a refused batch: next cycle
+            self._wake.clear()
+            self.deliver()
+        self.deliver()  # what is left at close
+
+    def _take(self) -> list[ServedScore]:
+        with self._lock:
             size = min(self.settings.flush_size, len(self._queue))
-            yield [self._queue[i] for i in range(size)]
+            return [self._queue.popleft() for _ in range(size)]
+
+    def _put_back(self, batch: list[ServedScore]) -> None:
+        with self._lock:
+            self._queue.extendleft(reversed(batch))
+            self._trim()
+
+    def _trim(self) -> None:
+        overflow = len(self._queue) - self.settings.buffer_size
+        for _ in range(overflow):
+            self._queue.popleft()
+        self.dropped += max(0, overflow)
 
 
 class ScoreReporter:
-    """A bounded buffer of answers and the thread that hands them to the sinks."""
+    """A bounded buffer of answers, the thread that turns them into reports, and one
+    outbox (with its thread) per sink."""
 
     def __init__(
         self, sinks: Sequence[NamedSink], settings: ReportSettings | None = None, *,
@@ -180,7 +221,6 @@ class ScoreReporter:
         self._outboxes = [_Outbox(sink, self.settings) for sink in sinks]
         self._intake: deque[tuple[ScoreQuery, ScoreResult, float]] = deque()
         self._lock = threading.Lock()  # guards the intake; held for O(1) only
-        self._flush_lock = threading.Lock()  # one flush at a time (thread, close, tests)
         self._wake, self._stop = threading.Event(), threading.Event()
         self._intake_dropped = 0
         self._warned_drops = 0
@@ -203,36 +243,33 @@ class ScoreReporter:
     # -- life cycle ------------------------------------------------------------------------
 
     def start(self) -> ScoreReporter:
-        """Start the flushing thread."""
+        """Start the threads: one that hands reports out, one per sink that sends them."""
+        for outbox in self._outboxes:
+            outbox.start()
         self._thread.start()
         return self
 
     def close(self, timeout_s: float = 35.0) -> None:
-        """Flush what is left and stop the thread; what no sink took by then is dropped.
+        """Hand out and send what is left, then stop; what no sink took is dropped.
 
-        Never waits longer than ``timeout_s`` for the thread: a sink that hangs is left
-        behind (the thread is a daemon), with a warning.
+        Waits at most about ``timeout_s`` per sink: a sink that hangs is left behind (its
+        thread is a daemon), with a warning.
         """
         self._stop.set()
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
-        else:
-            self.flush()
-        if self._thread.is_alive():
-            logger.warning("closing: a score report sink still hangs after %.0f s; "
-                           "%d reports wait for it", timeout_s, self.pending)
-        else:
-            self._discard_undelivered()
-        if self._on_close is not None:
-            self._on_close()
-
-    def _discard_undelivered(self) -> None:
+        self._hand_out()
         for outbox in self._outboxes:
-            if len(outbox):
+            if not outbox.stop(timeout_s):
+                logger.warning("closing: score reports to %s still hang after %.1f s; "
+                               "%d wait for it", outbox.sink.name, timeout_s, len(outbox))
+            elif len(outbox):
                 logger.warning("closing: %d score reports to %s are lost (%s)",
                                len(outbox), outbox.sink.name, outbox.last_error)
                 outbox.discard()
+        if self._on_close is not None:
+            self._on_close()
 
     @property
     def dropped(self) -> int:
@@ -249,36 +286,38 @@ class ScoreReporter:
         return intake + max((len(outbox) for outbox in self._outboxes), default=0)
 
     def flush(self) -> bool:
-        """Hand every waiting report to every sink now; True when all of them took all."""
-        with self._flush_lock:
-            with self._lock:
-                taken, self._intake = self._intake, deque()
+        """Hand out every waiting report and send it now, in the calling thread; True when
+        every sink took everything."""
+        self._hand_out()
+        delivered = [outbox.deliver() for outbox in self._outboxes]
+        self._warn()
+        return all(delivered)
+
+    def _hand_out(self) -> None:
+        """The intake, as ``ServedScore`` reports, to every sink's outbox."""
+        with self._lock:
+            taken, self._intake = self._intake, deque()
+        if taken:
             scores = [served_score(query, result, at) for query, result, at in taken]
-            delivered = True
             for outbox in self._outboxes:
                 outbox.add(scores)
-                delivered = outbox.deliver() and delivered
-            self._warn()
-            return delivered
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self._wake.wait(self.settings.flush_interval_s)
             self._wake.clear()
-            self._flush_logged()
-        self._flush_logged()  # what is left at close
-
-    def _flush_logged(self) -> None:
-        try:
-            self.flush()
-        except Exception:  # a bug here must not kill the thread: the next cycle tries again
-            logger.exception("flushing score reports failed")
+            try:
+                self._hand_out()
+                self._warn()
+            except Exception:  # a bug here must not kill the thread: the next cycle retries
+                logger.exception("handing out score reports failed")
 
     def _warn(self) -> None:
         for outbox in self._outboxes:
-            if outbox.last_error is not None and self._warnings.due(outbox.sink.name):
+            error = outbox.last_error
+            if error is not None and self._warnings.due(outbox.sink.name):
                 logger.warning("score reports to %s failed (%d waiting, retried): %s",
-                               outbox.sink.name, len(outbox), outbox.last_error)
+                               outbox.sink.name, len(outbox), error)
         dropped = self.dropped
         if dropped > self._warned_drops and self._warnings.due("dropped"):
             logger.warning("%d score reports dropped since the last warning (%d in all): "

@@ -4,16 +4,21 @@ A batch that breaks its contract is refused with an error naming the columns and
 first offending rows; with ``bad_rows: quarantine`` the bad rows are set aside and
 counted instead.
 
+``ContractTyping`` runs the same checks while the raw store writes a batch, so the stored
+Parquet holds the typed rows and nothing reads the batch again to check or type it.
+
 Example::
 
     contract = DatasetContract(columns={"amount": "float", "type": "string"}, label="isFraud")
     checker = ContractChecker(contract)
     clean = [checker.check(chunk, offset) for offset, chunk in chunks]
     checker.finish()          # raises ContractViolation for a refused batch
+    store.put("paysim", "tx.csv", typing=ContractTyping(contract, "tx.csv"))
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -22,6 +27,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from common.errors import InvalidInput
+from common.stores import KeepAsRead, RawBatch, RawBatchStore
 
 ColumnType = Literal["int", "float", "string", "bool", "datetime", "category"]
 MAX_REPORTED_ROWS = 5
@@ -167,6 +173,49 @@ def _convert(values: pd.Series, kind: str) -> pd.Series:
 _BOOLS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
 
 
+def typing_id(contract: DatasetContract) -> str:
+    """Names the typing a contract does (its columns, types and bad-row policy): a raw
+    batch typed under this name holds exactly what ``read_typed`` would give."""
+    canonical = contract.model_dump_json(exclude={"format", "label", "entity_key", "timestamp"})
+    return "contract-" + hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def text_columns(contract: DatasetContract) -> list[str]:
+    """The string and category columns, read as text so that their values stay exact."""
+    return [name for name, kind in contract.columns.items() if kind in ("string", "category")]
+
+
+class ContractTyping:
+    """Checks and types a batch chunk by chunk while the raw store writes it
+    (``RawBatchStore.put(..., typing=...)``). A batch the contract refuses is stored as
+    read instead (``KeepAsRead``), and the ingestion service checks it as stored, which names
+    the problems as before."""
+
+    def __init__(self, contract: DatasetContract, source: str = "source") -> None:
+        self.contract, self.source = contract, source
+        self.name = typing_id(contract)
+        self.text_columns = text_columns(contract)
+        self.checker = ContractChecker(contract, source)
+
+    def start(self) -> None:
+        self.checker = ContractChecker(self.contract, self.source)
+
+    def __call__(self, chunk: pd.DataFrame, first_row: int) -> pd.DataFrame:
+        try:
+            typed = self.checker.check(chunk, first_row)
+        except ContractViolation:
+            raise KeepAsRead from None  # missing columns
+        if self.checker.quarantined and self.contract.bad_rows == "reject":
+            raise KeepAsRead  # refused, whatever the other chunks hold
+        return typed
+
+    def finish(self) -> int:
+        try:
+            return self.checker.finish()
+        except ContractViolation:
+            raise KeepAsRead from None  # no rows, or too many set aside
+
+
 def typed_chunks(
     chunks: Iterable[pd.DataFrame], checker: ContractChecker
 ) -> Iterator[pd.DataFrame]:
@@ -185,3 +234,30 @@ def read_typed(
     frames = list(typed_chunks(chunks, checker))
     checker.finish()
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def batch_frames(
+    store: RawBatchStore, batch: RawBatch, contract: DatasetContract, rows: int = 100_000
+) -> Iterator[pd.DataFrame]:
+    """A stored batch's rows as read, to check or type by ``contract``, ``rows`` at a time:
+    the Parquet when it holds them as read, else (typed under another contract, which may
+    have set rows aside) the original bytes."""
+    if batch.typed_by is None:
+        return store.iter_frames(batch.batch_id, rows)
+    return store.iter_source_frames(batch.batch_id, rows, text_columns(contract))
+
+
+def read_batch(store: RawBatchStore, batch_id: str, contract: DatasetContract) -> pd.DataFrame:
+    """A stored batch typed by ``contract`` (bad rows dropped under quarantine): read as it
+    is when ingestion typed it under this contract as it was stored, else typed now."""
+    batch = store.manifest(batch_id)
+    if batch.typed_by != typing_id(contract):
+        return read_typed(batch_frames(store, batch, contract), contract, batch.source_uri)
+    frame = store.read_frame(batch_id)
+    for name, kind in contract.columns.items():
+        # Chunks' categories are merged in the order first seen; typing the whole column
+        # at once would sort them.
+        if kind == "category" and not frame[name].cat.categories.is_monotonic_increasing:
+            frame[name] = frame[name].cat.reorder_categories(
+                sorted(frame[name].cat.categories))
+    return frame

@@ -1,8 +1,10 @@
 """Ingestion Service: SourceDataAvailable → immutable raw batch → RawDataExtracted.
 
 The batch id is the hash of the source bytes, so the same file twice is the same batch
-and its work is not repeated (the event is simply re-published). A source that cannot be
-read or breaks its dataset's contract yields IngestionFailed naming the problem.
+and its work is not repeated (the event is simply re-published). The source is checked
+and typed by its dataset's contract chunk by chunk as it is stored, so the batch is read
+once. A source that cannot be read or breaks the contract yields IngestionFailed naming
+the problem; a refused batch stays stored, as read, but is never accepted.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ from common.stores import RawBatch, RawBatchStore
 from common.wiring import Stores
 from ingestion.contract import (
     ContractChecker,
+    ContractTyping,
     ContractViolation,
     DatasetContract,
+    batch_frames,
     typed_chunks,
+    typing_id,
 )
 
 log = logging.getLogger(__name__)
@@ -28,11 +33,23 @@ CHUNK_ROWS = 100_000
 
 
 def check_batch(store: RawBatchStore, batch: RawBatch, contract: DatasetContract) -> int:
-    """Check a stored batch against its contract chunk by chunk; returns rows quarantined."""
+    """Check a stored batch against its contract chunk by chunk; returns rows quarantined.
+
+    A batch the contract typed as it was stored passed then (its manifest counts the rows
+    set aside); any other (refused, so stored as read, or stored under another contract)
+    is read and checked now, and ``ContractViolation`` names what is wrong.
+    """
+    if batch.typed_by == typing_id(contract):
+        return batch.rows_set_aside
     checker = ContractChecker(contract, batch.source_uri)
-    for _ in typed_chunks(store.iter_frames(batch.batch_id, CHUNK_ROWS), checker):
+    for _ in typed_chunks(batch_frames(store, batch, contract, CHUNK_ROWS), checker):
         pass  # memory stays bounded: one chunk at a time
     return checker.finish()
+
+
+def valid_rows(batch: RawBatch, quarantined: int) -> int:
+    """Rows of an accepted batch that downstream stages see (quarantined ones excluded)."""
+    return batch.rows + batch.rows_set_aside - quarantined  # the source's rows, less those
 
 
 class IngestionService(Service):
@@ -62,14 +79,15 @@ class IngestionService(Service):
 
     def _ingest(self, event: SourceDataAvailable) -> RawDataExtracted:
         contract = self._contract(event.dataset)
-        batch = self.raw_store.put(event.dataset, event.uri, event.format or contract.format)
+        batch = self.raw_store.put(event.dataset, event.uri, event.format or contract.format,
+                                   typing=ContractTyping(contract, event.uri))
         quarantined = check_batch(self.raw_store, batch, contract)
         self.raw_store.accept(batch.batch_id)
-        log.info("stored batch %s: %d rows (%d quarantined)", batch.batch_id, batch.rows,
-                 quarantined)
+        rows = valid_rows(batch, quarantined)
+        log.info("stored batch %s: %d rows (%d quarantined)", batch.batch_id, rows, quarantined)
         return event.caused(
             RawDataExtracted, producer=self.name, dataset=event.dataset,
-            batch_id=batch.batch_id, source_uri=event.uri, rows=batch.rows - quarantined,
+            batch_id=batch.batch_id, source_uri=event.uri, rows=rows,
             columns=batch.column_names,
         )
 

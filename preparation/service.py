@@ -21,7 +21,7 @@ from common.runtime import Service, handles
 from common.settings import Settings
 from common.stores import ModelStore, OfflineFeatureStore, OnlineFeatureStore, RawBatchStore
 from common.wiring import Stores
-from ingestion.contract import read_typed
+from ingestion.contract import read_batch
 from preparation import FittedFeatureSet, build_pipeline, feature_set_id, join_inputs
 from preparation.join import missing_inputs
 
@@ -39,9 +39,8 @@ def joined_frame(
 
 
 def _typed(raw_store: RawBatchStore, config: PipelineConfig, batch_id: str) -> pd.DataFrame:
-    batch = raw_store.manifest(batch_id)
-    contract = config.datasets[batch.dataset]
-    return read_typed(raw_store.iter_frames(batch_id), contract, batch.source_uri)
+    contract = config.datasets[raw_store.manifest(batch_id).dataset]
+    return read_batch(raw_store, batch_id, contract)
 
 
 class PreparationService(Service):

@@ -11,6 +11,7 @@ nothing here opens a connection or reads settings by itself. Example::
     registry = ModelRegistry(settings.data_root)
 """
 
+from common.stores._parquet import ChunkTyping, KeepAsRead
 from common.stores.features import (
     FeatureSetRecord,
     OfflineFeatureStore,
@@ -32,8 +33,10 @@ from common.stores.scores import BatchScoreStore, OnlineScoreStore, score_stream
 
 __all__ = [
     "BatchScoreStore",
+    "ChunkTyping",
     "FeatureSetRecord",
     "HistoryEntry",
+    "KeepAsRead",
     "ModelRecord",
     "ModelRegistry",
     "ModelStore",

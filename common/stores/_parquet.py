@@ -8,20 +8,25 @@ turns float, a number column meets text, a JSON line brings a new key). The conv
 then starts over with the wider type forced for that column; every restart widens at
 least one column, so restarts are few. A CSV's result does not depend on the chunk size
 (text columns keep their exact text); a JSON field mixing numbers and text becomes text.
-Example::
+
+An optional ``ChunkTyping`` checks and types each chunk on its way in (ingestion's dataset
+contract), so the file holds the typed data and no second pass is needed; the pandas
+dtypes (``string``, ``Int64``, ``category``...) are kept in the file's pandas metadata and
+come back on read. When the typing refuses the source (it raises ``KeepAsRead``), the
+conversion starts over without it: the file holds the source as read. Example::
 
     result = to_parquet(lambda: open("tx.csv", "rb"), "csv",
                         lambda: root.atomic_open("raw/x/data.parquet"), chunk_rows=100_000)
-    result.rows, result.schema
+    result.rows, result.schema, result.typed
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import pandas as pd
 import pyarrow as pa
@@ -38,10 +43,37 @@ _READ_ERRORS = (ValueError, pa.ArrowTypeError, pa.ArrowNotImplementedError)
 
 @dataclass(frozen=True)
 class Converted:
-    """What a conversion wrote: the Parquet schema and the number of rows."""
+    """What a conversion wrote: the Parquet schema, the number of rows, whether a typing
+    typed them, and how many source rows it set aside (not written)."""
 
     schema: pa.Schema
     rows: int
+    typed: bool = False
+    set_aside: int = 0
+
+
+class KeepAsRead(Exception):
+    """Raised by a ``ChunkTyping``: store the source as read, untyped (it refuses it)."""
+
+
+class ChunkTyping(Protocol):
+    """Checks and types a source's rows, chunk by chunk, while it is converted."""
+
+    name: str
+    """What typed the rows (a raw batch's manifest records it): same name, same typing."""
+    @property
+    def text_columns(self) -> Collection[str]:
+        """Columns read as text, whatever they look like (a CSV's "007" stays "007")."""
+
+    def start(self) -> None:
+        """A conversion (re)starts: forget the chunks seen so far."""
+
+    def __call__(self, chunk: pd.DataFrame, first_row: int) -> pd.DataFrame:
+        """The chunk to store (typed; rows may be set aside); ``first_row`` is the number
+        of its first row in the source. Raises ``KeepAsRead`` to store the source as read."""
+
+    def finish(self) -> int:
+        """Every chunk was seen: the rows set aside. Raises ``KeepAsRead`` like a chunk."""
 
 
 @dataclass
@@ -60,12 +92,24 @@ class _Drift(Exception):
         self.layout = layout
 
 
-def to_parquet(source: Opener, fmt: str, target: Opener, chunk_rows: int, name: str) -> Converted:
-    """Convert ``source`` (opened anew per attempt) to Parquet written through ``target``."""
+def to_parquet(source: Opener, fmt: str, target: Opener, chunk_rows: int, name: str,
+               typing: ChunkTyping | None = None) -> Converted:
+    """Convert ``source`` (opened anew per attempt) to Parquet written through ``target``,
+    each chunk through ``typing`` if given (as read if it raises ``KeepAsRead``)."""
+    if typing is not None:
+        try:
+            return _convert(source, fmt, target, chunk_rows, name, typing)
+        except KeepAsRead:
+            pass  # the typing refuses the source: it is stored as read, for inspection
+    return _convert(source, fmt, target, chunk_rows, name, None)
+
+
+def _convert(source: Opener, fmt: str, target: Opener, chunk_rows: int, name: str,
+             typing: ChunkTyping | None) -> Converted:
     layout = _Layout()
     while True:
         try:
-            return _attempt(source, fmt, target, chunk_rows, layout)
+            return _attempt(source, fmt, target, chunk_rows, layout, typing)
         except _Drift as drift:
             if drift.layout == layout:
                 raise InvalidInput(f"cannot reconcile the column types of {name}") from None
@@ -74,11 +118,17 @@ def to_parquet(source: Opener, fmt: str, target: Opener, chunk_rows: int, name: 
             raise InvalidInput(f"cannot read {name} as {fmt}: {exc}") from exc
 
 
-def _attempt(
-    source: Opener, fmt: str, target: Opener, chunk_rows: int, layout: _Layout
-) -> Converted:
+def _attempt(source: Opener, fmt: str, target: Opener, chunk_rows: int, layout: _Layout,
+             typing: ChunkTyping | None) -> Converted:
+    if typing is not None:
+        typing.start()
     with source() as src, target() as dst:
-        return _write(_tables(src, fmt, chunk_rows, layout), dst, layout)
+        converted = _write(_tables(src, fmt, chunk_rows, layout, typing), dst, layout)
+        if typing is None:
+            return converted
+        # Inside the target: a source refused only now never lands typed.
+        set_aside = typing.finish()
+        return Converted(converted.schema, converted.rows, typed=True, set_aside=set_aside)
 
 
 def _write(tables: Iterator[pa.Table], dst: IO[bytes], layout: _Layout) -> Converted:
@@ -134,18 +184,45 @@ def _is_number(kind: pa.DataType) -> bool:
     return bool(pa.types.is_integer(kind) or pa.types.is_floating(kind))
 
 
-def _tables(src: IO[bytes], fmt: str, chunk_rows: int, layout: _Layout) -> Iterator[pa.Table]:
-    if fmt == "parquet":
+def _tables(src: IO[bytes], fmt: str, chunk_rows: int, layout: _Layout,
+            typing: ChunkTyping | None) -> Iterator[pa.Table]:
+    if typing is not None:
+        yield from _typed_tables(src, fmt, chunk_rows, layout, typing)
+    elif fmt == "parquet":
         for batch in pq.ParquetFile(src).iter_batches(batch_size=chunk_rows):
             yield pa.Table.from_batches([batch])
-        return
-    for frame in _frames(src, fmt, chunk_rows, layout):
-        yield _table(frame, layout)
+    else:
+        for frame in _frames(src, fmt, chunk_rows, layout):
+            yield _table(frame, layout)
 
 
-def _frames(src: IO[bytes], fmt: str, chunk_rows: int, layout: _Layout) -> Iterator[pd.DataFrame]:
+def _typed_tables(src: IO[bytes], fmt: str, chunk_rows: int, layout: _Layout,
+                  typing: ChunkTyping) -> Iterator[pa.Table]:
+    """Each chunk through ``typing``, with the typed frame's pandas dtypes in the schema."""
+    first_row = 0
+    for frame in read_frames(src, fmt, chunk_rows, typing.text_columns, layout):
+        typed = typing(frame.reset_index(drop=True), first_row)
+        first_row += len(frame)
+        table = _table(typed, layout)
+        # The dtypes of an empty copy: columns of mixed Python objects cannot fail there.
+        pandas = pa.Schema.from_pandas(typed.head(0), preserve_index=False).metadata
+        yield table.replace_schema_metadata(pandas)
+
+
+def read_frames(src: IO[bytes], fmt: str, chunk_rows: int, text_columns: Collection[str] = (),
+                layout: _Layout | None = None) -> Iterator[pd.DataFrame]:
+    """A source as pandas reads it, ``chunk_rows`` rows at a time (each chunk's types
+    inferred on its own, but ``text_columns`` of a CSV as text)."""
+    if fmt == "parquet":
+        return (batch.to_pandas() for batch in pq.ParquetFile(src).iter_batches(chunk_rows))
+    return _frames(src, fmt, chunk_rows, layout or _Layout(), text_columns)
+
+
+def _frames(src: IO[bytes], fmt: str, chunk_rows: int, layout: _Layout,
+            text_columns: Collection[str] = ()) -> Iterator[pd.DataFrame]:
     if fmt == "csv":
         text = {name: str for name, kind in layout.forced.items() if pa.types.is_string(kind)}
+        text.update((name, str) for name in text_columns)
         return iter(pd.read_csv(src, chunksize=chunk_rows, dtype=text or None))
     # dtype=False keeps "007" a string; precise_float keeps every digit of a double.
     return iter(

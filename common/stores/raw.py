@@ -6,7 +6,13 @@ in ``raw/<batch_id>/`` under the root (a local folder or any fsspec URL). The
 manifest keeps the full digest. Storing the same bytes again finds the manifest and does
 no work, which makes ingestion idempotent. The manifest is written last and every file
 goes through a temporary name, so a crash never leaves a half batch that looks complete.
-Sources are read in chunks, so memory does not grow with the file. Example::
+Sources are read in chunks, so memory does not grow with the file; the copy of the
+original bytes is written on a thread of its own while the Parquet is converted.
+
+With a ``typing`` (ingestion passes its dataset contract's), each chunk is checked and
+typed on its way into the Parquet, which then holds the typed rows (``typed_by`` in the
+manifest names the typing, ``rows_set_aside`` counts the rows it quarantined); a source
+the typing refuses is stored as read (``typed_by`` None), still for inspection. Example::
 
     store = RawBatchStore("./var/data")
     batch = store.put("paysim", "data/tx.csv")          # format inferred from the name
@@ -19,9 +25,10 @@ from __future__ import annotations
 
 import builtins
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import IO, Literal
+from typing import IO, Literal, cast
 
 import fsspec
 import pandas as pd
@@ -32,7 +39,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from common.errors import ImmutableBatchError, InvalidInput, NotFound
 from common.events import utc_now
 from common.stores._fs import DataRoot
-from common.stores._parquet import Converted, to_parquet
+from common.stores._parquet import ChunkTyping, Converted, Opener, read_frames, to_parquet
 
 Format = Literal["csv", "parquet", "jsonl"]
 BATCH_ID_HEX = 24
@@ -69,6 +76,11 @@ class RawBatch(BaseModel):
     columns: dict[str, str] = Field(description="Column name to Arrow type, in file order.")
     created_at: AwareDatetime
     paths: dict[str, str] = Field(description="original, parquet, manifest; relative to root.")
+    typed_by: str | None = Field(
+        default=None, description="The typing that checked and typed the Parquet's rows; "
+        "None: the Parquet holds the source as read.")
+    rows_set_aside: int = Field(
+        default=0, ge=0, description="Source rows the typing set aside (not in the Parquet).")
 
     @property
     def column_names(self) -> list[str]:
@@ -129,9 +141,12 @@ class RawBatchStore:
         self._root = DataRoot(root)
         self._chunk_rows = chunk_rows
 
-    def put(self, dataset: str, source_uri: str, fmt: str | None = None) -> RawBatch:
-        """Store a source file as a batch, or return the batch that already holds its bytes.
+    def put(self, dataset: str, source_uri: str, fmt: str | None = None, *,
+            typing: ChunkTyping | None = None) -> RawBatch:
+        """Store a source file as a batch, or return the batch that already holds its bytes
+        (as it was stored: its ``typed_by`` says by which typing, if any).
 
+        ``typing`` checks and types each chunk as it is stored (see the module docstring).
         ``InvalidInput`` names the file when its format is unknown or it cannot be read;
         ``NotFound`` names it when it does not exist.
         """
@@ -140,8 +155,9 @@ class RawBatchStore:
         if existing is not None:
             return existing
         paths = batch_paths(source.batch_id, source.format)
-        converted = self._write_data(source, paths)
-        return self._write_manifest(dataset, source, paths, converted)
+        converted = self._write_data(source, paths, typing)
+        typed_by = typing.name if typing is not None and converted.typed else None
+        return self._write_manifest(dataset, source, paths, converted, typed_by)
 
     def manifest(self, batch_id: str) -> RawBatch:
         """The manifest of a stored batch, or ``NotFound``."""
@@ -163,6 +179,16 @@ class RawBatchStore:
         with self._root.open(self.manifest(batch_id).paths["parquet"]) as handle:
             for batch in pq.ParquetFile(handle).iter_batches(batch_size=rows):
                 yield batch.to_pandas()
+
+    def iter_source_frames(
+        self, batch_id: str, rows: int = 100_000, text_columns: Collection[str] = ()
+    ) -> Iterator[pd.DataFrame]:
+        """The batch's original bytes as pandas reads them, ``rows`` at a time (each chunk's
+        types inferred on its own; ``text_columns`` as text): all the source's rows, even
+        where a typing set some aside from the Parquet."""
+        batch = self.manifest(batch_id)
+        with self._root.open(batch.paths["original"]) as handle:
+            yield from read_frames(handle, batch.format, rows, text_columns)
 
     def original_uri(self, batch_id: str) -> str:
         """The URL of the batch's original bytes."""
@@ -207,31 +233,51 @@ class RawBatchStore:
             )
         return batch
 
-    def _write_data(self, source: _Source, paths: dict[str, str]) -> Converted:
-        try:
-            self._copy(source, paths["original"])
-            return to_parquet(
-                lambda: self._root.open(paths["original"]),
-                source.format,
-                lambda: self._root.atomic_open(paths["parquet"]),
-                self._chunk_rows,
-                source.uri,
-            )
-        except InvalidInput:
-            self._root.remove_tree(f"raw/{source.batch_id}")  # nothing of a rejected source
-            raise
+    def _write_data(
+        self, source: _Source, paths: dict[str, str], typing: ChunkTyping | None
+    ) -> Converted:
+        # The copy (I/O, GIL released) on a thread while this one parses: both read the
+        # source, and each checks that the bytes it read are the ones the id was made of.
+        with ThreadPoolExecutor(1, thread_name_prefix="raw-copy") as pool:
+            copied = pool.submit(self._copy, source, paths["original"])
+            try:
+                converted = to_parquet(
+                    self._reader(source, paths["original"], copied),
+                    source.format,
+                    lambda: self._root.atomic_open(paths["parquet"]),
+                    self._chunk_rows,
+                    source.uri,
+                    typing,
+                )
+                copied.result()
+                return converted
+            except InvalidInput:
+                copied.exception()  # wait for the copy, whatever it did, then remove it
+                self._root.remove_tree(f"raw/{source.batch_id}")  # nothing of a rejected source
+                raise
+
+    def _reader(self, source: _Source, original: str, copied: Future[None]) -> Opener:
+        """What the conversion reads: the source, verified as it is read; for Parquet,
+        which is read out of order, the copy once it is complete and verified."""
+        if source.format != "parquet":
+            return lambda: _Verified(source)
+
+        def copy() -> IO[bytes]:
+            copied.result()
+            return self._root.open(original)
+
+        return copy
 
     def _copy(self, source: _Source, target: str) -> None:
-        hasher = hashlib.sha256()
-        with source.fs.open(source.path, "rb") as src, self._root.atomic_open(target) as dst:
-            for chunk in _chunks(src):
-                hasher.update(chunk)
+        reader = _Verified(source)
+        with reader, self._root.atomic_open(target) as dst:
+            while chunk := reader.read(COPY_CHUNK):
                 dst.write(chunk)
-            if hasher.hexdigest() != source.sha256:
-                raise InvalidInput(f"source file {source.uri} changed while it was being stored")
+            reader.verify()
 
     def _write_manifest(
-        self, dataset: str, source: _Source, paths: dict[str, str], converted: Converted
+        self, dataset: str, source: _Source, paths: dict[str, str], converted: Converted,
+        typed_by: str | None,
     ) -> RawBatch:
         batch = RawBatch(
             batch_id=source.batch_id,
@@ -244,10 +290,53 @@ class RawBatchStore:
             columns={f.name: str(f.type) for f in converted.schema},
             created_at=utc_now(),
             paths=paths,
+            typed_by=typed_by,
+            rows_set_aside=converted.set_aside,
         )
         # Last, and atomically: its presence is what marks the batch complete.
         self._root.write_bytes(paths["manifest"], batch.model_dump_json(indent=2).encode())
         return batch
+
+
+class _Verified:
+    """The source opened for reading, hashing what is read: reading it to the end and
+    calling ``verify`` raises ``InvalidInput`` if the bytes are not the ones it had."""
+
+    def __init__(self, source: _Source) -> None:
+        self.source, self.hasher = source, hashlib.sha256()
+        self.handle: IO[bytes] = source.fs.open(source.path, "rb")
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.handle.read(size)
+        self.hasher.update(data)
+        if not data:
+            self.verify()  # the end: what was read must be the source's bytes
+        return data
+
+    def verify(self) -> None:
+        if self.hasher.hexdigest() != self.source.sha256:
+            raise InvalidInput(
+                f"source file {self.source.uri} changed while it was being stored")
+
+    def readline(self, size: int = -1) -> bytes:
+        line = self.handle.readline(size)
+        self.hasher.update(line)
+        if not line:
+            self.verify()
+        return line
+
+    def __iter__(self) -> Iterator[bytes]:
+        while line := self.readline():
+            yield line
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.handle, name)  # mode, closed, readable...
+
+    def __enter__(self) -> IO[bytes]:
+        return cast(IO[bytes], self)  # the reads that matter go through this wrapper
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.close()
 
 
 def _inspect(source_uri: str, fmt: str | None) -> _Source:

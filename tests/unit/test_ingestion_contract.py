@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
 from pydantic import ValidationError
 
+from common.stores import RawBatchStore
 from ingestion.contract import (
     MAX_REPORTED_ROWS,
     ColumnType,
     ContractChecker,
+    ContractTyping,
     ContractViolation,
     DatasetContract,
+    read_batch,
     read_typed,
     typed_chunks,
+    typing_id,
 )
 
 
@@ -157,3 +162,81 @@ def test_read_typed_returns_the_whole_batch_typed() -> None:
 def test_roles_must_be_contract_columns() -> None:
     with pytest.raises(ValidationError, match="label 'isFraud' is not one of the contract's"):
         DatasetContract(columns={"amount": "float"}, label="isFraud")
+
+
+# -- typing while the raw store writes the batch ------------------------------------------
+
+
+def write_rows(path: Path, amounts: list[str]) -> Path:
+    path.write_text("id,amount\n" + "".join(f"a{i},{a}\n" for i, a in enumerate(amounts)))
+    return path
+
+
+def test_contract_typing_types_the_stored_batch_so_it_is_read_as_stored(tmp_path: Path) -> None:
+    store = RawBatchStore(str(tmp_path / "root"), chunk_rows=2)
+    source = write_rows(tmp_path / "tx.csv", ["1", "2", "3", "4", "5"])
+    batch = store.put("tx", str(source), typing=ContractTyping(contract(), str(source)))
+    assert batch.typed_by == typing_id(contract())
+    expected = read_typed([pd.read_csv(source)], contract(), str(source))
+    pd.testing.assert_frame_equal(read_batch(store, batch.batch_id, contract()), expected)
+    assert str(expected["id"].dtype) == "string" and expected["amount"].dtype == "float64"
+
+
+def test_contract_typing_sets_bad_rows_aside_under_quarantine(tmp_path: Path) -> None:
+    store = RawBatchStore(str(tmp_path / "root"), chunk_rows=2)
+    source = write_rows(tmp_path / "tx.csv", ["1", "x", "3", "4", "5"])
+    quarantine = contract(bad_rows="quarantine", max_bad_share=0.25)
+    batch = store.put("tx", str(source), typing=ContractTyping(quarantine, str(source)))
+    assert (batch.rows, batch.rows_set_aside) == (4, 1)
+    assert read_batch(store, batch.batch_id, quarantine)["amount"].tolist() == [1.0, 3, 4, 5]
+
+
+@pytest.mark.parametrize(("amounts", "options"), [
+    (["1", "2", "3", "x", "5"], {}),                                                # reject
+    (["1", "x", "y", "4", "5"], {"bad_rows": "quarantine", "max_bad_share": 0.25}),  # too many
+    ([], {}),                                                                     # no rows
+], ids=["a bad row", "too many set aside", "no rows"])
+def test_a_batch_the_contract_refuses_is_stored_as_read(
+    tmp_path: Path, amounts: list[str], options: dict[str, Any]
+) -> None:
+    store = RawBatchStore(str(tmp_path / "root"), chunk_rows=2)
+    source = write_rows(tmp_path / "tx.csv", amounts)
+    batch = store.put("tx", str(source), typing=ContractTyping(contract(**options), str(source)))
+    assert batch.typed_by is None and batch.rows == len(amounts)
+    pd.testing.assert_frame_equal(store.read_frame(batch.batch_id), pd.read_csv(source))
+
+
+def test_a_batch_without_a_contract_column_is_stored_as_read(tmp_path: Path) -> None:
+    store = RawBatchStore(str(tmp_path / "root"))
+    source = tmp_path / "tx.csv"
+    source.write_text("id,other\na,1\n")
+    batch = store.put("tx", str(source), typing=ContractTyping(contract(), str(source)))
+    assert batch.typed_by is None
+
+
+def test_a_batch_typed_under_another_contract_is_typed_again_on_read(tmp_path: Path) -> None:
+    store = RawBatchStore(str(tmp_path / "root"))
+    source = write_rows(tmp_path / "tx.csv", ["1", "2", "x"])
+    loose = DatasetContract(columns={"id": "string", "amount": "string"})
+    batch = store.put("tx", str(source), typing=ContractTyping(loose, str(source)))
+    assert batch.typed_by == typing_id(loose) != typing_id(contract())
+    with pytest.raises(ContractViolation, match="row 2: amount='x' is not float"):
+        read_batch(store, batch.batch_id, contract())
+
+
+def test_the_typing_id_follows_what_changes_the_typed_rows() -> None:
+    assert typing_id(contract()) == typing_id(contract(label="amount", entity_key="id"))
+    assert typing_id(contract()) != typing_id(contract(bad_rows="quarantine"))
+    assert typing_id(contract()) != typing_id(
+        DatasetContract(columns={"id": "string", "amount": "int"}))
+
+
+def test_read_batch_sorts_categories_merged_from_chunks(tmp_path: Path) -> None:
+    store = RawBatchStore(str(tmp_path / "root"), chunk_rows=2)
+    source = tmp_path / "kinds.csv"
+    source.write_text("kind\nPAYMENT\nPAYMENT\nCASH_IN\nTRANSFER\n")
+    kinds = DatasetContract(columns={"kind": "category"})
+    batch = store.put("k", str(source), typing=ContractTyping(kinds, str(source)))
+    typed = read_batch(store, batch.batch_id, kinds)["kind"]
+    assert typed.cat.categories.tolist() == ["CASH_IN", "PAYMENT", "TRANSFER"]
+    assert typed.tolist() == ["PAYMENT", "PAYMENT", "CASH_IN", "TRANSFER"]

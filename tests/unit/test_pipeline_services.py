@@ -153,6 +153,65 @@ def test_unknown_dataset_is_refused_with_ingestion_failed(tmp_path: Path, source
     no_dead_letters(pipeline.bus)
 
 
+def with_bad_amounts(tmp_path: Path, source: Path, rows: list[int]) -> Path:
+    frame = pd.read_csv(source).astype({"amount": object})
+    frame.loc[rows, "amount"] = "lots"
+    path = tmp_path / "bad-amounts.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+def paysim_contract(**changes: Any) -> dict[str, Any]:
+    config = paysim_config()
+    config["datasets"]["paysim"].update(changes)
+    return config
+
+
+def test_a_batch_is_typed_as_it_is_stored_and_quarantined_rows_are_not_counted(
+    tmp_path: Path, source: Path
+) -> None:
+    config = paysim_contract(bad_rows="quarantine", max_bad_share=0.01)
+    pipeline = Pipeline(parsed(config), tmp_path / "data").start("ingestion", "preparation")
+    events = pipeline.source(with_bad_amounts(tmp_path, source, [5, 77, 2_000]))
+
+    raw = one_of(RawDataExtracted, events)
+    batch = pipeline.raw.manifest(raw.batch_id)
+    assert batch.typed_by is not None and batch.rows_set_aside == 3
+    assert raw.rows == ROWS - 3 == one_of(FeaturesGenerated, events).rows
+    assert pipeline.raw.is_accepted(raw.batch_id)
+    no_dead_letters(pipeline.bus)
+
+
+def test_a_refused_batch_stays_stored_as_read_but_is_not_accepted(
+    tmp_path: Path, source: Path
+) -> None:
+    pipeline = Pipeline(parsed(paysim_config()), tmp_path / "data").start("ingestion")
+    bad = with_bad_amounts(tmp_path, source, [5, 77])
+    failed = one_of(IngestionFailed, pipeline.source(bad))
+
+    assert failed.reason == (
+        f"{bad} breaks the dataset contract: 2 of {ROWS} row(s) with mistyped values in "
+        "['amount']; first: row 5: amount='lots' is not float, row 77: amount='lots' is not float")
+    [batch] = pipeline.raw.list()
+    assert batch.typed_by is None and batch.rows == ROWS  # as read, for inspection
+    assert not pipeline.raw.is_accepted(batch.batch_id)
+    assert pipeline.raw.read_frame(batch.batch_id)["amount"].iloc[5] == "lots"
+
+
+def test_a_batch_stored_under_another_contract_is_checked_again(
+    tmp_path: Path, source: Path
+) -> None:
+    bad = with_bad_amounts(tmp_path, source, [9])
+    loose = Pipeline(parsed(paysim_contract(bad_rows="quarantine")), tmp_path / "data")
+    one_of(RawDataExtracted, loose.start("ingestion").source(bad))  # typed, one row aside
+
+    strict = Pipeline(parsed(paysim_config()), tmp_path / "data").start("ingestion")
+    failed = one_of(IngestionFailed, strict.source(bad))  # the same bytes, another contract
+
+    assert "1 of 2999 row(s) with mistyped values" not in failed.reason  # not the old typing
+    assert "row 9: amount='lots' is not float" in failed.reason
+
+
 def accounts_contract() -> dict[str, Any]:
     return {"columns": {"nameOrig": "string", "risk": "float"}, "entity_key": "nameOrig"}
 

@@ -15,6 +15,7 @@ import pytest
 
 import common.stores.raw as raw_module
 from common.errors import ImmutableBatchError, InvalidInput, NotFound
+from common.stores import KeepAsRead
 from common.stores.raw import BATCH_ID_HEX, RawBatchStore, infer_format
 
 
@@ -228,3 +229,81 @@ def test_any_fsspec_root_works(csv_file):
     assert again.manifest(batch.batch_id) == batch
     assert again.list() == [batch]
     pd.testing.assert_frame_equal(again.read_frame(batch.batch_id), pd.read_csv(csv_file))
+
+
+# -- typing while storing (ingestion's contract check) -----------------------------------
+
+
+class KindTyping:
+    """A ChunkTyping for these tests: ``kind`` as a category, rows of ``drop`` set aside,
+    the source refused (kept as read) from row ``refuse_from`` or at the end."""
+
+    name = "kind-v1"
+
+    def __init__(self, drop: tuple[int, ...] = (), refuse_from: int | None = None,
+                 refuse_at_finish: bool = False, text_columns: tuple[str, ...] = ("note",),
+                 ) -> None:
+        self.drop, self.refuse_from, self.refuse_at_finish = drop, refuse_from, refuse_at_finish
+        self.text_columns = text_columns
+        self.starts, self.rows, self.first_rows = 0, 0, []
+
+    def start(self) -> None:
+        self.starts, self.rows, self.first_rows = self.starts + 1, 0, []
+
+    def __call__(self, chunk: pd.DataFrame, first_row: int) -> pd.DataFrame:
+        self.first_rows.append(first_row)
+        self.rows += len(chunk)
+        if self.refuse_from is not None and first_row + len(chunk) > self.refuse_from:
+            raise KeepAsRead
+        kept = [i for i in range(len(chunk)) if first_row + i not in self.drop]
+        return chunk.iloc[kept].astype({"kind": "category", "id": "Int64"})
+
+    def finish(self) -> int:
+        if self.refuse_at_finish:
+            raise KeepAsRead
+        return len(self.drop)
+
+
+def test_a_typing_types_each_chunk_as_it_is_stored(store, csv_file):
+    typing = KindTyping()
+    batch = store.put("paysim", str(csv_file), typing=typing)
+    assert batch.typed_by == "kind-v1" and batch.rows_set_aside == 0 and batch.rows == 100
+    assert typing.first_rows == list(range(0, 100, 7))  # rows counted across chunks
+    frame = store.read_frame(batch.batch_id)
+    assert str(frame["kind"].dtype) == "category" and str(frame["id"].dtype) == "Int64"
+    expected = pd.read_csv(csv_file).astype({"kind": "category", "id": "Int64"})
+    assert frame["kind"].tolist() == expected["kind"].tolist()
+    assert frame["id"].tolist() == expected["id"].tolist()
+    assert frame["note"].tolist()[:2] == ["0", "1"]  # text columns are read as text
+    assert {str(c["id"].dtype) for c in store.iter_frames(batch.batch_id, rows=30)} == {"Int64"}
+    original = Path(store.original_uri(batch.batch_id).removeprefix("file://"))
+    assert original.read_bytes() == csv_file.read_bytes()  # the bytes stay as they came
+
+
+def test_a_conversion_that_starts_over_starts_the_typing_over(store, csv_file):
+    typing = KindTyping(text_columns=())  # late text in "note": the conversion restarts
+    store.put("paysim", str(csv_file), typing=typing)
+    assert typing.starts > 1 and typing.rows == 100
+
+
+def test_rows_a_typing_sets_aside_are_not_stored_but_counted(store, csv_file):
+    batch = store.put("paysim", str(csv_file), typing=KindTyping(drop=(3, 50, 99)))
+    assert batch.rows == 97 and batch.rows_set_aside == 3
+    assert 50 not in store.read_frame(batch.batch_id)["id"].tolist()
+
+
+@pytest.mark.parametrize("typing", [KindTyping(refuse_from=40), KindTyping(refuse_at_finish=True)],
+                         ids=["in a chunk", "at the end"])
+def test_a_source_the_typing_refuses_is_stored_as_read(store, csv_file, typing):
+    batch = store.put("paysim", str(csv_file), typing=typing)
+    assert batch.typed_by is None and batch.rows == 100 and batch.rows_set_aside == 0
+    pd.testing.assert_frame_equal(store.read_frame(batch.batch_id), pd.read_csv(csv_file))
+
+
+def test_a_source_that_changes_while_it_is_stored_is_refused(store, csv_file, monkeypatch):
+    real = raw_module._digest
+    # The digest (the batch id) was taken from other bytes than the ones read afterwards.
+    monkeypatch.setattr(raw_module, "_digest", lambda fs, path: ("0" * 64, real(fs, path)[1]))
+    with pytest.raises(InvalidInput, match=r"tx\.csv changed while it was being stored"):
+        store.put("paysim", str(csv_file), typing=KindTyping())
+    assert store.list() == []

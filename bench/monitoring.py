@@ -23,8 +23,9 @@ Run with ``make bench-monitoring`` (``.venv/bin/python bench/monitoring.py``). I
    edges), and the service handled all but that many. Between steps the backlog drains.
 
 Results go to ``bench/results/monitoring.json``, compared with the scoring service's
-measured throughput (``bench/results/scoring.json``) when that file exists. The namespace
-(queues, exchange, Redis keys) and the data root are deleted afterwards. See ``--help``.
+measured throughput (``bench/results/scoring.json``) when that file exists
+(``--compare-only`` redoes just that). The namespace (queues, exchange, Redis keys) and
+the data root are deleted afterwards. See ``--help``.
 """
 
 from __future__ import annotations
@@ -463,13 +464,19 @@ def main() -> None:
     parser.add_argument("--precision", type=float, default=0.15,
                         help="stop when the first lost rate is within this ratio of the kept")
     parser.add_argument("--max-steps", type=int, default=9)
-    parser.add_argument("--budget", type=float, default=150.0,
+    parser.add_argument("--budget", type=float, default=120.0,
                         help="seconds of stepping at most (the whole run stays under ~3 min)")
     parser.add_argument("--rounds", type=int, default=7, help="rounds of the drift timings")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--compare-only", action="store_true",
+                        help="only redo the comparison of --out with bench/results/scoring.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    results = run(args)
+    if args.compare_only:
+        results = json.loads(args.out.read_text())
+        results["compared_with_scoring"] = scoring_comparison(results["scores_per_s"])
+    else:
+        results = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps({k: results[k] for k in ("events_per_s", "scores_per_s",

@@ -211,12 +211,12 @@ def lineage(ident: str) -> None:
 @click.option("--timeout", default=2.0, show_default=True, help="Deadline in seconds.")
 @click.option("--token", envvar="CONVEYOR_GRPC_TOKEN", default="",
               help="Bearer token, when the service requires one [env CONVEYOR_GRPC_TOKEN].")
-@click.option("--tls-ca", envvar="CONVEYOR_GRPC_TLS_CA", default="",
+@click.option("--tls-ca", envvar="CONVEYOR_GRPC_TLS_CA", default=None,
               type=click.Path(exists=True, dir_okay=False),
               help="PEM CA of the service's certificate: connect with TLS "
                    "[env CONVEYOR_GRPC_TLS_CA].")
 def score(entity: str, fields: tuple[str, ...], model_version: str, target: str,
-          timeout: float, token: str, tls_ca: str) -> None:
+          timeout: float, token: str, tls_ca: str | None) -> None:
     """Score one entity over gRPC and print the answer."""
     import grpc
     from google.protobuf.json_format import MessageToDict
@@ -237,7 +237,7 @@ def score(entity: str, fields: tuple[str, ...], model_version: str, target: str,
     click.echo(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
 
 
-def _scoring_channel(target: str, tls_ca: str) -> Any:
+def _scoring_channel(target: str, tls_ca: str | None) -> Any:
     """A TLS channel trusting ``tls_ca`` when given, else a plain-text one."""
     import grpc
 

@@ -194,6 +194,10 @@ class MicroBatcher(Generic[Row, Result]):
     ``deadline`` values and ``max_wait_s`` are read on ``clock``, so a custom clock must
     tick in seconds; ``clock`` also times each batch for ``batch_size``. ``on_batch`` is
     called with the number of rows of each predict call (metrics); it must be quick.
+    With ``busy_only`` the collector lingers only right after a batch of more than one
+    row, when other callers are about: a lone caller (concurrency 1) never waits.
+    ``rows_of`` counts the rows of an item that holds several (default: one each), for
+    ``on_batch`` and the stats; the batch size counts items.
     """
 
     def __init__(
@@ -206,10 +210,13 @@ class MicroBatcher(Generic[Row, Result]):
         max_wait_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
         on_batch: Callable[[int], None] | None = None,
+        busy_only: bool = False,
+        rows_of: Callable[[Row], int] | None = None,
     ):
         if max_queue < 1 or max_wait_s < 0:
             raise ValueError(f"need max_queue >= 1 and max_wait_s >= 0 for model {model}")
         self.model, self.max_queue, self.max_wait_s = model, max_queue, max_wait_s
+        self.busy_only, self._last_items, self._rows_of = busy_only, 0, rows_of
         self.batch_size, self._predict, self._clock = batch_size, predict_batch, clock
         self._on_batch = on_batch
         self._queue: deque[_Pending[Row, Result]] = deque()
@@ -226,7 +233,8 @@ class MicroBatcher(Generic[Row, Result]):
         with self._cond:
             self._admit()
             self._queue.append(pending)
-            self._cond.notify()
+            if len(self._queue) == 1 or len(self._queue) >= self.batch_size.size:
+                self._cond.notify()  # the collector waits for a first row or a full batch
         return pending.future
 
     def submit_async(self, row: Row, *, deadline: float | None = None) -> asyncio.Future[Result]:
@@ -283,7 +291,8 @@ class MicroBatcher(Generic[Row, Result]):
                 self._cond.wait()
             if not self._queue:
                 return None
-            self._linger()
+            if not self.busy_only or self._last_items > 1:
+                self._linger()
             return self._take(self.batch_size.size)
 
     def _linger(self) -> None:
@@ -326,25 +335,29 @@ class MicroBatcher(Generic[Row, Result]):
             logger.warning(
                 "predict failed for model %s (batch of %d)", self.model, len(batch), exc_info=True
             )
-            self._record(len(batch), failed=True)
+            self._record(batch, failed=True)
             _fail_all(batch, exc)
             return
-        self._record(len(batch), failed=False, latency_s=self._clock() - started)
+        self._record(batch, failed=False, latency_s=self._clock() - started)
         for pending, result in zip(batch, results, strict=True):
             pending.future.set_result(result)
 
-    def _record(self, rows: int, *, failed: bool, latency_s: float | None = None) -> None:
+    def _record(self, batch: list[_Pending[Row, Result]], *, failed: bool,
+                latency_s: float | None = None) -> None:
+        count = self._rows_of
+        rows = len(batch) if count is None else sum(count(pending.row) for pending in batch)
         if self._on_batch is not None:
             try:
                 self._on_batch(rows)
             except Exception:  # metrics must never stop the collector
                 logger.exception("on_batch failed for model %s", self.model)
         with self._cond:
+            self._last_items = len(batch)
             self._counters.batches += 1
             self._counters.predicted += rows
             self._counters.failed_batches += failed
             if latency_s is not None:
-                self.batch_size.observe(rows, latency_s)
+                self.batch_size.observe(len(batch), latency_s)
 
 
 def _fail_all(batch: Sequence[_Pending[Row, Result]], exc: BaseException) -> None:

@@ -30,7 +30,7 @@ import uuid
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Executor, Future, InvalidStateError, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,9 +92,9 @@ class CoreSettings:
     """Largest micro-batch of one model."""
     max_queue: int = 1024
     """Requests one model may hold queued before refusing (RESOURCE_EXHAUSTED)."""
-    max_wait_s: float = 0.0
-    """How long a batch waits for more rows after its first. None: under load, rows queue
-    while the batch before them predicts, so batches form without making a lone row wait."""
+    max_wait_s: float = 0.002
+    """How long a batch may wait for more rows after its first, only while other requests
+    are about (the last batch had more than one row): a lone request never waits."""
     workers: int = 64
     """Threads that run model links (a slow model is abandoned, not waited for)."""
     warmup_calls: int = 3
@@ -195,20 +195,28 @@ class LoadedModel:
         return [str(c) for c in self.estimator.classes_]
 
     def predict_batch(self, rows: list[np.ndarray]) -> list[np.ndarray]:
-        """Class probabilities for a batch of feature rows (the batcher calls this): one
-        ``predict_proba`` on a 2-D array, its OpenMP work on the calling thread only."""
+        """Class probabilities for a batch of items (the batcher calls this), each a feature
+        row (its probabilities) or a 2-D block of rows (theirs, 2-D): one ``predict_proba``
+        on one 2-D array, its OpenMP work on the calling thread only."""
         if self.delay_s:
             time.sleep(self.delay_s)  # injected fault: a slow model
+        proba = self._predict_proba(np.vstack(rows))
+        if all(row.ndim == 1 for row in rows):
+            return list(proba)
+        ends = np.cumsum([_rows_in(row) for row in rows])
+        return [proba[end - 1] if row.ndim == 1 else proba[end - len(row):end]
+                for row, end in zip(rows, ends, strict=True)]
+
+    def _predict_proba(self, matrix: np.ndarray) -> np.ndarray:
         _one_openmp_thread()
-        matrix = np.vstack(rows)
         if not self.frame_input:
             try:
-                return list(self.estimator.predict_proba(matrix))
+                return np.asarray(self.estimator.predict_proba(matrix))
             except Exception:  # e.g. a ColumnTransformer that picks columns by name
                 logger.info("model %s version %s needs named columns: predicting on "
                             "DataFrames", self.model_id, self.version)
                 self.frame_input = True
-        return list(self.estimator.predict_proba(
+        return np.asarray(self.estimator.predict_proba(
             pd.DataFrame(matrix, columns=self.feature_names)))
 
     def features_of(self, request: _Request) -> np.ndarray:
@@ -228,9 +236,9 @@ class LoadedModel:
     def start_rows(self, rows: np.ndarray | list[dict[str, Any]], deadline: float | None,
                    pool: Executor) -> Future[np.ndarray]:
         """Start predicting a feature matrix, or raw records (transformed here, by this
-        model's own feature set): a few rows through the micro-batcher (batched with other
-        requests), many in one call on ``pool``. The future holds rows x classes;
-        cancelling it drops the rows still queued."""
+        model's own feature set): a few rows as one item of the micro-batcher (batched
+        with other requests), many in one call on ``pool``. The future holds rows x
+        classes; cancelling it drops the rows if they are still queued."""
         matrix = rows if isinstance(rows, np.ndarray) else online_matrix(
             self.features, rows, self.feature_names)
         if matrix.ndim != 2 or matrix.shape[1] != len(self.feature_names):
@@ -238,7 +246,7 @@ class LoadedModel:
                                f"{len(self.feature_names)} features, got shape {matrix.shape}")
         if len(matrix) >= self.batcher.batch_size.maximum:
             return pool.submit(self._predict_all, matrix)
-        return _stacked([self.batcher.submit(row, deadline=deadline) for row in matrix])
+        return self.batcher.submit(matrix, deadline=deadline)
 
     def _predict_all(self, matrix: np.ndarray) -> np.ndarray:
         if self.on_batch is not None:
@@ -423,7 +431,7 @@ class ScoringCore:
             max_queue=self.settings.max_queue,
             batch_size=AdaptiveBatchSize(self.settings.latency_budget_s,
                                          maximum=self.settings.max_batch),
-            max_wait_s=self.settings.max_wait_s,
+            max_wait_s=self.settings.max_wait_s, busy_only=True, rows_of=_rows_in,
             on_batch=loaded.on_batch,
         )
         return loaded
@@ -534,30 +542,9 @@ class InlineStart(Executor):
         return self.pool.submit(fn, *args, **kwargs)
 
 
-def _stacked(parts: list[Future[np.ndarray]]) -> Future[np.ndarray]:
-    """One future of the parts' results stacked as rows (or their first failure);
-    cancelling it cancels the parts still queued."""
-    whole: Future[np.ndarray] = Future()
-    left, lock = [len(parts)], threading.Lock()
-
-    def part_done(_: Future[np.ndarray]) -> None:
-        with lock:
-            left[0] -= 1
-            if left[0]:
-                return
-        with contextlib.suppress(InvalidStateError):  # cancelled meanwhile
-            failed = next((p for p in parts if p.cancelled() or p.exception()), None)
-            if failed is None:
-                whole.set_result(np.vstack([p.result() for p in parts]))
-            elif failed.cancelled():
-                whole.cancel()
-            else:
-                whole.set_exception(failed.exception())
-
-    whole.add_done_callback(lambda w: [p.cancel() for p in parts] if w.cancelled() else None)
-    for part in parts:
-        part.add_done_callback(part_done)
-    return whole
+def _rows_in(item: np.ndarray) -> int:
+    """Rows in a batcher item: a feature row, or a 2-D block of rows."""
+    return len(item) if item.ndim == 2 else 1
 
 
 def _note_failure(done: Future[Any], raised: list[Exception]) -> None:

@@ -340,3 +340,58 @@ def test_asyncio_callers_await_their_own_results(make_batcher, model) -> None:
         return list(await asyncio.gather(*(batcher.submit_async(row) for row in range(5))))
 
     assert asyncio.run(score_all()) == [0, 10, 20, 30, 40]
+
+
+# -- lingering only when busy, items of several rows ---------------------------------------
+
+
+def test_busy_only_a_lone_caller_never_waits(make_batcher, model) -> None:
+    model.gate.set()
+    size = AdaptiveBatchSize(1.0, initial=4, minimum=4, maximum=4)
+    batcher = make_batcher(batch_size=size, max_wait_s=60.0, busy_only=True)
+    assert batcher.submit(7).result(WAIT_S) == 70  # lingering would take 60 s
+    assert model.batches == [[7]]
+
+
+def test_busy_only_lingers_after_a_batch_of_several(make_batcher, model) -> None:
+    size = AdaptiveBatchSize(1.0, initial=4, minimum=4, maximum=4)
+    batcher = make_batcher(batch_size=size, max_wait_s=60.0, busy_only=True)
+    first = model.hold_first(batcher)
+    queued = [batcher.submit(row) for row in (1, 2)]
+    model.gate.set()
+    assert results([first, *queued]) == [0, 10, 20]  # batches [0] then [1, 2]
+    later = [batcher.submit(row) for row in (3, 4, 5, 6)]
+    assert results(later) == [30, 40, 50, 60]
+    assert model.batches == [[0], [1, 2], [3, 4, 5, 6]]  # waited for the fourth
+
+
+def test_rows_of_counts_the_rows_an_item_holds(make_batcher, model) -> None:
+    model.gate.set()
+    seen: list[int] = []
+    batcher = make_batcher(rows_of=lambda item: item, on_batch=seen.append)
+    assert batcher.submit(3).result(WAIT_S) == 30
+    assert seen == [3]
+    assert batcher.stats().predicted == 3 and batcher.stats().batches == 1
+
+
+def test_a_model_predicts_rows_and_blocks_of_rows_in_one_call() -> None:
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    from scoring.core import LoadedModel
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(50, 3))
+    estimator = LogisticRegression().fit(X, (X[:, 0] > 0).astype(int))
+    calls: list[int] = []
+    predict = estimator.predict_proba
+    estimator.predict_proba = lambda rows: calls.append(len(rows)) or predict(rows)  # type: ignore[method-assign]
+    model = LoadedModel("v1", "m-1", estimator, None, ["a", "b", "c"], None)  # type: ignore[arg-type]
+
+    out = model.predict_batch([X[0], X[1:4], X[4]])
+
+    assert calls == [5]
+    together = predict(X[:5])  # what one call on the five rows gives, split back per item
+    np.testing.assert_array_equal(out[0], together[0])
+    np.testing.assert_array_equal(out[1], together[1:4])
+    np.testing.assert_array_equal(out[2], together[4])

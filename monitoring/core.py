@@ -19,6 +19,7 @@ into events and the live view. Example::
 from __future__ import annotations
 
 import logging
+import operator
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -127,6 +128,13 @@ class Ring:
         return self._count
 
 
+def _tuple_getter(names: Sequence[str]) -> Callable[[Mapping[str, float]], tuple[float, ...]]:
+    """A function giving the values of ``names`` as a tuple (KeyError if one is missing)."""
+    if len(names) > 1:
+        return operator.itemgetter(*names)
+    return lambda features: tuple(features[name] for name in names)
+
+
 @dataclass(frozen=True)
 class DriftFinding:
     """A drift measurement of one version over its latest scores (level may be "none")."""
@@ -155,6 +163,7 @@ class VersionStats:
     def __init__(self, info: ModelInfo, config: CoreConfig, counters: Counters) -> None:
         self.info, self.config, self.counters = info, config, counters
         self.names = info.feature_names
+        self._getter = _tuple_getter(self.names)
         self.window = Ring(config.drift_window, len(self.names) + 1)  # + the prediction
         self.latencies = Ring(config.latency_window, 1)
         self.since_drift = 0
@@ -176,9 +185,15 @@ class VersionStats:
 
     def _rows(self, scores: Sequence[ServedScore]) -> np.ndarray:
         """Each score's features in reference order (NaN where absent), then its score."""
-        nan = float("nan")
-        return np.array([[*(s.features.get(n, nan) for n in self.names), s.score]
-                         for s in scores], dtype=np.float64)
+        return np.array([(*self._values(s.features), s.score) for s in scores],
+                        dtype=np.float64)
+
+    def _values(self, features: Mapping[str, float]) -> tuple[float, ...]:
+        """The features in reference order: one C-level lookup when all are there."""
+        try:
+            return self._getter(features)
+        except KeyError:
+            return tuple(features.get(name, float("nan")) for name in self.names)
 
     def latency_percentiles(self) -> dict[str, float]:
         """p50, p95 and p99 of the latest own answers, in ms (NaN before any)."""

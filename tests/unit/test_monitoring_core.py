@@ -121,3 +121,19 @@ def test_totals_are_restored_at_first_sight(world: MonitoredModels) -> None:
     assert (stats.served, stats.counters.fallbacks) == (1_001, 10)
     assert stats.counters.latency_avg_ms == pytest.approx(2_003.0 / 1_001)
     assert math.isnan(summary(MonitoringCore(CONFIG, ModelInfo).stats("v5"))["latency_p99_ms"])
+
+
+def test_a_model_of_one_input_and_partial_features_are_read_in_order() -> None:
+    from monitoring.drift import reference_of
+
+    rng = np.random.default_rng(0)
+    one = ModelInfo("v1", references={"a": reference_of(rng.normal(size=1_000))})
+    core = MonitoringCore(CONFIG, lambda v: one)
+    core.observe([ServedScore(request_id="r", entity_id="e", model_version="v1", score=0.25,
+                              latency_ms=1.0, features={"a": 3.0, "zz": 9.0})])
+    np.testing.assert_array_equal(core.stats("v1").window.values(), [[3.0, 0.25]])
+    two = ModelInfo("v2", references={n: reference_of(rng.normal(size=100)) for n in "ab"})
+    core = MonitoringCore(CONFIG, lambda v: two)
+    core.observe([ServedScore(request_id="r", entity_id="e", model_version="v2", score=0.5,
+                              latency_ms=1.0, features={"b": 2.0})])
+    np.testing.assert_array_equal(core.stats("v2").window.values(), [[np.nan, 2.0, 0.5]])

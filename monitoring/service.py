@@ -25,6 +25,7 @@ would make it match. Example::
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import datetime
@@ -110,7 +111,10 @@ class MonitoringSettings(BaseSettings):
     monitoring_degraded_cooldown_s: int = 3_600
     """At most one ModelDegraded per version and reason per this many seconds."""
     monitoring_reports: bool = True
-    """Write a Parquet report per drift measurement under the data root."""
+    """Write Parquet reports of drift measurements under the data root."""
+    monitoring_report_every_s: float = 60.0
+    """At most one report per version per this many seconds (and one whenever the drift
+    level changes); 0 writes every measurement."""
 
     def core(self) -> CoreConfig:
         """The core's part of the settings."""
@@ -190,6 +194,7 @@ class MonitoringService(Service):
         self.core = MonitoringCore(settings.core(), catalogue.describe, state.counters)
         self.metrics = MonitoringMetrics(CollectorRegistry())
         self._seen: OrderedDict[str, list[Finding]] = OrderedDict()
+        self._reported: dict[str, tuple[float, str]] = {}  # version: (when, level)
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
         """Export the monitoring metrics on the service's /metrics registry."""
@@ -277,9 +282,20 @@ class MonitoringService(Service):
                              "live_shares": d.shares,
                              "reference_shares": self._reference_shares(version, name)}
                       for name, d in report.inputs.items()}})
-        if self.reports is not None and report.inputs:
+        if self._report_due(finding):
+            assert self.reports is not None
             path = self.reports.write(finding, summary(self.core.stats(version)))
+            self._reported[version] = (time.monotonic(), report.level)
             log.info("drift of %s: %s (report %s)", version, report.level, path)
+
+    def _report_due(self, finding: DriftFinding) -> bool:
+        """Whether to write this measurement: the version's first, a new level, or the
+        first since ``monitoring_report_every_s``."""
+        if self.reports is None or not finding.report.inputs:
+            return False
+        last = self._reported.get(finding.version)
+        return last is None or last[1] != finding.report.level or \
+            time.monotonic() - last[0] >= self.settings.monitoring_report_every_s
 
     def _reference_shares(self, version: str, name: str) -> list[float]:
         return self.catalogue.describe(version).references[name].proportions.tolist()

@@ -105,7 +105,7 @@ def payload(event: Event) -> dict[str, Any]:
 
 def test_unshifted_traffic_raises_nothing_and_is_reported(
         world: MonitoredModels, settings: Settings) -> None:
-    m = monitor(world, settings)
+    m = monitor(world, settings, monitoring_report_every_s=0)
     assert m.serve(served(world, "v2", world.traffic(2_000, seed=3))) == []
     live = m.state.live("v2")
     assert live["served"] == 2_000 and live["drift_level"] == "none"
@@ -118,6 +118,17 @@ def test_unshifted_traffic_raises_nothing_and_is_reported(
     shares = live["drift"]["a"]
     assert sum(shares["live_shares"]) == pytest.approx(1.0)
     assert len(shares["live_shares"]) == len(shares["reference_shares"]) == 10
+
+
+def test_reports_are_written_once_a_minute_and_when_the_level_changes(
+        world: MonitoredModels, settings: Settings) -> None:
+    m = monitor(world, settings)
+    m.serve(served(world, "v2", world.traffic(1_000, seed=14)))
+    m.serve(served(world, "v2", world.traffic(1_000, seed=15, shift={"a": 2.0}), start=1_000))
+    reports = Reports(str(world.root / "data")).read("v2")
+    written = reports.drop_duplicates("served")
+    assert written["served"].tolist() == [500, 1_500]
+    assert written["model_level"].tolist() == ["none", "alert"]
 
 
 def test_a_shifted_feature_is_detected_and_retraining_asked_once(

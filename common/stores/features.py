@@ -13,7 +13,10 @@ keeps Redis's work per entity small: a materialisation is bounded by the server,
 spends most of its time per hash field. Writes run a Lua script through non-transactional
 pipelines, a few dozen entities per script call, so that per key, atomically, an older
 row never replaces a newer one (an equal time overwrites: rematerialising is idempotent)
-and the TTL is set. A read of any number of entities is one round trip. Example::
+and the TTL is set. A script call packs its rows into one argument (and their times
+into another, or one time for all), so the client sends about one argument per entity,
+its key; a call whose keys are all new (a new feature set) skips the per-key time check.
+A read of any number of entities is one round trip. Example::
 
     online = RedisOnlineStore(redis.Redis.from_url(settings.redis_url), settings.namespace)
     online.materialize("fs1", frame, entity_column="account", timestamp_column="at")
@@ -51,15 +54,28 @@ FIELD_ROW = "_v"
 """Hash field holding the row, a JSON array in schema order."""
 
 _WRITE_LUA = """
--- KEYS: one hash per entity. ARGV[1]: TTL in seconds (0: none); then, per key, its event
--- time (epoch microseconds) and its encoded row. Returns how many rows were written.
-local ttl = tonumber(ARGV[1])
-local written = 0
+-- KEYS: one hash per entity. ARGV[1]: TTL in seconds (0: none). ARGV[2]: the event time
+-- (epoch microseconds) of every row, or one per key, newline-separated. ARGV[3]: one row
+-- per key, in order, newline-separated (encoded JSON never holds a raw newline). The keys
+-- are distinct. Returns how many rows were written.
+local ttl, times, rows = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local shared = not string.find(times, '\\n', 1, true)
+-- No key exists yet (a new feature set): no stored time to compare with.
+local fresh = redis.call('EXISTS', unpack(KEYS)) == 0
+local written, row_at, ts_at, ts = 0, 1, 1, times
 for i = 1, #KEYS do
-  local key, ts = KEYS[i], ARGV[2 * i]
-  local old = redis.call('HGET', key, '_ts')
+  local row_end = string.find(rows, '\\n', row_at, true) or #rows + 1
+  local row = string.sub(rows, row_at, row_end - 1)
+  row_at = row_end + 1
+  if not shared then
+    local ts_end = string.find(times, '\\n', ts_at, true) or #times + 1
+    ts = string.sub(times, ts_at, ts_end - 1)
+    ts_at = ts_end + 1
+  end
+  local key = KEYS[i]
+  local old = not fresh and redis.call('HGET', key, '_ts')
   if not old or tonumber(old) <= tonumber(ts) then
-    redis.call('HSET', key, '_ts', ts, '_v', ARGV[2 * i + 1])
+    redis.call('HSET', key, '_ts', ts, '_v', row)
     if ttl > 0 then
       redis.call('EXPIRE', key, ttl)
     elseif old then
@@ -70,6 +86,8 @@ for i = 1, #KEYS do
 end
 return written
 """
+MAX_ENTITIES_PER_CALL = 1000
+"""A script call's keys go through Lua's ``unpack``, whose stack is bounded."""
 
 
 def online_key(namespace: str, feature_set_id: str, entity_id: object) -> bytes:
@@ -177,6 +195,9 @@ class RedisOnlineStore(OnlineFeatureStore):
     ):
         if redis_client.get_encoder().decode_responses:
             raise InvalidInput("RedisOnlineStore needs a Redis client with decode_responses=False")
+        if not 1 <= entities_per_call <= MAX_ENTITIES_PER_CALL:
+            raise InvalidInput(f"entities_per_call must be 1 to {MAX_ENTITIES_PER_CALL}, "
+                               f"not {entities_per_call}")
         self._redis = redis_client
         self._namespace = namespace
         self._default_ttl_s = default_ttl_s
@@ -205,10 +226,11 @@ class RedisOnlineStore(OnlineFeatureStore):
         schema, rows = encode_rows(frame, features)
         keys = self._keys(feature_set_id, frame[entity_column])
         stamps = timestamps_us(frame, timestamp_column, event_time)
+        times = stamps if timestamp_column else stamps[0]  # one time for every row
         self._schemas[feature_set_id] = schema
         ttl = self._default_ttl_s if ttl_s is None else ttl_s
         schema_set = ("SET", online_schema_key(self._namespace, feature_set_id), schema.to_json())
-        return self._send(schema_set, self._script_calls(keys, _interleave(stamps, rows), ttl))
+        return self._send(schema_set, self._script_calls(keys, rows, times, ttl))
 
     def read(
         self, feature_set_id: str, entity_ids: Sequence[Any], features: Sequence[str] | None = None
@@ -249,13 +271,17 @@ class RedisOnlineStore(OnlineFeatureStore):
         prefix = key_prefix(self._namespace, feature_set_id)
         return [prefix + entity for entity in entities.astype(str).tolist()]
 
-    def _script_calls(self, keys: list[str], flat: list[bytes], ttl: int) -> list[Command]:
+    def _script_calls(
+        self, keys: list[str], rows: list[bytes], times: list[bytes] | bytes, ttl: int
+    ) -> list[Command]:
+        """One script call per ``entities_per_call`` keys: the keys, the TTL, their times
+        (or the one time of all) and their rows, each newline-joined into one argument."""
         calls = []
         for first in range(0, len(keys), self._per_call):
             last = min(first + self._per_call, len(keys))
-            chunk = keys[first:last]
-            args = flat[2 * first : 2 * last]
-            calls.append(("EVALSHA", self._write_script.sha, len(chunk), *chunk, ttl, *args))
+            chunk_times = times if isinstance(times, bytes) else b"\n".join(times[first:last])
+            calls.append(("EVALSHA", self._write_script.sha, last - first, *keys[first:last],
+                          ttl, chunk_times, b"\n".join(rows[first:last])))
         return calls
 
     def _send(self, schema_set: Command, calls: list[Command]) -> int:
@@ -303,13 +329,6 @@ def _feature_columns(
         if name is not None and name not in frame.columns:
             raise InvalidInput(f"frame has no column {name!r}")
     return [str(c) for c in frame.columns if c not in (entity_column, timestamp_column)]
-
-
-def _interleave(stamps: list[bytes], rows: list[bytes]) -> list[bytes]:
-    flat: list[bytes] = [b""] * (2 * len(rows))
-    flat[0::2] = stamps
-    flat[1::2] = rows
-    return flat
 
 
 class FeatureSetRecord(BaseModel):

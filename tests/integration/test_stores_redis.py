@@ -172,6 +172,29 @@ def test_last_write_wins_per_entity_within_a_batch(online):
         assert row["amount"] == source["amount"][i]
 
 
+def test_a_write_of_new_and_stored_entities_checks_the_stored_ones(online):
+    newer = features(1).assign(amount=2.0)  # C0, newer than what follows
+    online.write_batch("fs1", newer, "entity", event_time=T0 + timedelta(seconds=1))
+    frame = features(20).assign(amount=1.0)  # C0..C19 in three script calls of <= 8
+    assert online.write_batch("fs1", frame, "entity", event_time=T0) == 19
+    rows = online.read("fs1", ["C0", "C1", "C19"])
+    assert [row["amount"] for row in rows] == [2.0, 1.0, 1.0]
+
+
+def test_rows_with_their_own_times_in_one_script_call(online):
+    frame = features(6).assign(at=[T0 + timedelta(seconds=i) for i in range(6)])
+    assert online.write_batch("fs1", frame, "entity", timestamp_column="at") == 6
+    older = frame.assign(at=T0 - timedelta(seconds=1), amount=0.0)
+    assert online.write_batch("fs1", older.iloc[:3], "entity", timestamp_column="at") == 0
+    assert online.read("fs1", ["C2"])[0]["amount"] == frame["amount"][2]
+
+
+@pytest.mark.parametrize("per_call", [0, features_module.MAX_ENTITIES_PER_CALL + 1])
+def test_entities_per_call_is_bounded(client, namespace, per_call):
+    with pytest.raises(InvalidInput, match="entities_per_call"):
+        RedisOnlineStore(client, namespace, entities_per_call=per_call)
+
+
 def test_materialize_keeps_each_entity_s_latest_row(online):
     frame = pd.DataFrame(
         {

@@ -6,12 +6,13 @@ answered as a fallback, min/avg/max and a histogram of serving time, recent serv
 percentiles, and a sliding window of each input feature and of the predictions. Every
 ``drift_every`` scores of a version it compares that window with the version's training
 reference (``monitoring.drift``) and returns a ``DriftFinding``; when the version's p99
-serving time (its own answers, not fallbacks) breaks the budget it returns a
-``LatencyFinding``. It never talks to Redis or the broker; the service turns findings
-into events and the live view. Example::
+serving time (its own answers, not fallbacks) breaks the budget, or, given the champion's
+version, when more than ``max_fallback_share`` of the champion's requests were answered
+by a fallback, it returns a ``LatencyFinding``. It never talks to Redis or the broker;
+the service turns findings into events and the live view. Example::
 
     core = MonitoringCore(CoreConfig(drift_every=1_000), describe=lambda v: ModelInfo(v))
-    findings = core.observe(event.scores)
+    findings = core.observe(event.scores, champion="v3")
     core.stats("v3").served, core.stats("v3").latency_percentiles()
     [f.report.level for f in findings if isinstance(f, DriftFinding)]   # ["alert"]
 """
@@ -24,7 +25,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -53,7 +54,10 @@ class CoreConfig:
     latency_window: int = 1_000
     """The latest own answers the serving-time percentiles are taken over."""
     latency_min_scores: int = 200
-    """Own answers needed before the budget is checked."""
+    """Own answers (or requests to the champion) needed before the budget is checked."""
+    max_fallback_share: float = 0.5
+    """Share of the champion's requests that may be answered by a fallback (it was past
+    its deadline, its circuit open, or it failed) before it counts as too slow."""
 
 
 @dataclass(frozen=True)
@@ -147,11 +151,14 @@ class DriftFinding:
 
 @dataclass(frozen=True)
 class LatencyFinding:
-    """A version whose p99 serving time broke the budget."""
+    """A version too slow: its p99 serving time broke the budget (``measure`` "p99_ms"),
+    or, as the champion, too many of its requests were answered by a fallback
+    (``measure`` "fallback_share"): ``observed`` against the ``allowed`` bound."""
 
     version: str
-    p99_ms: float
-    budget_ms: float
+    measure: Literal["p99_ms", "fallback_share"]
+    observed: float
+    allowed: float
 
 
 Finding = DriftFinding | LatencyFinding
@@ -166,6 +173,7 @@ class VersionStats:
         self._getter = _tuple_getter(self.names)
         self.window = Ring(config.drift_window, len(self.names) + 1)  # + the prediction
         self.latencies = Ring(config.latency_window, 1)
+        self.missed = Ring(config.latency_window, 1)  # 1: a fallback answered it as champion
         self.since_drift = 0
         self.last_drift: DriftFinding | None = None
 
@@ -219,13 +227,18 @@ class VersionStats:
         return self.last_drift
 
     def latency_breach(self) -> LatencyFinding | None:
-        """A finding when the p99 of enough own answers breaks the budget."""
-        if len(self.latencies) < self.config.latency_min_scores:
-            return None
-        p99 = self.latency_percentiles()["p99"]
-        if p99 <= self.config.latency_budget_ms:
-            return None
-        return LatencyFinding(self.info.version, p99, self.config.latency_budget_ms)
+        """A finding when the p99 of enough own answers breaks the budget, or when too
+        many of enough requests to it as champion were answered by a fallback."""
+        config, version = self.config, self.info.version
+        if len(self.latencies) >= config.latency_min_scores:
+            p99 = self.latency_percentiles()["p99"]
+            if p99 > config.latency_budget_ms:
+                return LatencyFinding(version, "p99_ms", p99, config.latency_budget_ms)
+        if len(self.missed) >= config.latency_min_scores:
+            share = float(self.missed.values().mean())
+            if share > config.max_fallback_share:
+                return LatencyFinding(version, "fallback_share", share, config.max_fallback_share)
+        return None
 
 
 class MonitoringCore:
@@ -241,21 +254,38 @@ class MonitoringCore:
         self._describe, self._restore = describe, restore
         self._stats: dict[str, VersionStats] = {}
 
-    def observe(self, scores: Sequence[ServedScore]) -> list[Finding]:
-        """Account scores (of any versions); the drift and latency findings they lead to."""
+    def observe(
+        self, scores: Sequence[ServedScore], champion: str | None = None
+    ) -> list[Finding]:
+        """Account scores (of any versions); the drift and latency findings they lead to.
+
+        With the ``champion``'s version, the scores it should have answered (its own, and
+        every fallback answer) also count for or against it: a slow champion whose
+        requests go to the previous version never answers slowly itself.
+        """
         by_version: dict[str, list[ServedScore]] = defaultdict(list)
         for score in scores:
             by_version[score.model_version].append(score)
+        if champion is not None:
+            self._count_misses(champion, scores)
+            by_version.setdefault(champion, [])
         findings: list[Finding] = []
         for version, batch in by_version.items():
             stats = self.stats(version)
-            stats.add(batch)
+            if batch:
+                stats.add(batch)
             if stats.drift_due():
                 findings.append(stats.measure_drift())
             breach = stats.latency_breach()
             if breach is not None:
                 findings.append(breach)
         return findings
+
+    def _count_misses(self, champion: str, scores: Sequence[ServedScore]) -> None:
+        missed = [s.model_version != champion for s in scores
+                  if s.model_version == champion or s.fallback]
+        if missed:
+            self.stats(champion).missed.extend(np.array(missed, dtype=np.float64)[:, None])
 
     def stats(self, version: str) -> VersionStats:
         """The figures of a version (described, and its totals restored, at first sight)."""

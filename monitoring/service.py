@@ -101,7 +101,11 @@ class MonitoringSettings(BaseSettings):
     monitoring_latency_budget_ms: float = 100.0
     """p99 serving time (own answers) past which a version is degraded."""
     monitoring_latency_min_scores: int = 200
-    """Own answers a version needs before its serving time is judged."""
+    """Own answers a version needs before its serving time is judged (and requests the
+    champion needs before its fallback share is)."""
+    monitoring_max_fallback_share: float = 0.5
+    """Share of the champion's requests answered by a fallback past which it is degraded
+    (reason latency; observed and expected are then shares, not seconds)."""
     monitoring_served_ttl_s: int = 86_400
     """How long a served score can still be joined to its outcome."""
     monitoring_retrain_cooldown_s: int = 3_600
@@ -127,6 +131,7 @@ class MonitoringSettings(BaseSettings):
                 ks_pvalue=self.monitoring_ks_pvalue),
             latency_budget_ms=self.monitoring_latency_budget_ms,
             latency_min_scores=self.monitoring_latency_min_scores,
+            max_fallback_share=self.monitoring_max_fallback_share,
         )
 
     def quality_rule(self) -> QualityRule:
@@ -250,7 +255,8 @@ class MonitoringService(Service):
         key = str(event.event_id)
         if key not in self._seen:
             self._count(event.scores)
-            self._seen[key] = self.core.observe(event.scores)
+            champion = self.catalogue.champion()[0]
+            self._seen[key] = self.core.observe(event.scores, champion)
             while len(self._seen) > SEEN_BATCHES:
                 self._seen.popitem(last=False)
         return self._seen[key]
@@ -302,8 +308,9 @@ class MonitoringService(Service):
 
     def _decide(self, cause: ScoreServed, finding: Finding) -> list[Event]:
         if isinstance(finding, LatencyFinding):
-            return self._degraded(cause, finding.version, "latency", finding.p99_ms / 1e3,
-                                  finding.budget_ms / 1e3)
+            scale = 1e-3 if finding.measure == "p99_ms" else 1.0  # p99 in seconds
+            return self._degraded(cause, finding.version, "latency", finding.observed * scale,
+                                  finding.allowed * scale)
         return self._drifted(cause, finding.version, finding.report)
 
     def _drifted(self, cause: ScoreServed, version: str, report: DriftReport) -> list[Event]:

@@ -105,7 +105,7 @@ def test_a_p99_over_budget_is_a_latency_finding_fallbacks_aside(world: Monitored
     rows = world.traffic(60, seed=7)
     assert core.observe(served(world, "v1", rows, latency_ms=400.0, fallback=True)) == []
     [finding] = core.observe(served(world, "v1", rows, latency_ms=250.0))
-    assert finding == LatencyFinding("v1", pytest.approx(250.0), 100.0)
+    assert finding == LatencyFinding("v1", "p99_ms", pytest.approx(250.0), 100.0)
     figures = summary(core.stats("v1"))
     assert figures["fallback_share"] == 0.5 and figures["latency_max_ms"] == 400.0
     assert figures["latency_p50_ms"] == pytest.approx(250.0)
@@ -137,3 +137,17 @@ def test_a_model_of_one_input_and_partial_features_are_read_in_order() -> None:
     core.observe([ServedScore(request_id="r", entity_id="e", model_version="v2", score=0.5,
                               latency_ms=1.0, features={"b": 2.0})])
     np.testing.assert_array_equal(core.stats("v2").window.values(), [[np.nan, 2.0, 0.5]])
+
+
+def test_a_champion_whose_requests_go_to_fallbacks_is_too_slow(world: MonitoredModels) -> None:
+    core = MonitoringCore(CONFIG, info_of(world))
+    rows = world.traffic(30, seed=8)
+    own = served(world, "v2", rows, latency_ms=5.0)
+    assert core.observe(own, champion="v2") == []
+    fallbacks = served(world, "v1", world.traffic(40, seed=9), latency_ms=130.0, fallback=True)
+    [finding] = core.observe(fallbacks, champion="v2")
+    assert finding == LatencyFinding("v2", "fallback_share", pytest.approx(40 / 70), 0.5)
+    assert core.stats("v2").served == 30  # the fallbacks were answered by v1
+    canary = served(world, "v1", rows)  # another version's answers that were not fallbacks
+    core.observe(canary, champion="v2")
+    assert len(core.stats("v2").missed) == 70

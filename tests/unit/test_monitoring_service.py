@@ -191,14 +191,19 @@ def test_an_outcome_of_an_unknown_request_is_counted_not_dead_lettered(
     assert m.sample("conveyor_outcomes_total", result="unmatched") == 1
 
 
-def test_slow_own_answers_degrade_by_latency(world: MonitoredModels, settings: Settings) -> None:
+def test_slow_answers_degrade_by_latency(world: MonitoredModels, settings: Settings) -> None:
     m = monitor(world, settings, monitoring_latency_budget_ms=100.0)
     rows = world.traffic(100, seed=8)
-    assert m.serve(served(world, "v1", rows, latency_ms=900.0, fallback=True)) == []
-    [degraded] = of_type(m.serve(served(world, "v1", rows, latency_ms=300.0)), ModelDegraded)
-    assert (degraded.reason, degraded.observed, degraded.expected) == (
-        "latency", pytest.approx(0.3), pytest.approx(0.1))
+    # v1 answering for the champion v2 (slowly, as fallbacks do): v2 is too slow, not v1
+    [champion] = m.serve(served(world, "v1", rows, latency_ms=900.0, fallback=True))
+    assert isinstance(champion, ModelDegraded)
+    assert (champion.model_version, champion.reason, champion.observed, champion.expected) == (
+        "v2", "latency", 1.0, 0.5)
+    [own] = of_type(m.serve(served(world, "v1", rows, latency_ms=300.0)), ModelDegraded)
+    assert (own.model_version, own.reason, own.observed, own.expected) == (
+        "v1", "latency", pytest.approx(0.3), pytest.approx(0.1))
     assert m.state.live("v1")["fallback_share"] == 0.5
+    assert m.serve(served(world, "v1", rows, latency_ms=300.0)) == []  # once per cooldown
 
 
 def test_a_redelivered_batch_re_emits_its_decisions_and_counts_once(

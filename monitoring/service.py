@@ -67,6 +67,7 @@ from monitoring.state import MonitoringState
 
 log = logging.getLogger(__name__)
 SEEN_BATCHES = 1_000
+CHAMPION_TTL_S = 1.0
 
 
 class MonitoringSettings(BaseSettings):
@@ -146,6 +147,7 @@ class ModelCatalogue:
     def __init__(self, models: ModelStore, registry: ModelRegistry) -> None:
         self.models, self.registry = models, registry
         self._known: dict[str, ModelInfo] = {}
+        self._champion: tuple[float, tuple[str | None, list[str]]] | None = None
 
     def describe(self, version: str) -> ModelInfo:
         """The version's model, reference and evaluation figures (bare if unregistered)."""
@@ -176,8 +178,15 @@ class ModelCatalogue:
                     if h.action == "promote" and h.to_version == version]
         return promoted[-1] if promoted else None
 
-    def champion(self) -> tuple[str | None, list[str]]:
-        """The champion's version (None if none) and every registered version."""
+    def champion(self, fresh: bool = False) -> tuple[str | None, list[str]]:
+        """The champion's version (None if none) and every registered version, read at
+        most once per ``CHAMPION_TTL_S`` (every batch asks) unless ``fresh``."""
+        now = time.monotonic()
+        if fresh or self._champion is None or now - self._champion[0] >= CHAMPION_TTL_S:
+            self._champion = (now, self._read_champion())
+        return self._champion[1]
+
+    def _read_champion(self) -> tuple[str | None, list[str]]:
         versions = list(self.registry.versions())
         try:
             return self.registry.champion().version, versions
@@ -203,7 +212,7 @@ class MonitoringService(Service):
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
         """Export the monitoring metrics on the service's /metrics registry."""
-        self.metrics = MonitoringMetrics(registry, self.catalogue.champion)
+        self.metrics = MonitoringMetrics(registry, lambda: self.catalogue.champion(fresh=True))
         for version in self.catalogue.champion()[1]:
             self.metrics.track(version, self.catalogue.describe(version).expected)
 

@@ -143,6 +143,17 @@ def _check_limits(
         raise ValueError(f"need increase >= 1 and 0 < decrease_factor < 1, got {increase}/{factor}")
 
 
+def linger_target(busy_only: bool, last_items: int, size: int) -> int:
+    """How many queued items the collector waits for (up to ``max_wait_s``) before it
+    takes a batch: a full batch (``size``); with ``busy_only``, none more after a batch of
+    one (a lone caller never waits for company that is not coming).
+
+    >>> linger_target(False, 1, 8), linger_target(True, 1, 8), linger_target(True, 5, 8)
+    (8, 1, 8)
+    """
+    return 1 if busy_only and last_items <= 1 else size
+
+
 @dataclass(frozen=True)
 class BatcherStats:
     """A snapshot for metrics."""
@@ -194,8 +205,8 @@ class MicroBatcher(Generic[Row, Result]):
     ``deadline`` values and ``max_wait_s`` are read on ``clock``, so a custom clock must
     tick in seconds; ``clock`` also times each batch for ``batch_size``. ``on_batch`` is
     called with the number of rows of each predict call (metrics); it must be quick.
-    With ``busy_only`` the collector lingers only right after a batch of more than one
-    row, when other callers are about: a lone caller (concurrency 1) never waits.
+    With ``busy_only`` the collector lingers only while other callers are about (the last
+    batch had several items, see ``linger_target``): a lone caller never waits.
     ``rows_of`` counts the rows of an item that holds several (default: one each), for
     ``on_batch`` and the stats; the batch size counts items.
     """
@@ -217,6 +228,7 @@ class MicroBatcher(Generic[Row, Result]):
             raise ValueError(f"need max_queue >= 1 and max_wait_s >= 0 for model {model}")
         self.model, self.max_queue, self.max_wait_s = model, max_queue, max_wait_s
         self.busy_only, self._last_items, self._rows_of = busy_only, 0, rows_of
+        self._wanted = batch_size.maximum  # rows the lingering collector waits for
         self.batch_size, self._predict, self._clock = batch_size, predict_batch, clock
         self._on_batch = on_batch
         self._queue: deque[_Pending[Row, Result]] = deque()
@@ -233,8 +245,8 @@ class MicroBatcher(Generic[Row, Result]):
         with self._cond:
             self._admit()
             self._queue.append(pending)
-            if len(self._queue) == 1 or len(self._queue) >= self.batch_size.size:
-                self._cond.notify()  # the collector waits for a first row or a full batch
+            if len(self._queue) == 1 or len(self._queue) >= self._wanted:
+                self._cond.notify()  # the collector waits for a first row, or for _wanted
         return pending.future
 
     def submit_async(self, row: Row, *, deadline: float | None = None) -> asyncio.Future[Result]:
@@ -291,17 +303,18 @@ class MicroBatcher(Generic[Row, Result]):
                 self._cond.wait()
             if not self._queue:
                 return None
-            if not self.busy_only or self._last_items > 1:
-                self._linger()
+            self._linger(linger_target(self.busy_only, self._last_items, self.batch_size.size))
             return self._take(self.batch_size.size)
 
-    def _linger(self) -> None:
+    def _linger(self, target: int) -> None:
         until = self._clock() + self.max_wait_s
-        while len(self._queue) < self.batch_size.size and not self._closed:
+        self._wanted = target
+        while len(self._queue) < target and not self._closed:
             remaining = until - self._clock()
             if remaining <= 0:
-                return
+                break
             self._cond.wait(remaining)
+        self._wanted = self.batch_size.maximum
 
     def _take(self, size: int) -> _Taken[Row, Result]:
         """Up to ``size`` live rows; rows past their deadline are set aside, not counted;

@@ -92,7 +92,7 @@ class CoreSettings:
     """Largest micro-batch of one model."""
     max_queue: int = 1024
     """Requests one model may hold queued before refusing (RESOURCE_EXHAUSTED)."""
-    max_wait_s: float = 0.002
+    max_wait_s: float = 0.004
     """How long a batch may wait for more rows after its first, only while other requests
     are about (the last batch had more than one row): a lone request never waits."""
     workers: int = 64

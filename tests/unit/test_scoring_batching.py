@@ -22,6 +22,7 @@ from scoring.batching import (
     DeadlineExceeded,
     MicroBatcher,
     Overloaded,
+    linger_target,
 )
 
 WAIT_S = 5.0
@@ -353,6 +354,13 @@ def test_busy_only_a_lone_caller_never_waits(make_batcher, model) -> None:
     assert model.batches == [[7]]
 
 
+def test_busy_only_lingers_for_a_full_batch_unless_the_last_had_one_item() -> None:
+    assert linger_target(busy_only=False, last_items=1, size=8) == 8
+    assert linger_target(busy_only=True, last_items=0, size=8) == 1
+    assert linger_target(busy_only=True, last_items=1, size=8) == 1
+    assert linger_target(busy_only=True, last_items=2, size=8) == 8
+
+
 def test_busy_only_lingers_after_a_batch_of_several(make_batcher, model) -> None:
     size = AdaptiveBatchSize(1.0, initial=4, minimum=4, maximum=4)
     batcher = make_batcher(batch_size=size, max_wait_s=60.0, busy_only=True)
@@ -362,7 +370,7 @@ def test_busy_only_lingers_after_a_batch_of_several(make_batcher, model) -> None
     assert results([first, *queued]) == [0, 10, 20]  # batches [0] then [1, 2]
     later = [batcher.submit(row) for row in (3, 4, 5, 6)]
     assert results(later) == [30, 40, 50, 60]
-    assert model.batches == [[0], [1, 2], [3, 4, 5, 6]]  # waited for the fourth
+    assert model.batches == [[0], [1, 2], [3, 4, 5, 6]]  # it waited for the fourth
 
 
 def test_rows_of_counts_the_rows_an_item_holds(make_batcher, model) -> None:

@@ -51,7 +51,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -116,10 +116,11 @@ def main() -> None:
             **bench_conveyor(world, args, settings),
         }
         fallback = bench_fallback(world, args, settings)
+        batches = world.batches
     finally:
         delete_keys(client, f"{namespace}:*".encode())
         shutil.rmtree(work, ignore_errors=True)
-    results = report(systems, fallback, args, settings)
+    results = report(systems, fallback, args, settings) | {"conveyor_predict_calls": batches}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print_summary(results)
@@ -186,6 +187,8 @@ class World:
     """Rows for ModelInfer, in the model's feature order."""
     score_requests: list[spb.ScoreRequest]
     model_path: Path
+    batches: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """Per Conveyor server (registry), its versions' predict calls and rows over the run."""
 
 
 def build_world(work: Path, client: redis.Redis, namespace: str) -> World:
@@ -424,9 +427,12 @@ def conveyor_server(world: World, registry: str, settings: Settings
               "redis_url": settings.redis_url}
     command = [sys.executable, str(Path(__file__).resolve()), "--serve", json.dumps(config)]
     target = f"127.0.0.1:{port}"
-    with running(command, world.work / f"conveyor-{registry}.log") as process:
+    log = world.work / f"conveyor-{registry}.log"
+    with running(command, log) as process:
         wait_ready(target, MODEL, process)
         yield target
+    world.batches[registry] = [json.loads(line) for line in log.read_text().splitlines()
+                               if line.startswith('{"version"')]
 
 
 def bench_conveyor(world: World, args: argparse.Namespace, settings: Settings
@@ -477,6 +483,11 @@ def serve(config: dict[str, Any]) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     stopped.wait()
     server.stop(grace_s=1.0)
+    for model in core.health():
+        stats = core.loaded(model.version).batcher.stats()
+        print(json.dumps({"version": model.version, "batches": stats.batches,
+                          "rows": stats.predicted, "mean_batch": round(stats.mean_batch_size, 2)}),
+              flush=True)
     core.close()
 
 

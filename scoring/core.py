@@ -451,6 +451,8 @@ class ScoringCore:
         links = [decision.primary, *decision.fallbacks]
         loaded = [models[link.version] for link in links]
         loaded[0].schema.check(query.fields)  # the request's fault, before any model runs
+        if deadline_s <= 0:  # spent waiting for a thread: no Redis read, no predict for it
+            raise LateAnswer(["the deadline passed before scoring began"])
         request = self._with_online(query, loaded, time.monotonic() + deadline_s)
         raised: list[Exception] = []  # by the links, to tell overload and lateness apart
         rows: dict[str, np.ndarray] = {}  # each asked link's feature row

@@ -108,6 +108,10 @@ def main() -> None:
     client = redis.Redis.from_url(settings.redis_url)
     namespace = f"bench-scoring-{run}"
     try:
+        in_process = profile_score(work, namespace)
+        if args.profile:
+            print(json.dumps(in_process, indent=2))
+            return
         ensure_mlserver()
         world = build_world(work, client, namespace)
         systems = {
@@ -120,7 +124,8 @@ def main() -> None:
     finally:
         delete_keys(client, f"{namespace}:*".encode())
         shutil.rmtree(work, ignore_errors=True)
-    results = report(systems, fallback, args, settings) | {"conveyor_predict_calls": batches}
+    results = report(systems, fallback, args, settings) | {
+        "conveyor_predict_calls": batches, "score_in_process_c1": in_process}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print_summary(results)
@@ -131,6 +136,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=10.0, help="recorded, per setting")
     parser.add_argument("--warmup", type=float, default=2.0, help="unrecorded, per setting")
     parser.add_argument("--quick", action="store_true", help="3 s per setting: a smoke run")
+    parser.add_argument("--profile", action="store_true",
+                        help="only the in-process cost of one Score, fast and pandas paths")
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.warmup = 3.0, 1.0
@@ -257,6 +264,64 @@ def infer_requests(world: World, model_name: str) -> list[ipb.ModelInferRequest]
             contents=ipb.InferTensorContents(fp64_contents=row.tolist()))],
         outputs=[ipb.ModelInferRequest.InferRequestedOutputTensor(name="predict_proba")],
     ) for row in world.matrix]
+
+
+# --- one Score in process, where its time goes -----------------------------------------
+
+
+def profile_score(work: Path, namespace: str, calls: int = 300) -> dict[str, Any]:
+    """Milliseconds per ``ScoringCore.score`` at concurrency 1, in this process, on the
+    tests' realistic feature set (aggregates, impute, difference, date parts, log, one-hot,
+    drop) and model, with the real Redis: the median of ``calls``, and of its parts (the
+    Redis read, the transform, a predict of one row), for the compiled row transform and
+    for the pandas transform it replaced (``transform_online(fast=False)``)."""
+    import scoring.core
+    from scoring.inputs import InputSchema
+    from tests.fixtures.scoring import fields_of, scoring_world
+
+    say(f"in process: {calls} Score calls at concurrency 1, row path then pandas path")
+    world = scoring_world(work / "profile", f"{namespace}-profile")
+    core = world.core()
+    core.load_chain()
+    model = core.loaded()
+    schema = InputSchema.of(world.fitted)
+    queries = [scoring.core.ScoreQuery(row["nameOrig"], fields_of(row, schema))
+               for _, row in world.frame.sample(calls, random_state=SEED).iterrows()]
+    requests = [core._with_online(q, [model], time.monotonic() + 60) for q in queries]
+    fsid = world.fitted.feature_set_id
+    figures = {
+        "redis_read_ms": median_ms(lambda q: world.online.read(fsid, [q.entity_id]), queries),
+        "predict_one_row_ms": median_ms(
+            lambda r: model.predict_batch([model.features_of(r)]), requests),
+    }
+    fast_transform = scoring.core.online_matrix
+    try:
+        for path, transform in (("row_path", fast_transform), ("pandas_path", _pandas_matrix)):
+            scoring.core.online_matrix = transform  # type: ignore[assignment]
+            figures[f"{path}_transform_ms"] = median_ms(model.features_of, requests)
+            figures[f"{path}_score_ms"] = median_ms(core.score, queries)
+    finally:
+        scoring.core.online_matrix = fast_transform
+        core.close()
+        delete_keys(redis.Redis.from_url(Settings().redis_url),
+                    f"{namespace}-profile:*".encode())
+    return {key: round(value, 3) for key, value in figures.items()} | {"calls": calls}
+
+
+def _pandas_matrix(fitted: Any, records: Any, names: Sequence[str]) -> np.ndarray:
+    """What the scoring path did before the row transform: the pandas steps."""
+    return fitted.transform_online(records, fast=False)[list(names)].to_numpy(np.float64)
+
+
+def median_ms(call: Callable[[Any], Any], items: Sequence[Any]) -> float:
+    for item in items[:20]:
+        call(item)  # warm
+    samples = []
+    for item in items:
+        started = time.perf_counter()
+        call(item)
+        samples.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(samples)
 
 
 # --- the load generator ---------------------------------------------------------------

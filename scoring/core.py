@@ -82,8 +82,8 @@ class FeaturesUnavailable(ConveyorError):
 class CoreSettings:
     """Deadlines, latency budgets and batching of the scoring core."""
 
-    # Provisional: one Score costs ~17 ms today, nearly all of it the pandas transform of
-    # a single row; tighten both once that path is fast (issue 4's ~1 ms target).
+    # Generous: one Score costs under a millisecond in process, but over gRPC under load on
+    # a shared 2-core machine its tail reaches tens of milliseconds (bench/scoring.py).
     deadline_s: float = 0.250
     """Deadline of a request that brings none of its own."""
     latency_budget_s: float = 0.100

@@ -179,8 +179,8 @@ def compile_online(fitted: Any) -> OnlinePlan:
 def fast_frame(fitted: Any, records: Any) -> pd.DataFrame | None:
     """``transform_online(records)`` through the row plan, for up to ``FAST_ROWS`` records
     given as mappings; None when the pandas path must run."""
-    if isinstance(records, pd.DataFrame) or not 0 < len(records) <= FAST_ROWS:
-        return None
+    if not isinstance(records, Sequence) or not 0 < len(records) <= FAST_ROWS:
+        return None  # a DataFrame, an iterator, none or many: the pandas path
     return compile_online(fitted).frame(records)
 
 

@@ -262,3 +262,10 @@ def test_a_step_without_a_row_form_makes_the_plan_slow_but_right(frame: pd.DataF
     assert compile_online(custom).matrix([record]) is None
     matrix = online_matrix(custom, [record], ["amount"])
     assert matrix[0, 0] == pytest.approx(np.sqrt(record["amount"]), rel=1e-15)
+
+
+def test_an_iterator_of_records_is_still_accepted(frame: pd.DataFrame) -> None:
+    fitted = build_pipeline(EVERY_KIND).fit(frame.iloc[:400], batch_ids=["b1"])
+    records = [frame.drop(columns="isFraud").iloc[i].to_dict() for i in (450, 460)]
+
+    assert_frame_equal(fitted.transform_online(iter(records)), reference(fitted, records))

@@ -370,8 +370,9 @@ def test_versions_beyond_the_chain_are_retired_after_their_requests_in_flight(
         swapping.join(30)
         assert not swapping.is_alive()
         assert f"batcher-fraud:{gated}" not in {t.name for t in threading.enumerate()}
-        gc.collect()
-        assert retired() is None  # nothing holds the retired model any more
+        # Nothing holds the retired model any more (once the link thread that ran the
+        # request has dropped its work item, which a busy machine may delay a little).
+        wait_until(lambda: gc.collect() >= 0 and retired() is None, timeout=30)
         assert stub.Score(score_request(world), timeout=5).model_version == "v5"
 
 

@@ -133,9 +133,10 @@ class MonitoringState:
                    self.client.hmget(self.key("model", version), [*COUNTER_FIELDS, "histogram"]))
         if raw[0] is None:
             return None
-        served, fallbacks, total, low, high, histogram = (v or b"0" for v in raw)
+        served, fallbacks, total, low, high = (json.loads(v or b"0") for v in raw[:-1])
+        histogram = json.loads(raw[-1]) if raw[-1] else Counters().histogram
         return Counters(int(served), int(fallbacks), float(total), float(low), float(high),
-                        json.loads(histogram) if histogram != b"0" else Counters().histogram)
+                        histogram)
 
     def write_live(self, version: str, fields: Mapping[str, Any]) -> None:
         """Set fields of a version's live view (each value as JSON)."""

@@ -117,7 +117,8 @@ def _gate_in_order(
     latency: dict[str, dict[str, float]] = {}
     for key in ranking:
         latency[key] = measure_latency(
-            candidates[key], X_test, config.batch_size, config.latency_repeats
+            candidates[key], X_test, config.batch_size, config.latency_repeats,
+            config.batch_repeats,
         )
         decisions[key] = gate(scores[key], champion_metrics, latency[key], config)
         if decisions[key].accepted:

@@ -362,7 +362,8 @@ class OfflineFeatureStore:
         what marks the set complete, so it comes last."""
         folder = f"features/{check_id('feature set id', feature_set_id)}"
         with self._root.atomic_open(f"{folder}/features.parquet") as handle:
-            frame.to_parquet(handle)
+            # Numbers and ids: dictionary pages would overflow and fall back (wasted work).
+            frame.to_parquet(handle, use_dictionary=False, compression="lz4")
         if before_record is not None:
             before_record()
         record = FeatureSetRecord(

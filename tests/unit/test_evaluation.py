@@ -429,6 +429,16 @@ def test_latency_is_positive_and_times_the_probability_call(cancer):
     assert counting.rows == [64] + [1] * 5 + [64] * 5
 
 
+def test_batch_calls_are_timed_apart_from_single_row_calls(cancer):
+    model, X, _ = cancer
+    counting = Counting(model)
+    measure_latency(counting, X, batch_size=64, repeats=6, batch_repeats=2)
+    assert counting.rows == [64] + [1] * 6 + [64] * 2
+    assert EvaluationConfig().batch_repeats == 20  # a median: fewer than the p99's 100
+    assert EvaluationConfig(latency_repeats=5).batch_repeats == 5
+    assert EvaluationConfig(latency_batch_repeats=50).batch_repeats == 50
+
+
 def test_latency_takes_arrays_and_batches_larger_than_the_data(diabetes):
     _, X, y = diabetes
     model = LinearRegression().fit(X.to_numpy(), y)

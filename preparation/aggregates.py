@@ -64,8 +64,9 @@ def past_and_latest_aggregates(
     appearance, indexed by entity), the values a new row would get: one after every row
     of ``frame``, at ``at`` (a UTC timestamp; required with a ``timestamp`` column).
 
-    One sort for both: each entity's new row ("probe") is one more row of the same
-    computation, sorted after the entity's rows, so it never enters their past windows.
+    One sort for both: each entity's new row ("probe") would sit at the end of the entity's
+    rows in the sorted order (after those at or before ``at``), so its window comes from
+    the same prefix sums, without sorting the probes in.
     """
     return _aggregates(frame, key, column, window, stats, timestamp, probe_at=at,
                        probes=True)
@@ -74,31 +75,74 @@ def past_and_latest_aggregates(
 def _aggregates(frame: pd.DataFrame, key: str, column: str, window: int | str,
                 stats: Sequence[str], timestamp: str | None, probe_at: pd.Timestamp | None,
                 probes: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
-    ordered, entities = _entity_time_order(frame, key, column, timestamp, probes, probe_at)
+    ordered, entities = _entity_time_order(frame, key, column, timestamp)
     at = _AT if timestamp else None
     lo, hi = _bounds(ordered, _KEY, window, at)
-    sums, counts = _exclusive_prefix(ordered[_KEY], ordered[_VALUE])
-    total, count = sums[hi] - sums[lo], counts[hi] - counts[lo]
-    found = {"count": count, "sum": total, "mean": _mean(total, count)}
+    prefix = _Prefix(ordered[_KEY], ordered[_VALUE])
+    total, count = prefix.sums[hi] - prefix.sums[lo], prefix.counts[hi] - prefix.counts[lo]
     names = [aggregate_name(key, column, stat, window) for stat in stats]
-    values = pd.DataFrame({n: found[s] for n, s in zip(names, stats, strict=True)},
-                          index=ordered.index, dtype=float)
     empty = {n: 0.0 for n, s in zip(names, stats, strict=True) if s in _ZERO_WHEN_EMPTY}
-    rows = len(frame)
-    past = values.reindex(pd.RangeIndex(rows)).fillna(empty).set_axis(frame.index)
-    latest = values.reindex(pd.RangeIndex(rows, rows + len(entities))).fillna(empty)
-    return past, latest.set_axis(pd.Index(entities, name=key))
+    values = _stat_frame(names, stats, total, count, ordered.index)
+    past = values.reindex(pd.RangeIndex(len(frame))).fillna(empty).set_axis(frame.index)
+    if probes and not (timestamp and pd.isna(probe_at)):
+        total, count = _probe_windows(ordered, prefix, len(entities), window, timestamp,
+                                      probe_at)
+        latest = _stat_frame(names, stats, total, count, pd.RangeIndex(len(entities)))
+    else:  # no probes (or no time to put them at): every window is empty
+        latest = _stat_frame(names, stats, np.zeros(len(entities)), np.zeros(len(entities)),
+                             pd.RangeIndex(len(entities)))
+    return past, latest.fillna(empty).set_axis(pd.Index(entities, name=key))
+
+
+def _stat_frame(names: list[str], stats: Sequence[str], total: np.ndarray, count: np.ndarray,
+                index: pd.Index) -> pd.DataFrame:
+    found = {"count": count, "sum": total, "mean": _mean(total, count)}
+    return pd.DataFrame({n: found[s] for n, s in zip(names, stats, strict=True)},
+                        index=index, dtype=float)
+
+
+def _probe_windows(ordered: pd.DataFrame, prefix: _Prefix, entities: int, window: int | str,
+                   timestamp: str | None, at: pd.Timestamp | None,
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Per entity code, the sum and count of the values in the window of a new row at
+    ``at``: the row it would be in ``ordered``, after the entity's rows timed at or before
+    ``at`` (ties keep the frame's order, so it comes after them) and before later ones."""
+    codes = ordered[_KEY].to_numpy()
+    sizes = np.bincount(codes, minlength=entities)  # codes are sorted: one run each
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    if timestamp is None:
+        hi = ends
+        lo = np.maximum(starts, hi - int(window))  # time windows need a timestamp
+    else:
+        times, when = ordered[_AT].to_numpy(), _naive_utc(at)
+        if isinstance(window, str):  # the rows timed in [at - window, at)
+            since = when - pd.Timedelta(window).to_timedelta64()
+            hi = ends - _rows_per_entity(codes, times >= when, entities)
+            lo = ends - _rows_per_entity(codes, times >= since, entities)
+        else:  # the previous rows, ties included
+            hi = ends - _rows_per_entity(codes, times > when, entities)
+            lo = np.maximum(starts, hi - window)
+    hi_sums, hi_counts = prefix.at(hi, starts, ends)
+    lo_sums, lo_counts = prefix.at(lo, starts, ends)
+    return hi_sums - lo_sums, hi_counts - lo_counts
+
+
+def _rows_per_entity(codes: np.ndarray, chosen: np.ndarray, entities: int) -> np.ndarray:
+    return np.bincount(codes[chosen], minlength=entities)
+
+
+def _naive_utc(at: Any) -> np.datetime64:
+    when = pd.Timestamp(at)
+    when = when.tz_convert("UTC").tz_localize(None) if when.tzinfo else when
+    return when.to_datetime64()
 
 
 def _entity_time_order(frame: pd.DataFrame, key: str, column: str, timestamp: str | None,
-                       probes: bool = False, probe_at: pd.Timestamp | None = None,
                        ) -> tuple[pd.DataFrame, Any]:
     """The rows with a key (and a time), as entity codes, times and values only, sorted so
     that entities become contiguous runs of rows, each in time order (ties: frame order),
     indexed by position in ``frame``; and the entities in order of first appearance.
-
-    With ``probes``, each entity also gets one row at ``probe_at`` (positions after the
-    frame's, value missing), sorted after its other rows.
 
     Only the three columns the aggregate reads are carried, and the key as integer codes
     (equal keys, equal codes): sorting, grouping and ``merge_asof`` on a million string
@@ -113,26 +157,9 @@ def _entity_time_order(frame: pd.DataFrame, key: str, column: str, timestamp: st
     if timestamp:
         times = frame[timestamp] if everything else frame[timestamp][present]
         slim[_AT] = to_utc(times).dt.tz_localize(None).array
-    parts = [pd.DataFrame(slim, index=np.flatnonzero(present))]
-    if probes and not (timestamp and pd.isna(probe_at)):
-        parts.append(_probe_rows(len(frame), len(entities), frame[column].dtype, timestamp,
-                                 probe_at))
-    ordered = pd.concat(parts) if len(parts) > 1 else parts[0]
+    ordered = pd.DataFrame(slim, index=np.flatnonzero(present))
     order = [_KEY, _AT] if timestamp else [_KEY]
     return ordered.sort_values(order, kind="stable"), entities
-
-
-def _probe_rows(start: int, entities: int, dtype: Any, timestamp: str | None,
-                at: pd.Timestamp | None) -> pd.DataFrame:
-    """One row per entity code, positioned after the frame's rows, its value missing."""
-    missing = (np.full(entities, np.nan) if isinstance(dtype, np.dtype)
-               else pd.array([None] * entities, dtype=dtype))
-    probe: dict[str, Any] = {_KEY: np.arange(entities), _VALUE: missing}
-    if timestamp:
-        when = pd.Timestamp(at)
-        when = when.tz_convert("UTC").tz_localize(None) if when.tzinfo else when
-        probe[_AT] = pd.Series(when, index=range(entities)).to_numpy()
-    return pd.DataFrame(probe, index=np.arange(start, start + entities))
 
 
 def _bounds(ordered: pd.DataFrame, key: str, window: int | str,
@@ -162,15 +189,31 @@ def _first_since(rows: pd.DataFrame, since: pd.Series) -> np.ndarray:
     return first
 
 
-def _exclusive_prefix(keys: pd.Series, values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the sum and count of the non-missing values of its entity's earlier rows."""
-    numbers = values.to_numpy(dtype=float)
-    present = ~np.isnan(numbers)
-    parts = pd.DataFrame({"sum": np.where(present, numbers, 0.0), "count": present * 1.0})
-    groups = keys.to_numpy()
-    before = parts.groupby(groups, sort=False).cumsum().groupby(groups, sort=False).shift(
-        1, fill_value=0.0)
-    return before["sum"].to_numpy(), before["count"].to_numpy()
+class _Prefix:
+    """Per row of the sorted rows, the sum and count of the non-missing values of its
+    entity's earlier rows (``sums``, ``counts``); ``at`` also reads past an entity's end."""
+
+    def __init__(self, keys: pd.Series, values: pd.Series) -> None:
+        numbers = values.to_numpy(dtype=float)
+        present = ~np.isnan(numbers)
+        parts = pd.DataFrame({"sum": np.where(present, numbers, 0.0), "count": present * 1.0})
+        groups = keys.to_numpy()
+        running = parts.groupby(groups, sort=False).cumsum()
+        before = running.groupby(groups, sort=False).shift(1, fill_value=0.0)
+        self.sums, self.counts = before["sum"].to_numpy(), before["count"].to_numpy()
+        self._through = running["sum"].to_numpy(), running["count"].to_numpy()
+
+    def at(self, positions: np.ndarray, starts: np.ndarray,
+           ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per entity (rows ``[start, end)``), the sum and count before ``position``, which
+        may be ``end``: then every row of the entity counts (0 for an entity without)."""
+        inside = positions < ends
+        after_last = ~inside & (ends > starts)
+        sums, counts = np.zeros(len(positions)), np.zeros(len(positions))
+        sums[inside], counts[inside] = self.sums[positions[inside]], self.counts[positions[inside]]
+        last = ends[after_last] - 1
+        sums[after_last], counts[after_last] = self._through[0][last], self._through[1][last]
+        return sums, counts
 
 
 def _mean(total: np.ndarray, count: np.ndarray) -> np.ndarray:

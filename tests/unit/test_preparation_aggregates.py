@@ -8,7 +8,12 @@ import pytest
 from pandas.testing import assert_frame_equal
 
 from common.errors import InvalidInput
-from preparation.aggregates import EntityAggregate, aggregate_name, past_aggregates
+from preparation.aggregates import (
+    EntityAggregate,
+    aggregate_name,
+    past_aggregates,
+    past_and_latest_aggregates,
+)
 
 NAN = np.nan
 
@@ -138,3 +143,37 @@ def test_online_without_precomputed_columns_computes_from_the_rows_given() -> No
 def test_the_aggregated_column_must_be_numeric() -> None:
     with pytest.raises(InvalidInput, match=r"columns \['k'\] are not numeric"):
         EntityAggregate("v", "k", 2).fit(history())
+
+
+# -- the latest values: what a new row of each entity would get ----------------------------
+
+
+def with_gaps() -> pd.DataFrame:
+    """history() plus a missing value, a row without a time and an entity with no timed row."""
+    extra = pd.DataFrame({"k": ["a", "c", "b"], "v": [NAN, 7.0, 3.0],
+                          "t": pd.to_datetime(["2026-01-01T05:00Z", None, "2026-01-01T01:00Z"]),
+                          "fraud": [0, 0, 0]}, index=[17, 18, 19])
+    return pd.concat([history(), extra])
+
+
+@pytest.mark.parametrize("window", [1, 2, 5, "1h", "3h", "24h"])
+@pytest.mark.parametrize("at", ["2026-01-01T01:00Z", "2026-01-01T04:00Z", "2026-01-03T00:00Z"])
+def test_latest_values_are_those_of_a_new_row_of_each_entity_at_that_time(window, at) -> None:
+    frame, when = with_gaps(), pd.Timestamp(at)
+    past, latest = past_and_latest_aggregates(frame, key="k", column="v", window=window,
+                                              timestamp="t", at=when)
+
+    assert_frame_equal(past, aggregates(frame, window))  # the rows' own values: unchanged
+    # The same new rows added to the frame (after the rows with their time, as ties keep
+    # the frame's order) get exactly these values from the plain computation.
+    probes = pd.DataFrame({"k": latest.index, "v": NAN, "t": when}, index=range(100, 103))
+    computed = aggregates(pd.concat([frame, probes]), window).loc[probes.index]
+    assert_frame_equal(latest, computed.set_axis(latest.index), check_exact=True)
+    assert latest.index.tolist() == ["a", "b", "c"]  # in order of first appearance
+
+
+def test_latest_values_without_a_timestamp_follow_every_row() -> None:
+    frame = with_gaps().drop(columns="t")
+    _, latest = past_and_latest_aggregates(frame, key="k", column="v", window=2)
+    assert latest.loc["a"].tolist() == [1.0, 8.0, 8.0]  # the last two: 8 and a missing value
+    assert latest.loc["c"].tolist() == [1.0, 7.0, 7.0]

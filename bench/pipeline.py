@@ -21,7 +21,9 @@ for a quick run). It takes about 5 minutes at the default 1,000,000 rows:
 
 ``pipeline_s`` is publish → ModelReady received; per-stage seconds come from the events'
 ``occurred_at`` (RawDataExtracted − SourceDataAvailable, and so on); the top-level figures
-are medians over the rounds, every round is in ``rounds``. Results go to
+are medians over the rounds, every round is in ``rounds`` with the CPU seconds each service
+(and its worker processes) used during the run, the Redis server's, and the plain
+process's (``bench/stages.py`` splits the services' costs by stage in one process). Results go to
 ``bench/results/pipeline.json``. ``--profile`` runs each service's handlers under cProfile
 (a bench-only wrapper, see ``serve``) and puts the top functions in the results. The
 machine is a shared 2-core one: single runs swing by a third; compare several.
@@ -39,6 +41,7 @@ import logging
 import os
 import platform
 import pstats
+import resource
 import shutil
 import signal
 import socket
@@ -73,11 +76,12 @@ OBSERVED = ("SourceDataAvailable", "RawDataExtracted", "FeaturesGenerated", "Can
             "ModelReady", "ModelRejected", "IngestionFailed")
 FINAL = ("ModelReady", "ModelRejected", "IngestionFailed")
 SERVICE_ONLY_WORK = [
-    "ingestion: sha256 of the source, a copy of its bytes, chunked CSV -> Parquet, and a "
-    "contract-check pass over the stored batch",
-    "preparation: the batch read back from Parquet and typed again; the fitted pipeline saved "
+    "ingestion: sha256 of the source, a copy of its bytes (on a thread, verified), chunked "
+    "CSV -> Parquet with each chunk checked and typed by the contract on the way",
+    "preparation: the typed batch read back from Parquet; the fitted pipeline saved "
     "(dill + HMAC); each entity's latest aggregates computed over history + probes and written "
-    "to Redis (one Lua call per 64 entities, last write wins); the features written as Parquet",
+    "to Redis (one Lua call per 64 entities, rows packed in one argument, last write wins); "
+    "the features written as Parquet",
     "training: features read back, a Parquet hand-off to the worker processes, models saved "
     "(dill + HMAC) with metadata",
     "evaluation: features read back, models loaded after signature checks, latency gate "
@@ -109,13 +113,17 @@ def run_plain(csv: Path, out: Path, sequential: bool) -> dict[str, Any]:
     """The plain script in a process of its own; its JSON result plus the process's time."""
     command = [str(PYTHON), str(ROOT / "bench" / "plain_pipeline.py"), str(csv), "--json",
                str(out), *(["--sequential"] if sequential else [])]
-    started = time.perf_counter()
+    started, children = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this tree's packages, whatever is installed
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"plain script failed:\n{done.stderr[-4000:]}")
     result = json.loads(out.read_text())
     result["process_s"] = round(time.perf_counter() - started, 3)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # The whole process with its workers, imports included (the services' start-up is not).
+    result["process_cpu_s"] = round(after.ru_utime + after.ru_stime
+                                    - children.ru_utime - children.ru_stime, 2)
     return result
 
 
@@ -182,6 +190,12 @@ class Fleet:
         except OSError:
             return False
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds used so far by each service with its live child processes (the
+        training workers), from /proc: on a shared machine a steadier figure than wall."""
+        return {name: round(sum(_cpu_of(pid) for pid in _tree(proc.pid)), 3)
+                for name, proc in self.procs.items()}
+
     def check_alive(self) -> None:
         for name, proc in self.procs.items():
             if proc.poll() is not None:
@@ -201,6 +215,40 @@ class Fleet:
                 proc.kill()
                 codes[name] = proc.wait(10)
         return codes
+
+
+def _tree(root: int) -> list[int]:
+    """``root`` and its live descendants (Linux /proc)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = (entry / "stat").read_text()
+                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [root], [root]
+    while frontier:
+        frontier = [pid for pid, parent in parents.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+def _cpu_of(pid: int) -> float:
+    """User + system CPU seconds of one process (0 if it is gone)."""
+    try:
+        fields = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def redis_cpu_seconds(settings: Any) -> float:
+    """The Redis server's CPU seconds so far (every client's work, not only the run's)."""
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        info: dict[str, Any] = client.info("cpu")  # type: ignore[assignment]
+        return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+    finally:
+        client.close()
 
 
 # -- observing a run -----------------------------------------------------------------------
@@ -278,12 +326,17 @@ def run_services(args: argparse.Namespace, csv: Path, work: Path) -> dict[str, A
         startup_s = time.perf_counter() - started
         observer, bus = Observer(settings), RabbitMQBus(settings, name="bench-producer")
         event = SourceDataAvailable(dataset="paysim", uri=str(csv), producer="bench")
+        cpu_before, redis_before = fleet.cpu_seconds(), redis_cpu_seconds(settings)
         published = time.perf_counter()
         bus.publish(event)
         seen = observer.until_final(str(event.correlation_id), args.timeout, fleet.check_alive)
         final = next(t for t in FINAL if t in seen)
         pipeline_s = seen[final][1] - published
+        cpu_after, redis_after = fleet.cpu_seconds(), redis_cpu_seconds(settings)
         result = describe_run(settings, seen, final, pipeline_s, startup_s, event)
+        result["service_cpu_s"] = {name: round(cpu_after[name] - cpu_before[name], 2)
+                                   for name in SERVICES}
+        result["redis_cpu_s"] = round(redis_after - redis_before, 2)
     finally:
         if observer:
             observer.close()
@@ -491,6 +544,9 @@ def summarise(args: argparse.Namespace, csv: Path, rounds: list[dict[str, Any]])
             "plain_first": r["plain_first"],
             "per_stage_s": r["services"]["per_stage_s"],
             "plain_steps_s": r["plain"]["steps_s"] if r["plain"] else None,
+            "service_cpu_s": r["services"].get("service_cpu_s"),
+            "redis_cpu_s": r["services"].get("redis_cpu_s"),
+            "plain_process_cpu_s": r["plain"]["process_cpu_s"] if r["plain"] else None,
         } for r in rounds],
         "plain_training": plain["training"] if plain else None,
         "champion": {
@@ -509,7 +565,11 @@ def summarise(args: argparse.Namespace, csv: Path, rounds: list[dict[str, Any]])
             "per_stage_s from the events' occurred_at; plain_script_s: the plain script's own "
             "timer from read_csv to the end of evaluation (imports excluded; plain_process_s "
             "includes them); CSV generation untimed; top-level figures are medians over the "
-            "rounds (each round runs both sides one after the other, the order alternating)"
+            "rounds (each round runs both sides one after the other, the order alternating); "
+            "service_cpu_s: CPU seconds of each service process and its children from publish "
+            "to the final event (steadier than wall on a shared machine); redis_cpu_s: the "
+            "Redis server's, every client's included; plain_process_cpu_s: the plain process "
+            "with its workers, imports included"
         ),
         "machine": machine(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),

@@ -6,6 +6,14 @@ split (so evaluation rows never shape it), transforms every row, writes the offl
 feature set, stores the fitted pipeline signed, and materialises each entity's latest
 values into the Redis online store. The feature set id is a hash of the spec and the
 input batch ids, so a redelivered event finds its work done and only re-announces it.
+
+FeaturesGenerated promises that both stores hold the feature set: the offline record
+(written last, so it marks the set complete) and every entity's latest values online,
+which scoring reads as soon as a model of this set is promoted. So the online writes are
+waited for before the record and the event; they run on a thread of their own (Redis on
+its core) while this one runs the transform's later steps, saves the fitted pipeline and
+writes the offline data. Publishing the event first would leave a window where a promoted
+model meets an incomplete online store, and a crash inside it would never be repaired.
 """
 
 from __future__ import annotations

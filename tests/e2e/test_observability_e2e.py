@@ -4,7 +4,7 @@ dashboard panel's query returns data, and the alert and recording rules load and
 The services run as local processes, as ``conveyor up`` starts them, each announcing
 itself in a Prometheus file_sd target file. Prometheus (the Debian package's binary)
 starts first, on a free port, with deploy/prometheus/prometheus.yml and its rules (scrape
-and evaluation every second, the target files of this test, a data folder of its own), so
+and evaluation every 2 s, the target files of this test, a data folder of its own), so
 it sees every counter from 0. The run: two pipeline runs (champion v2, previous v1), Score
 and ScoreBatch calls over gRPC (one invalid), outcomes for the scores, a ModelDegraded
 that demotes v2 so v1 answers as a fallback, and an invalid event that is dead-lettered.
@@ -103,9 +103,10 @@ class Prometheus:
 
 
 def scrape_config(folder: Path, targets: Path) -> Path:
-    """deploy/prometheus/prometheus.yml for this test: its targets, rules, a 1 s rhythm."""
+    """deploy/prometheus/prometheus.yml for this test: its targets, rules, a 2 s rhythm
+    (each scrape asks the broker for the queue depths on a connection of its own)."""
     config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
-    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    config["global"].update(scrape_interval="2s", evaluation_interval="2s")
     config["rule_files"] = [str(PROMETHEUS_DIR / "rules" / "*.yml")]
     [job] = config["scrape_configs"]
     job["file_sd_configs"] = [{"files": [str(targets / "*.json")], "refresh_interval": "1s"}]

@@ -170,7 +170,7 @@ def test_an_unknown_version_batch_or_feature_set_is_dead_lettered_naming_it(
         del payload["batch_id"]
     bad = BatchScoringRequested(producer="test", **payload)
     ns.bus().publish(bad)
-    wait_until(lambda: ns.depths("scoring")["dead"] == 1, timeout=30)
+    wait_until(lambda: ns.depths("scoring")["dead"] == 1, timeout=30, interval=0.25)
     [letter] = ns.bus().dead_letters("scoring")
     assert letter.error == message
     assert letter.headers[ERROR_TYPE] in ("ModelNotFound", "NotFound")
@@ -184,7 +184,7 @@ def test_a_feature_set_of_another_model_is_refused_naming_both(
     other = "0123456789abcdef"
     world.stores.offline.write(other, world.fitted.transform(world.typed), {})
     ns.bus().publish(BatchScoringRequested(feature_set_id=other, producer="test"))
-    wait_until(lambda: ns.depths("scoring")["dead"] == 1, timeout=30)
+    wait_until(lambda: ns.depths("scoring")["dead"] == 1, timeout=30, interval=0.25)
     [letter] = ns.bus().dead_letters("scoring")
     assert letter.error == (
         f"InvalidInput: model version v2 was trained on feature set "

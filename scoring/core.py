@@ -45,7 +45,7 @@ from common.stores import ModelRegistry, ModelStore, OnlineFeatureStore
 from preparation.online import online_matrix
 from scoring.batching import AdaptiveBatchSize, DeadlineExceeded, MicroBatcher, Overloaded
 from scoring.inputs import FieldValue, InputSchema
-from scoring.latency import CircuitBreaker
+from scoring.latency import CircuitBreaker, CircuitState
 from scoring.router import (
     DeployedModel,
     FallbackKind,
@@ -53,6 +53,7 @@ from scoring.router import (
     ModelRouter,
     NoAnswer,
     NoModelDeployed,
+    RouteDecision,
     answer,
 )
 
@@ -389,7 +390,8 @@ class ScoringCore:
                 return future
 
             try:
-                reply = answer(decision, Started(start), deadline_s, executor=self._inline)
+                reply = answer(decision, Started(start), deadline_s, executor=self._inline,
+                               fallback_reserve_s=fallback_reserve(decision))
             except NoAnswer as exc:
                 raise _no_answer(exc, raised, 1 + len(decision.fallbacks)) from None
         return InferResult(reply.value, models[reply.version].classes, reply.version,
@@ -469,7 +471,8 @@ class ScoringCore:
             return future
 
         try:
-            reply = answer(decision, Started(start), deadline_s, executor=self._inline)
+            reply = answer(decision, Started(start), deadline_s, executor=self._inline,
+                       fallback_reserve_s=fallback_reserve(decision))
         except NoAnswer as exc:
             raise _no_answer(exc, raised, len(links)) from None
         return _result(query, models[reply.version], rows[reply.version], reply.value, reply,
@@ -515,6 +518,15 @@ class ScoringCore:
                 self.on_served(query, result)
         except Exception:  # reporting must never fail a request
             logger.exception("reporting %d scores failed", len(results))
+
+
+def fallback_reserve(decision: RouteDecision) -> float | None:
+    """The time ``answer`` keeps back from the primary for the fallbacks: the router's
+    default (half the deadline) while one of them has a closed circuit; none when every
+    fallback is a last resort (its circuit open) or there is none, so the primary may use
+    the whole deadline instead of giving half of it to a link known to be failing."""
+    healthy = any(link.breaker.state is CircuitState.CLOSED for link in decision.fallbacks)
+    return None if healthy else 0.0
 
 
 class Started:

@@ -81,3 +81,22 @@ def test_a_spent_deadline_fails_before_reading_redis(
     assert raised.value.status is Status.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
     assert reads == []
     assert core.score(query(world, 5)).version == "v2" and len(reads) == 1
+
+
+def test_no_time_is_kept_back_for_fallbacks_whose_circuits_are_open() -> None:
+    from scoring.core import fallback_reserve
+    from scoring.latency import CircuitBreaker
+    from scoring.router import DeployedModel, RouteDecision
+
+    def link(version: str, failing: bool) -> DeployedModel:
+        breaker = CircuitBreaker(budget_s=1.0, max_failures=1)
+        if failing:
+            breaker.record_failure("ValueError: broken")  # one failure opens this one
+        return DeployedModel(version, f"m-{version}", lambda rows: rows, breaker)
+
+    primary = link("v2", failing=False)
+    assert fallback_reserve(RouteDecision(primary, [link("v1", failing=False)])) is None
+    assert fallback_reserve(RouteDecision(primary, [link("v3", failing=True)])) == 0.0
+    assert fallback_reserve(RouteDecision(primary, [])) == 0.0
+    mixed = [link("v3", failing=True), link("v1", failing=False)]
+    assert fallback_reserve(RouteDecision(primary, mixed)) is None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.events import ModelReady
 from common.stores import ModelRegistry
-from common.testing import BusNamespace
 from protos.conveyor.scoring.v1 import scoring_pb2 as pb
 from protos.conveyor.scoring.v1 import scoring_pb2_grpc as pb_grpc
 from scoring.core import ScoringCore
@@ -24,35 +22,9 @@ from scoring.inputs import InputSchema
 from scoring.server import GrpcSettings, ScoringServer, field_value
 from scoring.service import ScoringService
 from tests.fixtures.models import SlowClassifier
-from tests.fixtures.scoring import ScoringWorld, fields_of, scoring_world
+from tests.fixtures.scoring import ScoringWorld, fields_of
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def world(tmp_path: Path, ns: BusNamespace) -> ScoringWorld:
-    return scoring_world(tmp_path, ns.namespace)
-
-
-@pytest.fixture
-def core(world: ScoringWorld) -> Iterator[ScoringCore]:
-    core = world.core(deadline_s=2.0, latency_budget_s=1.0)  # circuits are not under test
-    core.load_chain()
-    yield core
-    core.close()
-
-
-@pytest.fixture
-def server(core: ScoringCore) -> Iterator[ScoringServer]:
-    server = ScoringServer(core, GrpcSettings(host="127.0.0.1", port=0)).start()
-    yield server
-    server.stop(0)
-
-
-@pytest.fixture
-def channel(server: ScoringServer) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield channel
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from common.testing import BusNamespace
 from protos.conveyor.scoring.v1 import scoring_pb2 as pb
 from protos.conveyor.scoring.v1 import scoring_pb2_grpc as pb_grpc
 from protos.inference import grpc_service_pb2 as v2pb
@@ -26,7 +25,7 @@ from scoring.inputs import InputSchema
 from scoring.security import ServerSecurity, SettingFileError
 from scoring.server import GrpcSettings, ScoringServer, field_value
 from scoring.service import ScoringSettings
-from tests.fixtures.scoring import ScoringWorld, fields_of, scoring_world
+from tests.fixtures.scoring import ScoringWorld, fields_of
 
 pytestmark = [
     pytest.mark.integration,
@@ -64,19 +63,6 @@ def self_signed(directory: Path, name: str) -> Pem:
 def pems(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pem]:
     directory = tmp_path_factory.mktemp("tls")
     return {name: self_signed(directory, name) for name in ("server", "client", "stranger")}
-
-
-@pytest.fixture
-def world(tmp_path: Path, ns: BusNamespace) -> ScoringWorld:
-    return scoring_world(tmp_path, ns.namespace)
-
-
-@pytest.fixture
-def core(world: ScoringWorld) -> Iterator[ScoringCore]:
-    core = world.core(deadline_s=2.0, latency_budget_s=1.0)
-    core.load_chain()
-    yield core
-    core.close()
 
 
 def serve(core: ScoringCore, security: ServerSecurity) -> ScoringServer:

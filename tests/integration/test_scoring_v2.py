@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,6 @@ import numpy as np
 import pytest
 
 from common.stores import ModelRegistry
-from common.testing import BusNamespace
 from protos.conveyor.scoring.v1 import scoring_pb2 as spb
 from protos.conveyor.scoring.v1 import scoring_pb2_grpc as spb_grpc
 from protos.inference import grpc_service_pb2 as pb
@@ -24,38 +22,12 @@ from scoring.inputs import InputSchema
 from scoring.server import GrpcSettings, ScoringServer, field_value
 from scoring.v2 import MAX_ROWS, field_tensors
 from tests.fixtures.models import SlowClassifier
-from tests.fixtures.scoring import ScoringWorld, fields_of, scoring_world
+from tests.fixtures.scoring import ScoringWorld, fields_of
 
 pytestmark = pytest.mark.integration
 
 Tensor = pb.ModelInferRequest.InferInputTensor
 Contents = pb.InferTensorContents
-
-
-@pytest.fixture
-def world(tmp_path: Path, ns: BusNamespace) -> ScoringWorld:
-    return scoring_world(tmp_path, ns.namespace)
-
-
-@pytest.fixture
-def core(world: ScoringWorld) -> Iterator[ScoringCore]:
-    core = world.core(deadline_s=2.0, latency_budget_s=1.0)  # circuits are not under test
-    core.load_chain()
-    yield core
-    core.close()
-
-
-@pytest.fixture
-def server(core: ScoringCore) -> Iterator[ScoringServer]:
-    server = ScoringServer(core, GrpcSettings(host="127.0.0.1", port=0)).start()
-    yield server
-    server.stop(0)
-
-
-@pytest.fixture
-def channel(server: ScoringServer) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield channel
 
 
 @pytest.fixture

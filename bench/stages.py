@@ -110,13 +110,15 @@ def services(csv: Path, meter: Meter, work: Path) -> None:
     training = TrainingService(config, stores.offline, stores.models).warm()
     evaluation = EvaluationService(config, stores.offline, stores.models,
                                    stores.feature_pipelines,
-                                   stores.registry(settings, config.name), stores.raw)
+                                   stores.registry(settings, config.name), stores.raw,
+                                   online=stores.online)
     try:
         while not training.ready():
             time.sleep(0.1)
         source = SourceDataAvailable(dataset="paysim", uri=str(csv), producer="stages")
         raw = meter.time("ingestion", lambda: ingestion.on_source_data_available(source))
         features = meter.time("preparation", lambda: preparation.on_raw_data_extracted(raw))
+        meter.time("online", lambda: preparation.on_features_generated(features))
         trained = meter.time("training", lambda: training.on_features_generated(features))
         ready = meter.time("evaluation", lambda: evaluation.on_candidates_trained(trained))
         print(type(ready).__name__, getattr(ready, "metrics", None) or ready)

@@ -80,6 +80,16 @@ class ModelNotFound(NotFound):
         self.kind, self.ident = "model", f"{name}:{version}"
 
 
+class NotReady(ConveyorError):
+    """Something another service is still producing: retrying later can succeed."""
+
+    status = Status.UNAVAILABLE
+
+    def __init__(self, what: str, waited_s: float):
+        self.what, self.waited_s = what, waited_s
+        super().__init__(f"{what} not ready after {waited_s:g} s")
+
+
 class ArtifactSignatureError(ConveyorError):
     """A model artifact is unsigned or its signature does not match: it is never loaded."""
 

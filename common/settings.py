@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     """Root log level."""
     online_ttl_s: int = Field(default=0, ge=0)
     """TTL of online feature hashes in seconds (0 = keep forever)."""
+    online_wait_s: float = Field(default=600.0, gt=0)
+    """How long evaluation waits for a feature set's online rows before it promotes a
+    model of it; past that the event is retried (see retry settings)."""
     score_stream_maxlen: int = 100_000
     """Approximate bound of the online score stream."""
 

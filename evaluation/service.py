@@ -3,8 +3,10 @@
 Scores the candidates on the evaluation part of the split, picks the best by the
 configured metric, gates it against the current champion on the same rows (through the
 champion's own feature pipeline when it was trained on another feature set) and against
-the latency budget, then promotes it in the registry. Promotion is atomic and promoting
-the champion again changes nothing, so a redelivered event re-announces the same result.
+the latency budget, then promotes it in the registry, once preparation has the feature
+set's rows online (it materialises them while training runs; see preparation.service).
+Promotion is atomic and promoting the champion again changes nothing, so a redelivered
+event re-announces the same result.
 """
 
 from __future__ import annotations
@@ -15,11 +17,17 @@ from typing import Any
 import pandas as pd
 
 from common.config import PipelineConfig, load_pipeline_config
-from common.errors import ModelNotFound
+from common.errors import ModelNotFound, NotReady
 from common.events import CandidatesTrained, ModelReady, ModelRejected
 from common.runtime import Service, handles
 from common.settings import Settings
-from common.stores import ModelRegistry, ModelStore, OfflineFeatureStore, RawBatchStore
+from common.stores import (
+    ModelRegistry,
+    ModelStore,
+    OfflineFeatureStore,
+    OnlineFeatureStore,
+    RawBatchStore,
+)
 from common.wiring import Stores
 from evaluation.report import EvaluationReport, evaluate_candidates
 from preparation.service import joined_frame
@@ -61,9 +69,12 @@ class EvaluationService(Service):
         pipelines: ModelStore,
         registry: ModelRegistry,
         raw_store: RawBatchStore,
+        online: OnlineFeatureStore | None = None,
+        online_wait_s: float = 600.0,
     ) -> None:
         self.config, self.offline, self.models = config, offline, models
         self.pipelines, self.registry, self.raw_store = pipelines, registry, raw_store
+        self.online, self.online_wait_s = online, online_wait_s
 
     @handles(CandidatesTrained)
     def on_candidates_trained(self, event: CandidatesTrained) -> ModelReady | ModelRejected:
@@ -105,6 +116,7 @@ class EvaluationService(Service):
         return fitted.transform(frame)[list(fitted.feature_names)]
 
     def _promote(self, event: CandidatesTrained, report: EvaluationReport) -> ModelReady:
+        self._wait_online(event.feature_set_id)
         chosen = report.chosen_id
         old = self._champion_id()
         version = self.registry.promote(chosen, reason=_why(report))
@@ -116,6 +128,14 @@ class EvaluationService(Service):
             ModelReady, producer=self.name, model_id=chosen, version=version,
             previous_version=self._previous_version(), metrics=report.candidates[chosen],
         )
+
+    def _wait_online(self, fsid: str) -> None:
+        """Until preparation has materialised the set online (``NotReady`` past the wait):
+        scoring reads those rows as soon as the model is promoted."""
+        if self.online is None or not self.offline.has_online(fsid):
+            return
+        if not self.online.wait_complete(fsid, self.online_wait_s):
+            raise NotReady(f"online features of feature set {fsid}", self.online_wait_s)
 
     def _champion_id(self) -> str | None:
         try:
@@ -167,4 +187,5 @@ def build(settings: Settings) -> EvaluationService:
     return EvaluationService(
         config, stores.offline, stores.models, stores.feature_pipelines,
         stores.registry(settings, config.name), stores.raw,
+        online=stores.online, online_wait_s=settings.online_wait_s,
     )

@@ -2,32 +2,34 @@
 
 For the pipeline whose features read the batch's dataset it waits until every input
 dataset has a batch, joins them, fits the feature pipeline on the training part of the
-split (so evaluation rows never shape it), transforms every row, writes the offline
-feature set, stores the fitted pipeline signed, and materialises each entity's latest
-values into the Redis online store. The feature set id is a hash of the spec and the
-input batch ids, so a redelivered event finds its work done and only re-announces it.
+split (so evaluation rows never shape it), transforms every row, stores the fitted
+pipeline signed and writes the offline feature set, with each entity's latest values
+beside it. The feature set id is a hash of the spec and the input batch ids, so a
+redelivered event finds its work done and only re-announces it.
 
-FeaturesGenerated promises that both stores hold the feature set: the offline record
-(written last, so it marks the set complete) and every entity's latest values online,
-which scoring reads as soon as a model of this set is promoted. So the online writes are
-waited for before the record and the event; they run on a thread of their own (Redis on
-its core) while this one runs the transform's later steps, saves the fitted pipeline and
-writes the offline data. Publishing the event first would leave a window where a promoted
-model meets an incomplete online store, and a crash inside it would never be repaired.
+FeaturesGenerated promises the offline feature set (its record, written last, marks it
+complete): training starts at once. The service consumes its own FeaturesGenerated too
+and materialises the kept latest values into the Redis online store, then marks the set
+complete there; so Redis takes the writes while the candidates train, not while the
+transform runs. Evaluation waits for that mark before it promotes a model of the set,
+so a promoted model never meets an incomplete online store. The event is acknowledged
+only after the mark: a crash in between redelivers it and the writes, idempotent (last
+write wins, equal times overwrite), run again.
 """
 
 from __future__ import annotations
 
 import logging
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
 import pandas as pd
 
 from common.config import PipelineConfig, load_pipeline_config
+from common.errors import NotFound
 from common.events import FeaturesGenerated, RawDataExtracted
 from common.runtime import Service, handles
 from common.settings import Settings
 from common.stores import ModelStore, OfflineFeatureStore, OnlineFeatureStore, RawBatchStore
+from common.stores.features import latest_rows
 from common.wiring import Stores
 from ingestion.contract import read_batch
 from preparation import FittedFeatureSet, build_pipeline, feature_set_id, join_inputs
@@ -92,44 +94,55 @@ class PreparationService(Service):
         batches = {d: latest[d] for d in self.config.features.inputs if d in latest}
         return {**batches, event.dataset: event.batch_id}
 
+    @handles(FeaturesGenerated)
+    def on_features_generated(self, event: FeaturesGenerated) -> None:
+        """Materialise the feature set's latest values per entity into the online store.
+
+        Runs while training trains (evaluation waits for it before promoting); a set this
+        service did not write, or one already marked complete, is left alone."""
+        fsid = event.feature_set_id
+        if event.entity_key is None or self.online.is_complete(fsid):
+            return
+        try:
+            latest = self.offline.read_online(fsid)
+        except NotFound:
+            log.info("feature set %s keeps no online rows; nothing to materialise", fsid)
+            return
+        timestamp = self.offline.metadata(fsid).metadata.get("online_timestamp")
+        written = self.online.write_batch(fsid, latest, event.entity_key,
+                                          timestamp_column=timestamp)
+        self.online.mark_complete(fsid, len(latest))
+        log.info("feature set %s: %d entities online (%d rows written)", fsid, len(latest),
+                 written)
+
     def _prepare(self, fsid: str, batches: dict[str, str]) -> None:
         frame = joined_frame(self.raw_store, self.config, batches)
         label = self.config.features.label
         train = self.config.split.apply(frame, label).train
         fitted = build_pipeline(self.config.features).fit(train, batches.values())
-        with ThreadPoolExecutor(1, thread_name_prefix="online-writes") as pool:
-            # Redis runs the online writes on its own core while this one runs the steps
-            # after the aggregates, saves the pipeline and writes the offline data.
-            features, online = self._transform_and_materialise(fitted, frame, pool)
-            self.pipelines.save(fsid, fitted, {"kind": "feature_pipeline", "batch_ids": batches})
-            # Last, as before: the offline record marks the feature set complete, so it is
-            # written only once the online writes are done.
-            self.offline.write(fsid, features, self._metadata(fitted, batches, len(train)),
-                               before_record=lambda: [written.result() for written in online])
+        features, online, timestamp = self._transform(fitted, frame)
+        self.pipelines.save(fsid, fitted, {"kind": "feature_pipeline", "batch_ids": batches})
+        metadata = {**self._metadata(fitted, batches, len(train)), "online_timestamp": timestamp}
+        self.offline.write(fsid, features, metadata, online=online)
         log.info("feature set %s: %d rows, %d features", fsid, len(features),
                  len(fitted.feature_names))
 
-    def _transform_and_materialise(
-        self, fitted: FittedFeatureSet, frame: pd.DataFrame, writer: Executor
-    ) -> tuple[pd.DataFrame, list[Future[int]]]:
-        """The offline features, and the online writes of each entity's latest values (its
-        aggregates, or its latest features) handed to ``writer`` as soon as they are known."""
+    @staticmethod
+    def _transform(
+        fitted: FittedFeatureSet, frame: pd.DataFrame
+    ) -> tuple[pd.DataFrame, pd.DataFrame | None, str | None]:
+        """The offline features, each entity's latest values for the online store (its
+        aggregates, or its latest features; None without an entity key) and the column
+        that times those values (None: the time of writing)."""
         key, timestamp = fitted.entity_key, fitted.spec.timestamp
         if key is None:
-            return fitted.transform(frame), []
-        writes: list[Future[int]] = []
+            return fitted.transform(frame), None, None
         if fitted.aggregate_columns:
-            def write(latest: pd.DataFrame) -> None:
-                writes.append(writer.submit(
-                    self.online.write_batch, fitted.feature_set_id, latest.reset_index(), key))
-
-            features, _ = fitted.transform_and_latest(frame, on_latest=write)
-            return features, writes
+            features, latest = fitted.transform_and_latest(frame)
+            return features, latest.reset_index(), None
         features = fitted.transform(frame)
         online = features.drop(columns=[c for c in [fitted.label] if c])
-        writes.append(writer.submit(
-            self.online.materialize, fitted.feature_set_id, online, key, timestamp))
-        return features, writes
+        return features, latest_rows(online, key, timestamp), timestamp
 
     def _metadata(self, fitted: FittedFeatureSet, batches: dict[str, str], fit_rows: int) -> dict:
         return {

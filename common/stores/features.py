@@ -30,8 +30,9 @@ A read of any number of entities is one round trip. Example::
 from __future__ import annotations
 
 import builtins
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
@@ -105,6 +106,11 @@ def online_schema_key(namespace: str, feature_set_id: str) -> bytes:
     return f"{namespace}:fsmeta:{feature_set_id}".encode()
 
 
+def online_complete_key(namespace: str, feature_set_id: str) -> bytes:
+    """The Redis key that marks a feature set's online rows complete (it holds their count)."""
+    return f"{namespace}:fsdone:{feature_set_id}".encode()
+
+
 def latest_rows(
     frame: pd.DataFrame, entity_column: str, timestamp_column: str | None
 ) -> pd.DataFrame:
@@ -144,6 +150,25 @@ class OnlineFeatureStore(ABC):
         self, feature_set_id: str, entity_ids: Sequence[Any], features: Sequence[str] | None = None
     ) -> list[dict[str, Any] | None]:
         """The features of each entity, in order; None for an entity with no row."""
+
+    @abstractmethod
+    def mark_complete(self, feature_set_id: str, rows: int) -> None:
+        """Record that every entity of the feature set has been written (``rows`` of them)."""
+
+    @abstractmethod
+    def is_complete(self, feature_set_id: str) -> bool:
+        """Whether the feature set was marked complete."""
+
+    def wait_complete(self, feature_set_id: str, timeout_s: float, poll_s: float = 0.1) -> bool:
+        """Whether the feature set is (or becomes) complete within ``timeout_s``.
+
+        Polls ``is_complete``: the writer is another service, with nothing to wait on."""
+        deadline = time.monotonic() + timeout_s
+        while not self.is_complete(feature_set_id):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(poll_s)
+        return True
 
     def materialize(
         self,
@@ -246,6 +271,14 @@ class RedisOnlineStore(OnlineFeatureStore):
             self._schemas.pop(feature_set_id, None)
             return _decode_all(*self._fetch(feature_set_id, entity_ids), features)
 
+    def mark_complete(self, feature_set_id: str, rows: int) -> None:
+        """See ``OnlineFeatureStore.mark_complete``: a key beside the schema, no TTL."""
+        self._redis.set(online_complete_key(self._namespace, feature_set_id), rows)
+
+    def is_complete(self, feature_set_id: str) -> bool:
+        """See ``OnlineFeatureStore.is_complete``."""
+        return bool(self._redis.exists(online_complete_key(self._namespace, feature_set_id)))
+
     def _fetch(self, feature_set_id: str, entity_ids: Sequence[Any]) -> tuple[RowSchema, list[Any]]:
         prefix = key_prefix(self._namespace, feature_set_id)
         schema = self._schemas.get(feature_set_id)
@@ -331,6 +364,10 @@ def _feature_columns(
     return [str(c) for c in frame.columns if c not in (entity_column, timestamp_column)]
 
 
+ONLINE_FILE = "online.parquet"
+"""Beside a feature set's Parquet: each entity's latest values, for the online store."""
+
+
 class FeatureSetRecord(BaseModel):
     """What the offline store knows of a feature set; written last, it marks it complete."""
 
@@ -355,17 +392,18 @@ class OfflineFeatureStore:
 
     def write(
         self, feature_set_id: str, frame: pd.DataFrame, metadata: dict[str, Any],
-        before_record: Callable[[], Any] | None = None,
+        online: pd.DataFrame | None = None,
     ) -> FeatureSetRecord:
-        """Store a feature set's frame and metadata; returns the record. ``before_record``
-        runs between the two (say, waiting for other writes the set needs): the record is
-        what marks the set complete, so it comes last."""
+        """Store a feature set's frame and metadata; returns the record. ``online``, each
+        entity's latest values, is kept beside them for the online store to materialise
+        (``read_online``). The record is what marks the set complete, so it comes last."""
         folder = f"features/{check_id('feature set id', feature_set_id)}"
         with self._root.atomic_open(f"{folder}/features.parquet") as handle:
             # Numbers and ids: dictionary pages would overflow and fall back (wasted work).
             frame.to_parquet(handle, use_dictionary=False, compression="lz4")
-        if before_record is not None:
-            before_record()
+        if online is not None:
+            with self._root.atomic_open(f"{folder}/{ONLINE_FILE}") as handle:
+                online.to_parquet(handle, use_dictionary=False, compression="lz4")
         record = FeatureSetRecord(
             feature_set_id=feature_set_id,
             rows=len(frame),
@@ -381,6 +419,19 @@ class OfflineFeatureStore:
         self.metadata(feature_set_id)
         with self._root.open(f"features/{feature_set_id}/features.parquet") as handle:
             return pd.read_parquet(handle, columns=list(columns) if columns else None)
+
+    def has_online(self, feature_set_id: str) -> bool:
+        """Whether the set keeps its entities' latest values for the online store."""
+        return self._root.exists(f"features/{check_id('feature set id', feature_set_id)}/"
+                                 f"{ONLINE_FILE}")
+
+    def read_online(self, feature_set_id: str) -> pd.DataFrame:
+        """The entities' latest values written with the set, or ``NotFound`` (none kept)."""
+        self.metadata(feature_set_id)
+        if not self.has_online(feature_set_id):
+            raise NotFound("online rows of feature set", feature_set_id)
+        with self._root.open(f"features/{feature_set_id}/{ONLINE_FILE}") as handle:
+            return pd.read_parquet(handle)
 
     def metadata(self, feature_set_id: str) -> FeatureSetRecord:
         """The feature set's record, or ``NotFound``."""

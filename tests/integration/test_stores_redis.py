@@ -322,3 +322,14 @@ def test_appending_many_scores_is_one_round_trip(namespace):
     reset_counts()
     ids = store.append_many([served(i) for i in range(200)])
     assert CountingConnection.sends == 1 and len(ids) == 200
+
+
+def test_a_feature_set_is_complete_once_marked(online, client, namespace):
+    online.write_batch("fs1", features(3), "entity")
+    assert not online.is_complete("fs1")
+    assert not online.wait_complete("fs1", timeout_s=0.05, poll_s=0.01)
+
+    online.mark_complete("fs1", rows=3)
+    assert online.is_complete("fs1") and not online.is_complete("fs2")
+    assert online.wait_complete("fs1", timeout_s=0.0)
+    assert client.get(f"{namespace}:fsdone:fs1".encode()) == b"3"

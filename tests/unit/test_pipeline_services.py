@@ -91,7 +91,8 @@ class Pipeline:
 
     def evaluation(self) -> Service:
         return EvaluationService(
-            self.config, self.offline, self.models, self.pipelines, self.registry, self.raw
+            self.config, self.offline, self.models, self.pipelines, self.registry, self.raw,
+            online=self.online, online_wait_s=1.0,
         )
 
     def run(self, event: Event) -> list[Event]:
@@ -358,3 +359,40 @@ def test_second_run_rejects_a_challenger_worse_than_the_champion(
     assert challenger.registry.champion().model_id == first.model_id
     assert challenger.registry.versions() == {"v1": first.model_id}
     no_dead_letters(challenger.bus)
+
+
+class NeverCompleteStore(MemoryOnlineStore):
+    """Takes the rows but never records the set complete (a materialisation cut short)."""
+
+    def mark_complete(self, feature_set_id: str, rows: int) -> None:
+        pass
+
+
+def test_online_rows_are_written_by_preparation_s_own_features_generated_handler(
+    tmp_path: Path, source: Path
+) -> None:
+    pipeline = Pipeline(parsed(paysim_config()), tmp_path / "data").start("ingestion",
+                                                                            "preparation")
+    features = one_of(FeaturesGenerated, pipeline.source(source))
+
+    entities = pd.read_csv(source)["nameOrig"].drop_duplicates()
+    assert pipeline.online.complete == {features.feature_set_id: len(entities)}
+    assert all(pipeline.online.read(features.feature_set_id, entities.tolist()))
+    written = dict(pipeline.online.rows)
+    pipeline.run(features)  # redelivered: the set is complete, nothing is written again
+    assert pipeline.online.rows == written
+
+
+def test_evaluation_promotes_nothing_until_the_set_is_online(
+    tmp_path: Path, source: Path
+) -> None:
+    pipeline = Pipeline(parsed(paysim_config()), tmp_path / "data",
+                        online=NeverCompleteStore()).start()
+    events = pipeline.source(source)
+
+    assert "ModelReady" not in types(events)
+    assert pipeline.registry.history() == []
+    features = one_of(FeaturesGenerated, events)
+    [letter] = pipeline.bus.dlq["evaluation"]
+    assert letter.error == (f"NotReady: online features of feature set "
+                            f"{features.feature_set_id} not ready after 1 s")

@@ -196,3 +196,15 @@ def test_offline_missing_feature_set_is_not_found(offline):
 def test_offline_refuses_ids_that_are_not_one_path_segment(offline):
     with pytest.raises(InvalidInput, match="feature set id"):
         offline.write("../escape", pd.DataFrame({"x": [1]}), {})
+
+
+def test_offline_keeps_the_online_rows_beside_the_set(offline):
+    frame = pd.DataFrame({"entity": ["a", "b", "a"], "x": [1.0, 2.0, 3.0]})
+    latest = pd.DataFrame({"entity": ["a", "b"], "x_sum": [4.0, 2.0]})
+    offline.write("fs3", frame, {}, online=latest)
+    offline.write("fs4", frame, {})
+
+    assert offline.has_online("fs3") and not offline.has_online("fs4")
+    pd.testing.assert_frame_equal(offline.read_online("fs3"), latest)
+    with pytest.raises(NotFound, match="online rows of feature set fs4"):
+        offline.read_online("fs4")

@@ -1,7 +1,8 @@
 """Feature store: feature sets offline as Parquet, their latest rows online in Redis.
 
 Offline, ``OfflineFeatureStore`` keeps ``features/<feature_set_id>/`` under the data root:
-the frame as Parquet and a metadata JSON written last (it marks the set complete).
+the frame as Parquet, optionally each entity's latest values for the online store
+(``online.parquet``), and a metadata JSON written last (it marks the set complete).
 
 Online, ``OnlineFeatureStore`` is the small interface the scoring path needs and
 ``RedisOnlineStore`` its Redis adapter. Each (feature set, entity) is one Redis hash at
@@ -16,7 +17,9 @@ row never replaces a newer one (an equal time overwrites: rematerialising is ide
 and the TTL is set. A script call packs its rows into one argument (and their times
 into another, or one time for all), so the client sends about one argument per entity,
 its key; a call whose keys are all new (a new feature set) skips the per-key time check.
-A read of any number of entities is one round trip. Example::
+A read of any number of entities is one round trip. Once every entity of a set is
+written, the writer marks the set complete (``online_complete_key``, holding the count),
+which is what evaluation waits for before promoting a model of the set. Example::
 
     online = RedisOnlineStore(redis.Redis.from_url(settings.redis_url), settings.namespace)
     online.materialize("fs1", frame, entity_column="account", timestamp_column="at")

@@ -24,12 +24,19 @@ as the last is answered; the servers are separate processes, started one at a ti
   model itself; ``Score`` at concurrency 32 with a 20 ms client deadline. Reported: the
   share of requests answered within the deadline, and errors.
 
+- The ceiling: ``ModelInfer`` against a no-op server in its own process, one on
+  ``grpc.aio`` and one on the thread-pool ``grpc.server`` Conveyor uses, each answering a
+  response built once: only gRPC's own work and the load generator's. ``targets_feasibility``
+  sets the c32 requests/s the 6x and 4x targets need beside it.
+
 Each measurement is ``--warmup`` seconds unrecorded, then ``--seconds`` recorded, at
 concurrency 1 and 32: requests per second (answers whose call started in the recorded
-window), p50 and p99 of their latency as the client saw it, and errors (any status but
-OK). Both servers predict on one OpenMP thread: Conveyor's batchers set it for
-themselves, MLServer gets ``OMP_NUM_THREADS=1`` (scikit-learn's default of one thread per
-core spins against everything else on a 2-core machine and makes a predict ~10x slower).
+window), p50 and p99 of their latency as the client saw it, errors (any status but OK),
+and the CPU milliseconds per call of the load generator (this process, every thread) and
+of the server (every process of its session, from /proc) over the recorded window.
+The servers predict on one OpenMP thread: Conveyor's batchers set it for themselves,
+MLServer gets ``OMP_NUM_THREADS=1`` (scikit-learn's default of one thread per core spins
+against everything else on a 2-core machine and makes a predict ~10x slower).
 Conveyor's servers run without the ScoreServed reporter (no broker in this benchmark).
 Results go to ``bench/results/scoring.json``.
 """
@@ -47,9 +54,11 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -118,6 +127,7 @@ def main() -> None:
             "mlserver_batching_off": bench_mlserver(world, work, args, batching=False),
             "mlserver_batching_on": bench_mlserver(world, work, args, batching=True),
             **bench_conveyor(world, args, settings),
+            **bench_ceiling(world, args),
         }
         fallback = bench_fallback(world, args, settings)
         batches = world.batches
@@ -338,6 +348,9 @@ class Outcome:
     errors: Counter[str]
     seconds: float
     fallbacks: int = 0
+    finished: int = 0
+    """Calls finished (answered or failed) so far, warm-up included."""
+    cpu: CpuWindow | None = None
 
     def figures(self) -> dict[str, Any]:
         ordered = sorted(self.latencies_ms)
@@ -349,18 +362,60 @@ class Outcome:
             "errors": sum(self.errors.values()),
             "error_codes": dict(self.errors),
             "answers": len(ordered),
+            **(self.cpu.per_call() if self.cpu else {}),
         }
+
+
+@dataclass
+class CpuWindow:
+    """CPU seconds of the load generator (this process, all its threads) and of the server
+    (every process of its session), and the calls finished, over the recorded window."""
+
+    server_session: int
+    client_s: float = 0.0
+    server_s: float = 0.0
+    calls: int = 0
+
+    def open(self, finished: int) -> None:
+        self.client_s, self.server_s = -time.process_time(), -session_cpu_s(self.server_session)
+        self.calls = -finished
+
+    def close(self, finished: int) -> None:
+        self.client_s += time.process_time()
+        self.server_s += session_cpu_s(self.server_session)
+        self.calls += finished
+
+    def per_call(self) -> dict[str, float | None]:
+        def ms(seconds: float) -> float | None:
+            return round(seconds * 1e3 / self.calls, 4) if self.calls > 0 else None
+        return {"client_cpu_ms_per_call": ms(self.client_s),
+                "server_cpu_ms_per_call": ms(self.server_s)}
+
+
+def session_cpu_s(session: int) -> float:
+    """User + system CPU seconds of the live processes of a session (a server started with
+    ``start_new_session``: MLServer's workers too), from /proc."""
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        if int(fields[3]) == session:  # fields after the name: state, ppid, pgrp, session
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 async def load(call: Call, requests: Sequence[Any], concurrency: int, seconds: float,
                warmup: float, timeout: float | None = None,
-               is_fallback: Callable[[Any], bool] | None = None) -> Outcome:
+               is_fallback: Callable[[Any], bool] | None = None,
+               cpu: CpuWindow | None = None) -> Outcome:
     """``concurrency`` coroutines calling back to back; only calls started in the recorded
-    window (after ``warmup``) count."""
+    window (after ``warmup``) count. ``cpu`` is read as the window opens and closes."""
     loop_clock = time.perf_counter
     start = loop_clock() + warmup
     stop = start + seconds
-    outcome = Outcome([], Counter(), seconds)
+    outcome = Outcome([], Counter(), seconds, cpu=cpu)
 
     async def worker(first: int) -> None:
         index = first
@@ -370,26 +425,37 @@ async def load(call: Call, requests: Sequence[Any], concurrency: int, seconds: f
             try:
                 reply = await call(request, timeout)
             except grpc.aio.AioRpcError as exc:
+                outcome.finished += 1
                 if began >= start:
                     outcome.errors[exc.code().name] += 1
                 continue
+            outcome.finished += 1
             if began >= start:
                 outcome.latencies_ms.append((loop_clock() - began) * 1e3)
                 if is_fallback is not None and is_fallback(reply):
                     outcome.fallbacks += 1
 
-    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    async def read_cpu(window: CpuWindow) -> None:
+        await asyncio.sleep(start - loop_clock())
+        window.open(outcome.finished)
+        await asyncio.sleep(stop - loop_clock())
+        window.close(outcome.finished)
+
+    readers = [read_cpu(cpu)] if cpu is not None else []
+    await asyncio.gather(*(worker(i) for i in range(concurrency)), *readers)
     return outcome
 
 
 def measure(target: str, method: str, requests: Sequence[Any], concurrency: int,
-            args: argparse.Namespace, timeout: float | None = None) -> Outcome:
+            args: argparse.Namespace, timeout: float | None = None,
+            server_pid: int | None = None) -> Outcome:
     async def run() -> Outcome:
         async with grpc.aio.insecure_channel(target) as channel:
             call = rpc(channel, method)
             fallback = (lambda reply: reply.fallback) if method == "Score" else None
+            cpu = CpuWindow(server_pid) if server_pid is not None else None
             return await load(call, requests, concurrency, args.seconds, args.warmup,
-                              timeout, fallback)
+                              timeout, fallback, cpu)
 
     return asyncio.run(run())
 
@@ -467,16 +533,16 @@ def bench_mlserver(world: World, work: Path, args: argparse.Namespace,
     with running(command, work / f"{folder.name}.log", {"OMP_NUM_THREADS": "1"}) as process:
         wait_ready(target, MODEL, process)
         return bench_system(target, "ModelInfer", infer_requests(world, MODEL), args,
-                            f"MLServer batching {'on' if batching else 'off'}")
+                            f"MLServer batching {'on' if batching else 'off'}", process.pid)
 
 
 def bench_system(target: str, method: str, requests: Sequence[Any],
-                 args: argparse.Namespace, label: str) -> dict[str, Any]:
+                 args: argparse.Namespace, label: str, server_pid: int) -> dict[str, Any]:
     figures = {}
     for concurrency in CONCURRENCY:
         say(f"{label}: {method} at concurrency {concurrency}")
-        figures[f"c{concurrency}"] = measure(target, method, requests, concurrency,
-                                             args).figures()
+        figures[f"c{concurrency}"] = measure(target, method, requests, concurrency, args,
+                                             server_pid=server_pid).figures()
     return figures
 
 
@@ -485,7 +551,8 @@ def bench_system(target: str, method: str, requests: Sequence[Any],
 
 @contextmanager
 def conveyor_server(world: World, registry: str, settings: Settings
-                    ) -> Iterator[str]:
+                    ) -> Iterator[tuple[str, int]]:
+    """The benchmark's Conveyor server on ``registry``'s chain: its address and pid."""
     port = free_port()
     config = {"root": str(world.work / registry), "pipelines": str(world.work / "pipelines"),
               "key": world.key.hex(), "namespace": world.namespace, "port": port,
@@ -495,7 +562,7 @@ def conveyor_server(world: World, registry: str, settings: Settings
     log = world.work / f"conveyor-{registry}.log"
     with running(command, log) as process:
         wait_ready(target, MODEL, process)
-        yield target
+        yield target, process.pid
     world.batches[registry] = [json.loads(line) for line in log.read_text().splitlines()
                                if line.startswith('{"version"')]
 
@@ -503,10 +570,10 @@ def conveyor_server(world: World, registry: str, settings: Settings
 def bench_conveyor(world: World, args: argparse.Namespace, settings: Settings
                    ) -> dict[str, Any]:
     say("Conveyor: starting the scoring server")
-    with conveyor_server(world, "normal", settings) as target:
+    with conveyor_server(world, "normal", settings) as (target, pid):
         infer = bench_system(target, "ModelInfer", infer_requests(world, MODEL), args,
-                             "Conveyor")
-        score = bench_system(target, "Score", world.score_requests, args, "Conveyor")
+                             "Conveyor", pid)
+        score = bench_system(target, "Score", world.score_requests, args, "Conveyor", pid)
     return {"conveyor_modelinfer": infer, "conveyor_score": score}
 
 
@@ -514,9 +581,9 @@ def bench_fallback(world: World, args: argparse.Namespace, settings: Settings
                    ) -> dict[str, Any]:
     say("Conveyor fallback: champion sleeps 100 ms per predict, Score with a 20 ms deadline")
     deadline_s = FALLBACK["deadline_ms"] / 1e3
-    with conveyor_server(world, "fallback", settings) as target:
-        outcome = measure(target, "Score", world.score_requests, FALLBACK["concurrency"], args,
-                          timeout=deadline_s)
+    with conveyor_server(world, "fallback", settings) as (target, pid):
+        outcome = measure(target, "Score", world.score_requests, int(FALLBACK["concurrency"]), args,
+                          timeout=deadline_s, server_pid=pid)
     within = sum(latency <= FALLBACK["deadline_ms"] for latency in outcome.latencies_ms)
     total = len(outcome.latencies_ms) + sum(outcome.errors.values())
     return {**FALLBACK, **outcome.figures(),
@@ -527,8 +594,6 @@ def bench_fallback(world: World, args: argparse.Namespace, settings: Settings
 def serve(config: dict[str, Any]) -> None:
     """The Conveyor scoring server of the benchmark (a subprocess): the registry's chain,
     the online store in the run's namespace, gRPC on 127.0.0.1; stops on SIGTERM."""
-    import threading
-
     from common.stores import ModelRegistry, ModelStore, RedisOnlineStore
     from scoring.core import ScoringCore
     from scoring.metrics import ScoringMetrics
@@ -556,6 +621,97 @@ def serve(config: dict[str, Any]) -> None:
     core.close()
 
 
+# --- the ceiling: a server that does no work ------------------------------------------
+
+
+NOOP_KINDS = ("aio", "sync")
+"""grpc.aio, and the thread-pool grpc.server Conveyor uses (32 threads, as Conveyor's)."""
+
+
+def bench_ceiling(world: World, args: argparse.Namespace) -> dict[str, Any]:
+    """ModelInfer against servers that answer a response built once, doing nothing per
+    call but gRPC's own work (read, parse, serialize, write): what the load generator
+    and gRPC alone reach on this machine, the ceiling of any Python gRPC server here."""
+    figures = {}
+    for kind in NOOP_KINDS:
+        port = free_port()
+        target = f"127.0.0.1:{port}"
+        command = [sys.executable, str(Path(__file__).resolve()), "--serve-noop",
+                   json.dumps({"port": port, "kind": kind})]
+        say(f"no-op gRPC server ({kind}): starting")
+        with running(command, world.work / f"noop-{kind}.log") as process:
+            wait_ready(target, MODEL, process)
+            figures[f"ceiling_noop_{kind}"] = bench_system(
+                target, "ModelInfer", infer_requests(world, MODEL), args, f"no-op {kind}",
+                process.pid)
+    return figures
+
+
+def noop_response() -> ipb.ModelInferResponse:
+    """What Conveyor answers for one row: version, fallback parameter, [1, 2] FP64."""
+    response = ipb.ModelInferResponse(
+        model_name=MODEL, model_version="normal-m0",
+        parameters={"fallback": ipb.InferParameter(bool_param=False)})
+    tensor = response.outputs.add(name="predict_proba", datatype="FP64", shape=[1, 2])
+    tensor.contents.fp64_contents.extend([0.25, 0.75])
+    return response
+
+
+class NoopInference(ipb_grpc.GRPCInferenceServiceServicer):
+    """Ready, and every ModelInfer answered with the same response."""
+
+    response = noop_response()
+
+    def ServerReady(self, request: Any, context: Any) -> ipb.ServerReadyResponse:
+        return ipb.ServerReadyResponse(ready=True)
+
+    def ModelReady(self, request: Any, context: Any) -> ipb.ModelReadyResponse:
+        return ipb.ModelReadyResponse(ready=True)
+
+    def ModelInfer(self, request: Any, context: Any) -> ipb.ModelInferResponse:
+        return self.response
+
+
+class NoopInferenceAio(NoopInference):
+    """The same for grpc.aio, whose handlers are coroutines."""
+
+    async def ServerReady(self, request: Any, context: Any) -> ipb.ServerReadyResponse:  # type: ignore[override]
+        return super().ServerReady(request, context)
+
+    async def ModelReady(self, request: Any, context: Any) -> ipb.ModelReadyResponse:  # type: ignore[override]
+        return super().ModelReady(request, context)
+
+    async def ModelInfer(self, request: Any, context: Any) -> ipb.ModelInferResponse:  # type: ignore[override]
+        return self.response
+
+
+def serve_noop(config: dict[str, Any]) -> None:
+    """A no-op server (a subprocess) on 127.0.0.1; stops on SIGTERM."""
+    address = f"127.0.0.1:{config['port']}"
+    if config["kind"] == "aio":
+        asyncio.run(_serve_noop_aio(address))
+        return
+    server = grpc.server(ThreadPoolExecutor(32))
+    ipb_grpc.add_GRPCInferenceServiceServicer_to_server(NoopInference(), server)
+    server.add_insecure_port(address)
+    server.start()
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    stopped.wait()
+    server.stop(0)
+
+
+async def _serve_noop_aio(address: str) -> None:
+    server = grpc.aio.server()
+    ipb_grpc.add_GRPCInferenceServiceServicer_to_server(NoopInferenceAio(), server)
+    server.add_insecure_port(address)
+    await server.start()
+    stopped = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopped.set)
+    await stopped.wait()
+    await server.stop(0)
+
+
 # --- the report -----------------------------------------------------------------------
 
 
@@ -574,6 +730,7 @@ def report(systems: dict[str, Any], fallback: dict[str, Any], args: argparse.Nam
         "best_mlserver": best,
         "ratios": ratios,
         "targets": targets(systems, fallback, ratios),
+        "targets_feasibility": feasibility(systems, best_rps),
         "workload": workload(args),
         "machine": machine(settings),
         "command": "make bench-scoring" + (" (--quick)" if args.quick else ""),
@@ -593,6 +750,29 @@ def targets(systems: dict[str, Any], fallback: dict[str, Any],
         "score_c1_p50_within_1_5ms": (systems["conveyor_score"]["c1"]["p50_ms"] or 1e9) <= 1.5,
         "fallback_99pct_within_deadline": fallback["within_deadline_share"] >= 0.99,
         "fallback_no_errors": fallback["errors"] == 0,
+    }
+
+
+def feasibility(systems: dict[str, Any], best_rps: float) -> dict[str, Any]:
+    """The c32 requests/s the throughput targets need, beside what a server doing no work
+    reaches with the same load generator on the same machine."""
+    noop = {kind: systems[f"ceiling_noop_{kind}"]["c32"] for kind in NOOP_KINDS}
+    ceiling = max(row["rps"] for row in noop.values())
+    client_ms = noop["aio"].get("client_cpu_ms_per_call")
+    needs = {"modelinfer_6x": round(6 * best_rps), "score_4x": round(4 * best_rps)}
+    return {
+        "best_mlserver_c32_rps": best_rps,
+        "needed_c32_rps": needs,
+        "noop_c32_rps": {kind: row["rps"] for kind, row in noop.items()},
+        "needed_vs_noop_ceiling": {name: round(rps / ceiling, 2) if ceiling else None
+                                   for name, rps in needs.items()},
+        "load_generator_cpu_ms_per_call_noop_aio_c32": client_ms,
+        "load_generator_alone_max_rps": round((os.cpu_count() or 1) * 1e3 / client_ms)
+        if client_ms else None,
+        "note": "a target whose needed rps is over the no-op ceiling (ratio > 1) cannot be "
+                "met here by any server: one that does no work at all answers no faster "
+                "through this load generator on these cores. load_generator_alone_max_rps "
+                "is the client's own limit were it given every core and the server none.",
     }
 
 
@@ -629,23 +809,32 @@ def machine(settings: Settings) -> dict[str, Any]:
 
 
 def print_summary(results: dict[str, Any]) -> None:
-    print(f"{'':24}{'c':>4}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    print(f"{'':24}{'c':>4}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+          f"{'CPU ms/call: client':>21}{'server':>8}")
     for name in ("mlserver_batching_off", "mlserver_batching_on", "conveyor_modelinfer",
-                 "conveyor_score"):
+                 "conveyor_score", *(f"ceiling_noop_{kind}" for kind in NOOP_KINDS)):
         for concurrency in CONCURRENCY:
             row = results[name][f"c{concurrency}"]
             print(f"{name:24}{concurrency:>4}{row['rps']:>10,.0f}{row['p50_ms'] or 0:>9.2f}"
-                  f"{row['p99_ms'] or 0:>9.2f}{row['errors']:>8}")
+                  f"{row['p99_ms'] or 0:>9.2f}{row['errors']:>8}"
+                  f"{row.get('client_cpu_ms_per_call') or 0:>21.3f}"
+                  f"{row.get('server_cpu_ms_per_call') or 0:>8.3f}")
     fallback = results["fallback"]
     print(f"fallback: {fallback['within_deadline_share']:.2%} within "
           f"{fallback['deadline_ms']:.0f} ms, {fallback['errors']} errors, "
           f"{fallback['fallback_answers']} answered by the previous model")
     print(f"ratios: {results['ratios']}")
+    feasible = results["targets_feasibility"]
+    print(f"feasibility: c32 needs {feasible['needed_c32_rps']} req/s; a no-op server "
+          f"answers {feasible['noop_c32_rps']} (needed / ceiling "
+          f"{feasible['needed_vs_noop_ceiling']})")
     print(f"targets: {results['targets']}  ->  {RESULTS.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--serve":
         serve(json.loads(sys.argv[2]))
+    elif len(sys.argv) == 3 and sys.argv[1] == "--serve-noop":
+        serve_noop(json.loads(sys.argv[2]))
     else:
         main()

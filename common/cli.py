@@ -24,7 +24,7 @@ import click
 import pika
 import redis
 
-from common.bus.rabbitmq import RabbitMQBus
+from common.bus.rabbitmq import RabbitMQBus, connection_parameters
 from common.errors import ConveyorError
 from common.eventlog import EventLog, summary
 from common.events import event_class, json_schemas, parse_event
@@ -33,6 +33,8 @@ from common.logs import configure_logging
 from common.runtime import ServiceRunner, redis_processed, stop_on_signals
 from common.services import build_service, service_names
 from common.settings import Settings
+
+BROKER_CHECK_TIMEOUT_S = 5.0  # `conveyor status` calls a broker that has not answered by then down
 
 
 class ConveyorGroup(click.Group):
@@ -303,7 +305,8 @@ def status() -> None:
     click.echo(f"RabbitMQ {settings.amqp_url.split('@')[-1]}: {'up' if broker_ok else 'DOWN'}")
     click.echo(f"Redis    {settings.redis_url}: {'up' if redis_ok else 'DOWN'}")
     if broker_ok:
-        click.echo(queue_table(RabbitMQBus(settings, name="cli")))
+        with contextlib.closing(RabbitMQBus(settings, name="cli")) as bus:
+            click.echo(queue_table(bus))
     if redis_ok:
         from monitoring.state import MonitoringState
 
@@ -315,7 +318,8 @@ def status() -> None:
 def broker_reachable(settings: Settings) -> bool:
     """Whether RabbitMQ accepts a connection with the configured credentials."""
     try:
-        pika.BlockingConnection(pika.URLParameters(settings.amqp_url)).close()
+        params = connection_parameters(settings, "cli", timeout_s=BROKER_CHECK_TIMEOUT_S)
+        pika.BlockingConnection(params).close()
         return True
     except Exception:  # noqa: BLE001 - any failure means unreachable here
         return False

@@ -106,7 +106,8 @@ class QueueDepthCollector(Collector):
     """``conveyor_queue_depth{service, queue}``, read from the broker at each scrape.
 
     ``queue`` is ``ready``, ``dead`` or ``retry_<ms>ms``; a broker that cannot be asked
-    yields no sample rather than a failed scrape.
+    (down, or not answering within the bus's depth timeout) yields no sample rather than a
+    failed or hung scrape. The RabbitMQ bus asks over one connection it keeps for this.
     """
 
     def __init__(self, service: str, depths: Callable[[str], dict[str, int]]) -> None:

@@ -11,21 +11,27 @@ Example::
     bus.declare("ingestion", ["SourceDataAvailable"])
     bus.publish(event)
     bus.consume(dispatcher, stop)   # until stop is set (SIGTERM in a service)
+    bus.queue_depths("ingestion")   # {"ready": 0, "dead": 0, "retry_1000ms": 0, ...}
+    bus.close()
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import threading
 import time
+import weakref
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from typing import Any
+from urllib.parse import urlparse
 
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
-from pika.exceptions import AMQPChannelError, AMQPConnectionError, ChannelClosed
+from pika.exceptions import AMQPChannelError, AMQPConnectionError, ChannelClosedByBroker
 
 from common.bus.base import DeadLetterMessage, MessageBus
 from common.bus.dispatch import (
@@ -48,15 +54,33 @@ PERSISTENT = pika.DeliveryMode.Persistent
 DELIVERY_LIMIT = 20  # a message that crashes its consumer this often goes to the DLQ
 MAX_ACK_DELAY_S = 0.05  # a batched ack waits about this long at most (+ one 0.2 s loop turn)
 CONNECTION_ERRORS = (AMQPConnectionError, AMQPChannelError, ConnectionError, OSError)
+DEPTH_TIMEOUT_S = 5.0  # a queue-depth query (a metrics scrape) waits this long at most
 
 
-def connection_parameters(settings: Settings, name: str = "conveyor") -> pika.URLParameters:
-    """pika parameters from the settings, with heartbeats on."""
+def connection_parameters(
+    settings: Settings, name: str = "conveyor", *, timeout_s: float | None = None
+) -> pika.URLParameters:
+    """pika parameters from the settings, with heartbeats on.
+
+    ``timeout_s`` bounds the TCP connect (``socket_timeout``), the whole AMQP handshake
+    (``stack_timeout``) and how long the broker may keep the connection blocked
+    (``blocked_connection_timeout``), so a wedged broker fails the caller instead of
+    hanging it; without it pika's defaults apply and a blocked connection waits 60 s.
+    """
     params = pika.URLParameters(settings.amqp_url)
     params.heartbeat = settings.heartbeat_s
     params.blocked_connection_timeout = 60
     params.client_properties = {"connection_name": name}
+    if timeout_s is not None:
+        params.socket_timeout = params.stack_timeout = timeout_s
+        params.blocked_connection_timeout = timeout_s
     return params
+
+
+def broker_address(settings: Settings) -> str:
+    """``host:port`` of the broker, for error messages (the URL's credentials left out)."""
+    url = urlparse(settings.amqp_url)
+    return f"{url.hostname}:{url.port or 5672}"
 
 
 def delay_queue(settings: Settings, service: str, delay_s: float) -> str:
@@ -105,11 +129,17 @@ def properties(headers: dict[str, Any] | None = None, event: Event | None = None
 class RabbitMQBus(MessageBus):
     """The production bus: RabbitMQ through pika."""
 
-    def __init__(self, settings: Settings, *, name: str = "conveyor") -> None:
+    def __init__(
+        self, settings: Settings, *, name: str = "conveyor",
+        depth_timeout_s: float = DEPTH_TIMEOUT_S,
+    ) -> None:
         self.settings = settings
         self.name = name
+        self.depth_timeout_s = depth_timeout_s
         self._publisher: AsyncPublisher | None = None
         self._publisher_lock = threading.Lock()
+        self._depth_probe: DepthProbe | None = None
+        self._depth_probe_lock = threading.Lock()
 
     @property
     def publisher(self) -> AsyncPublisher:
@@ -121,6 +151,16 @@ class RabbitMQBus(MessageBus):
                     params, max_reconnect_delay_s=self.settings.reconnect_max_delay_s
                 )
             return self._publisher
+
+    @property
+    def depth_probe(self) -> DepthProbe:
+        """The long-lived connection that answers ``queue_depths``, started on first use."""
+        with self._depth_probe_lock:
+            if self._depth_probe is None:
+                probe = DepthProbe(self.settings, f"{self.name}-depths", self.depth_timeout_s)
+                weakref.finalize(self, probe.stop)  # a bus dropped unclosed frees it too
+                self._depth_probe = probe
+            return self._depth_probe
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[pika.BlockingConnection]:
@@ -194,19 +234,24 @@ class RabbitMQBus(MessageBus):
         return waiting
 
     def queue_depths(self, service: str) -> dict[str, int]:
+        """Depths of the service's queues (-1 for one not declared yet), over one connection
+        kept for them; raises ``TimeoutError`` when the broker does not answer in time."""
         names = {
             "ready": self.settings.queue(service),
             "dead": self.settings.dead_letter_queue(service),
         }
         for delay_s in sorted(set(self.settings.retry_delays_s)):
             names[f"retry_{round(delay_s * 1000)}ms"] = delay_queue(self.settings, service, delay_s)
-        with self.connection() as connection:
-            return {key: _depth(connection, name) for key, name in names.items()}
+        return self.depth_probe.depths(names)
 
     def close(self) -> None:
         if self._publisher is not None:
             self._publisher.close()
             self._publisher = None
+        with self._depth_probe_lock:
+            probe, self._depth_probe = self._depth_probe, None
+        if probe is not None:
+            probe.close()
 
 
 def _ack_up_to(channel: BlockingChannel, tag: int) -> None:
@@ -215,15 +260,132 @@ def _ack_up_to(channel: BlockingChannel, tag: int) -> None:
     log.debug("acked deliveries up to %d", tag)
 
 
-def _depth(connection: pika.BlockingConnection, name: str) -> int:
-    channel = connection.channel()  # a failed passive declare closes its channel
-    try:
-        return channel.queue_declare(name, passive=True).method.message_count
-    except ChannelClosed:
-        return -1  # the queue does not exist (yet)
-    finally:
-        if channel.is_open:
-            channel.close()
+_STOP = object()  # tells a DepthProbe's thread to close its connection and end
+
+
+class DepthProbe:
+    """Queue depths (passive declares) over one long-lived connection, for every scrape.
+
+    A connection per scrape cost the broker a connection (and a file descriptor) every
+    few seconds per service. pika connections are not thread-safe and scrapes arrive on
+    the metrics server's threads, so one daemon thread owns the connection: it answers
+    requests in turn, keeps heartbeats going between them and, when the connection has
+    died, reconnects once. The caller waits ``timeout_s`` at most and connecting is bounded
+    by the same timeout, so a wedged broker fails a query, never hangs a scrape; a thread
+    stuck on a connection that went silent is freed by pika's heartbeat check.
+
+    Example::
+
+        probe = DepthProbe(settings, "ingestion-depths")
+        probe.depths({"ready": "conveyor.ingestion"})   # {"ready": 0}
+        probe.close()
+    """
+
+    def __init__(self, settings: Settings, name: str, timeout_s: float = DEPTH_TIMEOUT_S) -> None:
+        self.settings, self.name, self.timeout_s = settings, name, timeout_s
+        self.connections_opened = 0
+        self._requests: queue.Queue[Any] = queue.Queue()
+        self._connection: pika.BlockingConnection | None = None
+        self._channel: BlockingChannel | None = None
+        # wake often enough to send heartbeats (every heartbeat_s / 2) between requests
+        self._idle_s = settings.heartbeat_s / 4 if settings.heartbeat_s > 0 else 60.0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def depths(self, queues: Mapping[str, str]) -> dict[str, int]:
+        """Messages in each queue by key, -1 where the queue does not exist."""
+        future: Future[dict[str, int]] = Future()
+        self._requests.put((dict(queues), future))
+        try:
+            return future.result(timeout=self.timeout_s)
+        except TimeoutError:
+            future.cancel()  # still queued: the thread skips it
+            raise TimeoutError(
+                f"RabbitMQ at {broker_address(self.settings)} did not report queue depths "
+                f"within {self.timeout_s}s"
+            ) from None
+
+    @property
+    def running(self) -> bool:
+        """Whether the thread (and so possibly its connection) is still alive."""
+        return self._thread.is_alive()
+
+    def stop(self) -> None:
+        """Ask the thread to close the connection and end; returns at once."""
+        self._requests.put(_STOP)
+
+    def close(self) -> None:
+        """Stop, waiting up to ``timeout_s`` for the connection to close."""
+        self.stop()
+        if self._thread is not threading.current_thread():
+            self._thread.join(self.timeout_s)
+
+    def _run(self) -> None:
+        try:
+            while (request := self._next()) is not _STOP:
+                if request is None:
+                    self._keep_alive()
+                elif request[1].set_running_or_notify_cancel():
+                    self._answer(*request)
+        finally:
+            self._disconnect()
+
+    def _next(self) -> Any:
+        try:
+            return self._requests.get(timeout=self._idle_s)
+        except queue.Empty:
+            return None
+
+    def _answer(self, queues: dict[str, str], future: Future[dict[str, int]]) -> None:
+        try:
+            future.set_result(self._query(queues))
+        except Exception as exc:  # noqa: BLE001 - raised to the caller by future.result
+            future.set_exception(exc)
+
+    def _query(self, queues: dict[str, str]) -> dict[str, int]:
+        connected = self._connection is not None and self._connection.is_open
+        try:
+            return {key: self._depth(name) for key, name in queues.items()}
+        except CONNECTION_ERRORS as exc:
+            self._disconnect()
+            if not connected:
+                raise  # a fresh connection failed: the broker is down, not our connection
+            log.info("queue-depth connection %s lost (%s); reconnecting once", self.name, exc)
+            return {key: self._depth(name) for key, name in queues.items()}
+
+    def _depth(self, name: str) -> int:
+        channel = self._open_channel()
+        try:
+            return channel.queue_declare(name, passive=True).method.message_count
+        except ChannelClosedByBroker:
+            self._channel = None  # a failed passive declare closes its channel
+            return -1  # the queue does not exist (yet)
+
+    def _open_channel(self) -> BlockingChannel:
+        if self._channel is None or not self._channel.is_open:
+            self._channel = self._open_connection().channel()
+        return self._channel
+
+    def _open_connection(self) -> pika.BlockingConnection:
+        if self._connection is None or not self._connection.is_open:
+            params = connection_parameters(self.settings, self.name, timeout_s=self.timeout_s)
+            self._connection = pika.BlockingConnection(params)
+            self.connections_opened += 1
+        return self._connection
+
+    def _keep_alive(self) -> None:
+        if self._connection is None:
+            return
+        try:
+            self._connection.process_data_events(time_limit=0)  # sends heartbeats when due
+        except Exception:  # noqa: BLE001 - the next request reconnects; the thread must live
+            self._disconnect()
+
+    def _disconnect(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and connection.is_open:
+            with contextlib.suppress(Exception):
+                connection.close()
 
 
 class Consumer:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from common.bus.dispatch import (
     ATTEMPT,
@@ -24,8 +27,10 @@ from common.bus.idempotency import processed_key
 from common.bus.rabbitmq import DELIVERY_LIMIT, delay_queue
 from common.errors import Unroutable
 from common.events import Event, ModelReady, RawDataExtracted, SourceDataAvailable
+from common.metrics import QueueDepthCollector
 from common.testing import (
     BusNamespace,
+    close_connections,
     running_consumer,
     wait_for_handler,
     wait_until,
@@ -264,3 +269,46 @@ def test_unsettleable_message_is_requeued_until_the_delivery_limit(ns: BusNamesp
     assert letter.body == bad.to_json()
     assert letter.headers["x-death"][0]["reason"] == "delivery_limit"
     assert ns.depths(SVC)["ready"] == 0
+
+
+def test_scrapes_from_many_threads_read_queue_depths_over_one_connection(
+        ns: BusNamespace) -> None:
+    ns.declare(SVC, [SOURCE])
+    bus = ns.bus()
+    bus.publish(source())
+    wait_until(lambda: bus.queue_depths(SVC)["ready"] == 1, message="the event in the queue")
+    registry = CollectorRegistry()
+    registry.register(QueueDepthCollector(SVC, bus.queue_depths))
+
+    def scrape(_: int) -> float | None:
+        return registry.get_sample_value("conveyor_queue_depth", {"service": SVC, "queue": "ready"})
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(scrape, range(40))) == [1.0] * 40
+    assert bus.queue_depths("undeclared") == {key: -1 for key in EMPTY}
+    assert bus.queue_depths(SVC) == {**EMPTY, "ready": 1}  # a missing queue cost a channel
+    assert bus.depth_probe.connections_opened == 1
+
+
+def test_the_depth_connection_closes_with_the_bus(ns: BusNamespace) -> None:
+    ns.declare(SVC, [SOURCE])
+    bus = ns.bus(f"{ns.namespace}-closing")
+    probe = bus.depth_probe
+    assert bus.queue_depths(SVC) == EMPTY
+    bus.close()
+    assert not probe.running
+    assert bus.queue_depths(SVC) == EMPTY  # a closed bus opens a new one on demand
+    assert bus.depth_probe is not probe
+    bus.close()
+
+
+@pytest.mark.faults
+@pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl")
+def test_queue_depths_reconnect_once_after_the_broker_drops_the_connection(
+        ns: BusNamespace) -> None:
+    ns.declare(SVC, [SOURCE])
+    bus = ns.bus()
+    assert bus.queue_depths(SVC) == EMPTY
+    assert close_connections(f"{ns.namespace}-test-depths") == 1
+    assert bus.queue_depths(SVC) == EMPTY
+    assert bus.depth_probe.connections_opened == 2

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
+import pytest
+from pika.exceptions import AMQPConnectionError
 from prometheus_client import CollectorRegistry
 
 from common.bus.dispatch import Delivery, Dispatcher, HandlerSpec, RetryPolicy
 from common.bus.memory import InMemoryBus
+from common.bus.rabbitmq import RabbitMQBus
 from common.events import Event, RawDataExtracted, SourceDataAvailable
-from common.metrics import BusMetrics, pipeline_stage
+from common.metrics import BusMetrics, QueueDepthCollector, pipeline_stage
 from common.runtime import Service, ServiceRunner, handles
 from common.settings import Settings
 
@@ -116,3 +120,21 @@ def test_every_metric_a_service_exports_follows_prometheus_naming() -> None:
             assert {s.name for s in family.samples} <= {f"{name}_total", f"{name}_created"}
         if family.type == "histogram":
             assert name.endswith("_seconds"), name
+
+
+def test_a_silent_broker_costs_a_scrape_its_depths_and_does_not_hang_it() -> None:
+    # The listener accepts TCP connections (the kernel's backlog) but never speaks AMQP,
+    # as a wedged broker would: the bounded handshake or the bounded wait gives up.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        settings = Settings(amqp_url=f"amqp://guest:guest@127.0.0.1:{port}/%2F")
+        bus = RabbitMQBus(settings, name="silent", depth_timeout_s=0.5)
+        try:
+            with pytest.raises((TimeoutError, AMQPConnectionError)):
+                bus.queue_depths("svc")
+            registry = CollectorRegistry()
+            registry.register(QueueDepthCollector("svc", bus.queue_depths))
+            labels = {"service": "svc", "queue": "ready"}
+            assert registry.get_sample_value("conveyor_queue_depth", labels) is None
+        finally:
+            bus.close()

@@ -40,12 +40,21 @@ from common.bus.dispatch import (
     RetryPolicy,
 )
 from common.bus.idempotency import ProcessedEvents, RedisProcessedEvents
-from common.bus.rabbitmq import Consumer, RabbitMQBus, connection_parameters, delay_queue
+from common.bus.rabbitmq import (
+    CONNECTION_ERRORS,
+    Consumer,
+    RabbitMQBus,
+    broker_address,
+    connection_parameters,
+    delay_queue,
+)
 from common.events import Event
 from common.local import wait_until  # noqa: F401 - the tests import it from here
 from common.settings import Settings
 
 Handler = Callable[[Any], HandlerResult]
+CONNECT_TIMEOUT_S = 10.0  # connecting to RabbitMQ or Redis, in the helpers below
+CLEANUP_TIMEOUT_S = 60.0  # deleting one namespace's queues, exchange or keys
 
 
 class ServicesUnavailable(RuntimeError):
@@ -97,23 +106,69 @@ def queue_names(settings: Settings, service: str) -> list[str]:
     return [settings.queue(service), settings.dead_letter_queue(service), *delays]
 
 
-def delete_namespace(settings: Settings, services: Iterable[str]) -> None:
-    """Delete the namespace's queues for these services, its exchange and its Redis keys."""
-    connection = pika.BlockingConnection(connection_parameters(settings, "conveyor-test-cleanup"))
+def delete_namespace(
+    settings: Settings, services: Iterable[str], timeout_s: float = CLEANUP_TIMEOUT_S
+) -> None:
+    """Delete the namespace's queues for these services, its exchange and its Redis keys.
+
+    Raises ``ServicesUnavailable`` naming the broker's URL when the broker cannot be
+    reached or has not finished within ``timeout_s``: a wedged broker once hung this
+    clean-up for more than 20 minutes, as pika bounds connecting but not a call.
+    """
+    queues = [name for service in services for name in queue_names(settings, service)]
+    doing = f"deleting namespace {settings.namespace} at RabbitMQ {broker_address(settings)}"
+    within(timeout_s, doing, lambda: _delete_queues(settings, queues, timeout_s))
+    delete_redis_keys(settings)
+
+
+def _delete_queues(settings: Settings, queues: list[str], timeout_s: float) -> None:
+    connect_s = min(timeout_s, CONNECT_TIMEOUT_S)
+    params = connection_parameters(settings, "conveyor-test-cleanup", timeout_s=connect_s)
+    connection = pika.BlockingConnection(params)
     try:
         channel = connection.channel()
-        for service in services:
-            for name in queue_names(settings, service):
-                channel.queue_delete(name)  # idempotent on RabbitMQ 3.x
+        for name in queues:
+            channel.queue_delete(name)  # idempotent on RabbitMQ 3.x
         channel.exchange_delete(settings.exchange)
     finally:
         connection.close()
-    delete_redis_keys(settings)
+
+
+def within(timeout_s: float, doing: str, work: Callable[[], None]) -> None:
+    """Run ``work`` on a daemon thread, raising ``ServicesUnavailable`` about ``doing`` if
+    it cannot reach the broker or is not done within ``timeout_s`` (it is then left to the
+    thread, which ends with the process)."""
+    failure: list[BaseException] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+            failure.append(exc)
+        done.set()
+
+    threading.Thread(target=run, name="bounded-broker-call", daemon=True).start()
+    if not done.wait(timeout_s):
+        raise ServicesUnavailable(f"{doing}: no answer within {timeout_s}s (is the broker wedged?)")
+    if failure and isinstance(failure[0], CONNECTION_ERRORS):
+        raise ServicesUnavailable(f"{doing} failed: {failure[0]!r}") from failure[0]
+    if failure:
+        raise failure[0]
+
+
+def redis_client(settings: Settings, *, call_timeout_s: float | None = None) -> redis.Redis:
+    """A Redis client on the settings' URL that fails fast when Redis does not accept the
+    connection; ``call_timeout_s`` also bounds each command (leave it out for blocking
+    reads)."""
+    return redis.Redis.from_url(
+        settings.redis_url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=call_timeout_s
+    )
 
 
 def delete_redis_keys(settings: Settings) -> int:
     """Delete every Redis key of the namespace; returns how many."""
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis_client(settings, call_timeout_s=CLEANUP_TIMEOUT_S)
     try:
         # a large COUNT: SCAN walks the whole keyspace, which other namespaces share
         keys = list(client.scan_iter(match=f"{settings.namespace}:*", count=10_000))
@@ -190,7 +245,7 @@ class BusNamespace:
     def redis(self) -> redis.Redis:
         """A Redis client on the settings' URL."""
         if self._redis is None:
-            self._redis = redis.Redis.from_url(self.settings.redis_url)
+            self._redis = redis_client(self.settings)
         return self._redis
 
     def processed(self) -> RedisProcessedEvents:

@@ -78,9 +78,9 @@ def connection_parameters(
 
 
 def broker_address(settings: Settings) -> str:
-    """``host:port`` of the broker, for error messages (the URL's credentials left out)."""
+    """The broker's URL for error messages, its credentials left out."""
     url = urlparse(settings.amqp_url)
-    return f"{url.hostname}:{url.port or 5672}"
+    return f"{url.scheme}://{url.hostname}:{url.port or 5672}{url.path or '/'}"
 
 
 def delay_queue(settings: Settings, service: str, delay_s: float) -> str:

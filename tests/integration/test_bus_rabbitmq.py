@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +31,10 @@ from common.events import Event, ModelReady, RawDataExtracted, SourceDataAvailab
 from common.metrics import QueueDepthCollector
 from common.testing import (
     BusNamespace,
+    ServicesUnavailable,
     close_connections,
+    delete_namespace,
+    isolated_settings,
     running_consumer,
     wait_for_handler,
     wait_until,
@@ -312,3 +316,12 @@ def test_queue_depths_reconnect_once_after_the_broker_drops_the_connection(
     assert close_connections(f"{ns.namespace}-test-depths") == 1
     assert bus.queue_depths(SVC) == EMPTY
     assert bus.depth_probe.connections_opened == 2
+
+
+def test_clean_up_against_a_silent_broker_fails_fast_naming_it() -> None:
+    # Accepts TCP (the kernel's backlog) but never speaks AMQP, as a wedged broker would.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        settings = isolated_settings(amqp_url=f"amqp://guest:guest@127.0.0.1:{port}/%2F")
+        with pytest.raises(ServicesUnavailable, match=f"at RabbitMQ amqp://127.0.0.1:{port}/"):
+            delete_namespace(settings, [SVC], timeout_s=1.0)

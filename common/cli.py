@@ -18,7 +18,7 @@ import math
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import pika
@@ -33,6 +33,9 @@ from common.logs import configure_logging
 from common.runtime import ServiceRunner, redis_processed, stop_on_signals
 from common.services import build_service, service_names
 from common.settings import Settings
+
+if TYPE_CHECKING:
+    import grpc
 
 BROKER_CHECK_TIMEOUT_S = 5.0  # `conveyor status` calls a broker that has not answered by then down
 
@@ -211,14 +214,14 @@ def lineage(ident: str) -> None:
 @click.option("--target", default="127.0.0.1:50051", show_default=True,
               help="Address of the scoring service.")
 @click.option("--timeout", default=2.0, show_default=True, help="Deadline in seconds.")
-@click.option("--token", envvar="CONVEYOR_GRPC_TOKEN", default="",
-              help="Bearer token, when the service requires one [env CONVEYOR_GRPC_TOKEN].")
-@click.option("--tls-ca", envvar="CONVEYOR_GRPC_TLS_CA", default=None,
-              type=click.Path(exists=True, dir_okay=False),
-              help="PEM CA of the service's certificate: connect with TLS "
-                   "[env CONVEYOR_GRPC_TLS_CA].")
+@click.option("--token", default=None,
+              help="Bearer token, when the service requires one [default: setting "
+                   "CONVEYOR_GRPC_TOKEN].")
+@click.option("--tls-ca", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="PEM CA of the service's certificate: connect with TLS [default: setting "
+                   "CONVEYOR_GRPC_TLS_CA].")
 def score(entity: str, fields: tuple[str, ...], model_version: str, target: str,
-          timeout: float, token: str, tls_ca: str | None) -> None:
+          timeout: float, token: str | None, tls_ca: str | None) -> None:
     """Score one entity over gRPC and print the answer."""
     import grpc
     from google.protobuf.json_format import MessageToDict
@@ -227,26 +230,48 @@ def score(entity: str, fields: tuple[str, ...], model_version: str, target: str,
     from protos.conveyor.scoring.v1 import scoring_pb2_grpc
     from scoring.server import field_value
 
+    settings = Settings()
+    token = settings.grpc_token.get_secret_value() if token is None else token
     request = pb.ScoreRequest(entity_id=entity, model_version=model_version, fields={
         name: field_value(value) for name, value in map(parse_field, fields)})
-    metadata = [("authorization", f"Bearer {token}")] if token else None
-    with _scoring_channel(target, tls_ca) as channel:
+    with scoring_channel(target, tls_ca or settings.grpc_tls_ca) as channel:
         try:
             reply = scoring_pb2_grpc.ScoringStub(channel).Score(
-                request, timeout=timeout, metadata=metadata)
+                request, timeout=timeout, metadata=bearer_metadata(token))
         except grpc.RpcError as exc:
-            raise click.ClickException(f"{exc.code().name}: {exc.details()}") from exc
+            raise click.ClickException(rpc_error_text(exc)) from exc
     click.echo(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
 
 
-def _scoring_channel(target: str, tls_ca: str | None) -> Any:
-    """A TLS channel trusting ``tls_ca`` when given, else a plain-text one."""
+def scoring_channel(target: str, tls_ca: str = "") -> grpc.Channel:
+    """A channel to the scoring service: TLS trusting the PEM CA file ``tls_ca`` when one
+    is named (``CONVEYOR_GRPC_TLS_CA``), else plain text."""
     import grpc
 
     if not tls_ca:
         return grpc.insecure_channel(target)
-    credentials = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes())
-    return grpc.secure_channel(target, credentials)
+    try:
+        ca = Path(tls_ca).read_bytes()
+    except OSError as exc:
+        raise click.ClickException(
+            f"the TLS CA {tls_ca} (CONVEYOR_GRPC_TLS_CA) cannot be read ({exc.strerror})"
+        ) from exc
+    return grpc.secure_channel(target, grpc.ssl_channel_credentials(ca))
+
+
+def bearer_metadata(token: str) -> list[tuple[str, str]] | None:
+    """The call metadata that carries ``token`` (``CONVEYOR_GRPC_TOKEN``); none without one."""
+    return [("authorization", f"Bearer {token}")] if token else None
+
+
+def rpc_error_text(exc: grpc.RpcError) -> str:
+    """``CODE: details``, with what to set when the service wants a (valid) token."""
+    import grpc
+
+    text = f"{exc.code().name}: {exc.details()}"
+    if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+        text += " (set CONVEYOR_GRPC_TOKEN, or give --token, to one of the service's tokens)"
+    return text
 
 
 def parse_field(text: str) -> tuple[str, bool | int | float | str]:

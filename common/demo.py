@@ -24,7 +24,12 @@ from common.bus.rabbitmq import RabbitMQBus
 from common.cli import broker_reachable, model_table, queue_table, redis_reachable
 from common.config import PipelineConfig, load_pipeline_config
 from common.datasets import paysim
-from common.demo_monitoring import MONITORING_ENV, MonitoringDemo, ScoreClient, show_monitoring
+from common.demo_monitoring import (
+    MONITORING_ENV,
+    MonitoringDemo,
+    scoring_client,
+    show_monitoring,
+)
 from common.eventlog import EventLog
 from common.events import Event, SourceDataAvailable
 from common.local import start_missing_services, wait_until
@@ -66,7 +71,7 @@ def run_demo(settings: Settings, *, rows: int, seed: int | None, timeout: float)
         # A rejected challenger is a good ending too when a champion already serves.
         serving = bool(registry.chain())
         if serving:
-            data = _live_scoring(config, registry, source, timeout)
+            data = _live_scoring(settings, config, registry, source, timeout)
             scoring = next((s for s in started if s.name == "scoring"), None)
             show_monitoring(MonitoringDemo(settings, bus, config, registry, data, scoring,
                                            _follow, min(timeout, 180.0)), say, first_step=6)
@@ -166,12 +171,12 @@ def _dead_letter_path(settings: Settings, bus: RabbitMQBus, timeout: float) -> N
 
 
 def _live_scoring(
-    config: PipelineConfig, registry: ModelRegistry, source: Path, timeout: float
+    settings: Settings, config: PipelineConfig, registry: ModelRegistry, source: Path,
+    timeout: float,
 ) -> pd.DataFrame:
-    """A few Score calls over gRPC, once the scoring service serves the champion; returns
-    the transactions (the monitoring steps send more of them)."""
-    import grpc
-
+    """A few Score calls over gRPC (with the settings' client token and TLS CA), once the
+    scoring service serves the champion; returns the transactions (the monitoring steps
+    send more of them)."""
     from scoring.service import ScoringSettings
 
     champion = registry.champion().version
@@ -180,8 +185,7 @@ def _live_scoring(
     rows = pd.concat([data.tail(2), data[data[label] == 1].tail(1)])  # and one fraud
     port = ScoringSettings().grpc_port
     say(f"\n5. live scoring over gRPC (127.0.0.1:{port})")
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        client = ScoreClient(channel, config)
+    with scoring_client(settings, config, port) as client:
         first = rows.iloc[0].to_dict()
         wait_until(lambda: client.serves(first, champion), timeout,
                    message=f"the scoring service serving {champion}")

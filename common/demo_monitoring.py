@@ -19,11 +19,12 @@ cooldowns of a minute instead of an hour, so the demo can be run again at once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,8 +34,9 @@ import pandas as pd
 import redis
 
 from common.bus.rabbitmq import RabbitMQBus
+from common.cli import bearer_metadata, scoring_channel
 from common.config import PipelineConfig
-from common.errors import ModelNotFound
+from common.errors import ConveyorError, ModelNotFound
 from common.eventlog import EventLog
 from common.events import Event
 from common.local import LocalService, wait_until
@@ -87,14 +89,20 @@ class Answer:
     error: str = ""
 
 
-class ScoreClient:
-    """Score calls on transactions through the real gRPC stub."""
+class NotAuthenticated(ConveyorError):
+    """The scoring service wants a bearer token the demo's client did not send."""
 
-    def __init__(self, channel: grpc.Channel, config: PipelineConfig) -> None:
+
+class ScoreClient:
+    """Score calls on transactions through the real gRPC stub, sending ``token`` (when
+    there is one) as ``authorization: Bearer <token>``."""
+
+    def __init__(self, channel: grpc.Channel, config: PipelineConfig, token: str = "") -> None:
         from protos.conveyor.scoring.v1 import scoring_pb2_grpc
 
         self.stub = scoring_pb2_grpc.ScoringStub(channel)
         self.key, self.label = config.features.entity_key or "", config.features.label or ""
+        self.metadata = bearer_metadata(token)
 
     def request(self, row: dict[str, Any]) -> Any:
         """The ScoreRequest of a transaction (every field but the entity key and label)."""
@@ -108,7 +116,7 @@ class ScoreClient:
     def score(self, row: dict[str, Any], timeout: float = 5.0) -> Answer:
         """One Score call; an RPC error becomes the answer's error."""
         try:
-            reply = self.stub.Score(self.request(row), timeout=timeout)
+            reply = self.stub.Score(self.request(row), timeout=timeout, metadata=self.metadata)
         except grpc.RpcError as exc:
             return Answer(str(row[self.key]), row.get(self.label), None,
                           f"{exc.code().name}: {exc.details()}")
@@ -123,9 +131,25 @@ class ScoreClient:
             return list(pool.map(self.score, records))
 
     def serves(self, row: dict[str, Any], version: str) -> bool:
-        """Whether a Score call is answered by ``version`` now."""
+        """Whether a Score call is answered by ``version`` now; ``NotAuthenticated`` when
+        the service refuses the client's token (waiting would not help)."""
         answer = self.score(row, timeout=2.0)
+        if answer.error.startswith(grpc.StatusCode.UNAUTHENTICATED.name):
+            raise NotAuthenticated(
+                f"the scoring service refused the demo's Score call ({answer.error}); set "
+                "CONVEYOR_GRPC_TOKEN to one of its CONVEYOR_GRPC_AUTH_TOKENS")
         return answer.reply is not None and answer.reply.model_version == version
+
+
+@contextlib.contextmanager
+def scoring_client(
+    settings: Settings, config: PipelineConfig, port: int | None = None
+) -> Iterator[ScoreClient]:
+    """A ScoreClient of the local scoring service (``port``: its CONVEYOR_GRPC_PORT), with
+    the settings' client token (CONVEYOR_GRPC_TOKEN) and TLS CA (CONVEYOR_GRPC_TLS_CA)."""
+    target = f"127.0.0.1:{_grpc_port() if port is None else port}"
+    with scoring_channel(target, settings.grpc_tls_ca) as channel:
+        yield ScoreClient(channel, config, settings.grpc_token.get_secret_value())
 
 
 def fallbacks(answers: Sequence[Answer]) -> str:
@@ -251,9 +275,7 @@ class MonitoringDemo:
 
 def show_monitoring(demo: MonitoringDemo, say: Say, first_step: int) -> None:
     """The three monitoring steps, numbered from ``first_step``."""
-    port = _grpc_port()
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        client = ScoreClient(channel, demo.config)
+    with scoring_client(demo.settings, demo.config) as client:
         normal_traffic(demo, client, say, first_step)
         drift_and_retraining(demo, client, say, first_step + 1)
         slowed_champion(demo, client, say, first_step + 2)

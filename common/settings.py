@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     model of it; past that the event is retried (see retry settings)."""
     score_stream_maxlen: int = 100_000
     """Approximate bound of the online score stream."""
+    grpc_token: SecretStr = SecretStr("")
+    """Bearer token Conveyor's own scoring clients send (``conveyor score``, the demo's
+    Score calls): one of the service's CONVEYOR_GRPC_AUTH_TOKENS; empty: none is sent."""
+    grpc_tls_ca: str = ""
+    """PEM CA of the scoring service's certificate: with it those clients connect with TLS."""
 
     @property
     def exchange(self) -> str:

@@ -9,6 +9,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -16,6 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from common.settings import Settings
 from protos.conveyor.scoring.v1 import scoring_pb2 as pb
 from protos.conveyor.scoring.v1 import scoring_pb2_grpc as pb_grpc
 from protos.inference import grpc_service_pb2 as v2pb
@@ -206,23 +208,66 @@ def test_tokens_without_tls_are_checked_too(world: ScoringWorld, core: ScoringCo
         server.stop(0)
 
 
+def score_command(world: ScoringWorld, server: ScoringServer) -> list[str]:
+    """``conveyor score`` arguments of one history row, to ``server``."""
+    row = world.frame.iloc[3]
+    args = ["score", "--entity", str(row["nameOrig"]), "--target", f"127.0.0.1:{server.port}"]
+    for name, value in fields_of(row, InputSchema.of(world.fitted)).items():
+        args += ["--field", f"{name}={value}"]
+    return args
+
+
 def test_the_score_command_sends_the_token_over_tls(
         world: ScoringWorld, secure_server: ScoringServer, pems: dict[str, Pem]) -> None:
     from click.testing import CliRunner
 
     from common.cli import main
 
-    row = world.frame.iloc[3]
-    args = ["score", "--entity", str(row["nameOrig"]),
-            "--target", f"127.0.0.1:{secure_server.port}", "--tls-ca", str(pems["server"].cert)]
-    for name, value in fields_of(row, InputSchema.of(world.fitted)).items():
-        args += ["--field", f"{name}={value}"]
+    args = [*score_command(world, secure_server), "--tls-ca", str(pems["server"].cert)]
     answered = CliRunner().invoke(main, [*args, "--token", TOKEN])
     assert answered.exit_code == 0, answered.output
     assert json.loads(answered.output)["model_version"] == "v2"
     refused = CliRunner().invoke(main, args, env={"CONVEYOR_GRPC_TOKEN": "nope"})
     assert refused.exit_code == 1
     assert "UNAUTHENTICATED: invalid bearer token" in refused.output
+
+
+def test_the_score_command_takes_the_client_token_and_ca_from_the_settings(
+        world: ScoringWorld, secure_server: ScoringServer, pems: dict[str, Pem],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from common.cli import main
+
+    args = score_command(world, secure_server)
+    monkeypatch.setenv("CONVEYOR_GRPC_TLS_CA", str(pems["server"].cert))
+    monkeypatch.setenv("CONVEYOR_GRPC_TOKEN", TOKEN)
+    answered = CliRunner().invoke(main, args)
+    assert answered.exit_code == 0, answered.output
+    assert json.loads(answered.output)["model_version"] == "v2"
+    monkeypatch.delenv("CONVEYOR_GRPC_TOKEN")
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 1
+    assert f"Error: UNAUTHENTICATED: {MISSING} (set CONVEYOR_GRPC_TOKEN, or give --token, " \
+        "to one of the service's tokens)" in refused.output
+
+
+def test_the_demo_client_sends_the_settings_token_over_tls(
+        world: ScoringWorld, secure_server: ScoringServer, pems: dict[str, Pem]) -> None:
+    from common.demo_monitoring import NotAuthenticated, scoring_client
+
+    row = {**fields_of(world.frame.iloc[3], InputSchema.of(world.fitted)),
+           "nameOrig": world.frame.iloc[3]["nameOrig"]}
+    config: Any = SimpleNamespace(features=SimpleNamespace(entity_key="nameOrig",
+                                                           label="isFraud"))
+    ca = str(pems["server"].cert)
+    with_token = Settings(grpc_token=TOKEN, grpc_tls_ca=ca)
+    with scoring_client(with_token, config, secure_server.port) as client:
+        assert client.serves(row, "v2")
+    with scoring_client(Settings(grpc_tls_ca=ca), config, secure_server.port) as client:
+        assert client.score(row).error == f"UNAUTHENTICATED: {MISSING}"
+        with pytest.raises(NotAuthenticated, match="set CONVEYOR_GRPC_TOKEN to one of its"):
+            client.serves(row, "v2")
 
 
 @pytest.mark.parametrize(("env", "setting"), [

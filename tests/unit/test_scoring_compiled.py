@@ -1,0 +1,70 @@
+"""Compiled tree predictors: Treelite answers only where it gives scikit-learn's numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.ensemble import (
+    ExtraTreesClassifier,
+    GradientBoostingClassifier,
+    HistGradientBoostingClassifier,
+    RandomForestClassifier,
+)
+from sklearn.linear_model import LogisticRegression
+
+from scoring.compiled import CompiledTrees, check_rows, compiled_or_same, split_points
+
+
+def data(classes: int = 2, missing: bool = True, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(2_000, 6))
+    y = (X[:, 0] + X[:, 1] * X[:, 2] > 0).astype(int) if classes == 2 else rng.integers(
+        0, classes, len(X))
+    if missing:
+        X[rng.random(X.shape) < 0.05] = np.nan
+    return X, y
+
+
+def test_a_binary_hist_gradient_boosting_model_is_compiled_with_its_own_probabilities():
+    X, y = data()
+    estimator = HistGradientBoostingClassifier(max_iter=30).fit(X, y)
+    model = compiled_or_same(estimator)
+
+    assert isinstance(model, CompiledTrees)
+    np.testing.assert_allclose(model.predict_proba(X), estimator.predict_proba(X),
+                               rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(model.predict(X), estimator.predict(X))
+    assert list(model.classes_) == list(estimator.classes_)
+
+
+def test_check_rows_sit_on_every_split_and_include_missing_values():
+    X, y = data()
+    estimator = HistGradientBoostingClassifier(max_iter=5).fit(X, y)
+    splits = split_points(estimator)
+    rows = check_rows(splits)
+
+    assert rows.shape == (512, 6) and np.isnan(rows).any(axis=0).all()
+    on_split = [np.isin(rows[:, j], splits[j]).any() for j in range(6)]
+    assert all(on_split)
+
+
+@pytest.mark.parametrize("estimator, classes, why", [
+    (RandomForestClassifier(n_estimators=10, random_state=0), 2, "float32 comparisons"),
+    (GradientBoostingClassifier(n_estimators=10), 2, "float32 comparisons"),
+    (ExtraTreesClassifier(n_estimators=10, random_state=0), 2, "missing-value routing"),
+    (HistGradientBoostingClassifier(max_iter=10), 3, "float32 softmax"),
+])
+def test_an_estimator_treelite_answers_differently_stays_in_scikit_learn(
+    caplog, estimator, classes, why
+):
+    X, y = data(classes, missing=not isinstance(estimator, GradientBoostingClassifier))
+
+    with caplog.at_level("INFO", logger="scoring.compiled"):
+        assert compiled_or_same(estimator.fit(X, y)) is estimator, why
+    assert f"{type(estimator).__name__} stays in scikit-learn: Treelite differs by" in caplog.text
+
+
+def test_a_model_without_trees_is_left_as_it_is():
+    X, y = data(missing=False)
+    estimator = LogisticRegression().fit(X, y)
+    assert compiled_or_same(estimator) is estimator

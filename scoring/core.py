@@ -44,6 +44,7 @@ from common.events import ModelReady
 from common.stores import ModelRegistry, ModelStore, OnlineFeatureStore
 from preparation.online import online_matrix
 from scoring.batching import AdaptiveBatchSize, DeadlineExceeded, MicroBatcher, Overloaded
+from scoring.compiled import compiled_or_same
 from scoring.inputs import FieldValue, InputSchema
 from scoring.latency import CircuitBreaker, CircuitState
 from scoring.router import (
@@ -418,7 +419,7 @@ class ScoringCore:
 
     def _load(self, version: str, model_id: str) -> LoadedModel:
         metadata = self.models.metadata(model_id).metadata
-        estimator = self.models.load(model_id)
+        estimator = compiled_or_same(self.models.load(model_id))
         fitted = self.pipelines.load(metadata["feature_set_id"])
         names = list(metadata.get("features") or fitted.feature_names)
         injected = version == self.settings.inject_delay_version

@@ -41,13 +41,21 @@ PIPELINE_STAGES: dict[str, str] = {
 }
 """The event that drives each stage of the pipeline, and the stage it drives."""
 
+SIDE_STAGES: dict[tuple[str, str], str] = {
+    ("preparation", "FeaturesGenerated"): "online_materialisation",
+}
+"""Stages a service runs beside the main line, on an event that drives another stage:
+preparation writes a feature set's online rows while training trains on it."""
+
 OBSERVERS = frozenset({"eventlog", "monitoring"})
 """Services that watch events without carrying a stage forward: they time no stage."""
 
 
 def pipeline_stage(service: str, event_type: str) -> str | None:
     """The pipeline stage a service carries when it handles an event type, if any."""
-    return None if service in OBSERVERS else PIPELINE_STAGES.get(event_type)
+    if service in OBSERVERS:
+        return None
+    return SIDE_STAGES.get((service, event_type)) or PIPELINE_STAGES.get(event_type)
 
 
 class BusMetrics:

@@ -89,6 +89,7 @@ def test_the_stage_is_timed_by_the_service_that_carries_it_not_by_observers() ->
 def test_each_stage_has_the_event_that_drives_it() -> None:
     assert pipeline_stage("preparation", "RawDataExtracted") == "preparation"
     assert pipeline_stage("training", "FeaturesGenerated") == "training"
+    assert pipeline_stage("preparation", "FeaturesGenerated") == "online_materialisation"
     assert pipeline_stage("training", "RetrainRequested") == "training"
     assert pipeline_stage("evaluation", "CandidatesTrained") == "evaluation"
     assert pipeline_stage("scoring", "ModelReady") == "deployment"

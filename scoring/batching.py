@@ -10,7 +10,11 @@ batches stay within the latency budget and halves when one breaks it.
 Concurrency model: threads. A thread-pool gRPC server blocks on ``future.result()``; a
 ``grpc.aio`` servicer awaits ``submit_async`` (``asyncio.wrap_future``), so predict runs on
 the collector thread and never blocks the event loop. Cancelling the future (or the
-awaiting task) before its batch runs drops the row from the batch.
+awaiting task) before its batch runs drops the row from the batch. With ``inline`` (the
+thread-pool server's choice, never an event loop's), a row that finds the model idle,
+whose last batch was fast against the row's deadline, is predicted on the caller's own
+thread: a lone request saves the two thread hand-offs; rows arriving meanwhile queue and
+are batched by the collector as soon as it is done.
 
 Overload fails fast: a full queue makes ``submit`` raise ``Overloaded``
 (RESOURCE_EXHAUSTED). A row whose deadline (on the batcher's clock) has passed when its
@@ -195,6 +199,9 @@ class _Pending(Generic[Row, Result]):
 
 _Taken = tuple[list[_Pending[Row, Result]], list[_Pending[Row, Result]]]
 """Rows to predict, and rows whose deadline passed in the queue."""
+INLINE_MARGIN = 4
+"""An inline predict needs this many times the last batch's latency left before the
+row's deadline (the router gives the primary link about half of the deadline)."""
 
 
 class MicroBatcher(Generic[Row, Result]):
@@ -208,7 +215,8 @@ class MicroBatcher(Generic[Row, Result]):
     With ``busy_only`` the collector lingers only while other callers are about (the last
     batch had several items, see ``linger_target``): a lone caller never waits.
     ``rows_of`` counts the rows of an item that holds several (default: one each), for
-    ``on_batch`` and the stats; the batch size counts items.
+    ``on_batch`` and the stats; the batch size counts items. With ``inline`` a row that
+    finds the model idle and fast is predicted on its caller's thread (``_runs_inline``).
     """
 
     def __init__(
@@ -223,11 +231,15 @@ class MicroBatcher(Generic[Row, Result]):
         on_batch: Callable[[int], None] | None = None,
         busy_only: bool = False,
         rows_of: Callable[[Row], int] | None = None,
+        inline: bool = False,
     ):
         if max_queue < 1 or max_wait_s < 0:
             raise ValueError(f"need max_queue >= 1 and max_wait_s >= 0 for model {model}")
         self.model, self.max_queue, self.max_wait_s = model, max_queue, max_wait_s
         self.busy_only, self._last_items, self._rows_of = busy_only, 0, rows_of
+        self.inline = inline
+        self._busy = False  # a batch is predicting (on the collector or a caller)
+        self._recent_s: float | None = None  # how long the last batch took
         self._wanted = batch_size.maximum  # rows the lingering collector waits for
         self.batch_size, self._predict, self._clock = batch_size, predict_batch, clock
         self._on_batch = on_batch
@@ -240,13 +252,21 @@ class MicroBatcher(Generic[Row, Result]):
     # -- callers -------------------------------------------------------------------------
 
     def submit(self, row: Row, *, deadline: float | None = None) -> Future[Result]:
-        """Queue one row; raise ``Overloaded`` at once if the queue is full."""
+        """Queue one row; raise ``Overloaded`` at once if the queue is full. With
+        ``inline``, a row that finds the model idle is predicted here, on the caller's
+        thread, and its future comes back done (see ``_runs_inline``)."""
         pending: _Pending[Row, Result] = _Pending(row, Future(), deadline)
         with self._cond:
             self._admit()
-            self._queue.append(pending)
-            if len(self._queue) == 1 or len(self._queue) >= self._wanted:
-                self._cond.notify()  # the collector waits for a first row, or for _wanted
+            inline = self._runs_inline(deadline)
+            self._busy = self._busy or inline
+            if not inline:
+                self._queue.append(pending)
+                if len(self._queue) == 1 or len(self._queue) >= self._wanted:
+                    self._cond.notify()  # the collector waits for a first row, or for _wanted
+        if inline:
+            pending.future.set_running_or_notify_cancel()
+            self._run_batch([pending])
         return pending.future
 
     def submit_async(self, row: Row, *, deadline: float | None = None) -> asyncio.Future[Result]:
@@ -280,6 +300,17 @@ class MicroBatcher(Generic[Row, Result]):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def _runs_inline(self, deadline: float | None) -> bool:
+        """Whether a row is predicted on its caller's thread: the model is idle (nothing
+        queued, no batch predicting) and its last batch took at most 1/``INLINE_MARGIN``
+        of the row's time left, so the caller can afford to wait for it rather than be
+        able to give up. The two thread hand-offs of a lone request (to the collector and
+        back) cost about half a predict of one row; a model with no batch yet, or slow,
+        goes through the collector, whose queued rows a deadline can abandon."""
+        if not self.inline or self._busy or self._queue or self._recent_s is None:
+            return False
+        return deadline is None or self._recent_s * INLINE_MARGIN <= deadline - self._clock()
+
     def _admit(self) -> None:
         if self._closed:
             raise BatcherClosed(self.model)
@@ -299,12 +330,14 @@ class MicroBatcher(Generic[Row, Result]):
     def _next_batch(self) -> _Taken[Row, Result] | None:
         """Block for a first row, linger up to max_wait_s for a full batch, take it."""
         with self._cond:
-            while not self._queue and not self._closed:
-                self._cond.wait()
+            while (not self._queue or self._busy) and not self._closed:
+                self._cond.wait()  # a batch predicting inline: queued rows wait for it
             if not self._queue:
                 return None
             self._linger(linger_target(self.busy_only, self._last_items, self.batch_size.size))
-            return self._take(self.batch_size.size)
+            live, expired = self._take(self.batch_size.size)
+            self._busy = bool(live)
+            return live, expired
 
     def _linger(self, target: int) -> None:
         until = self._clock() + self.max_wait_s
@@ -365,12 +398,15 @@ class MicroBatcher(Generic[Row, Result]):
             except Exception:  # metrics must never stop the collector
                 logger.exception("on_batch failed for model %s", self.model)
         with self._cond:
-            self._last_items = len(batch)
+            self._last_items, self._busy = len(batch), False
             self._counters.batches += 1
             self._counters.predicted += rows
             self._counters.failed_batches += failed
             if latency_s is not None:
+                self._recent_s = latency_s
                 self.batch_size.observe(len(batch), latency_s)
+            if self._queue:
+                self._cond.notify()  # rows queued behind an inline batch: the collector
 
 
 def _fail_all(batch: Sequence[_Pending[Row, Result]], exc: BaseException) -> None:

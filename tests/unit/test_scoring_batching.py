@@ -403,3 +403,69 @@ def test_a_model_predicts_rows_and_blocks_of_rows_in_one_call() -> None:
     np.testing.assert_array_equal(out[0], together[0])
     np.testing.assert_array_equal(out[1], together[1:4])
     np.testing.assert_array_equal(out[2], together[4])
+
+
+# -- inline: a lone row predicted on its caller's thread --------------------------------
+
+
+class ThreadRecorder:
+    """A model that notes the thread of each predict call, and advances ``clock`` by
+    ``latency_s`` per call (how long the batch took, on the batcher's clock)."""
+
+    def __init__(self, clock: FakeClock, latency_s: float = 0.001) -> None:
+        self.clock, self.latency_s = clock, latency_s
+        self.threads: list[threading.Thread] = []
+
+    def __call__(self, rows: list[int]) -> list[int]:
+        self.threads.append(threading.current_thread())
+        self.clock.now += self.latency_s
+        return [row * 10 for row in rows]
+
+
+def inline_batcher(model: Callable[[list[int]], Sequence[int]], clock: FakeClock
+                   ) -> MicroBatcher[int, int]:
+    return MicroBatcher("fraud:v3", model, max_queue=8, clock=clock, inline=True,
+                        batch_size=AdaptiveBatchSize(1.0, initial=8, maximum=8))
+
+
+def test_inline_a_lone_row_of_a_fast_model_is_predicted_on_the_callers_thread() -> None:
+    clock = FakeClock()
+    model = ThreadRecorder(clock)
+    batcher = inline_batcher(model, clock)
+    assert batcher.submit(1).result(WAIT_S) == 10  # no batch yet: through the collector
+    second = batcher.submit(2, deadline=clock.now + 1.0)
+    assert second.done() and second.result() == 20
+    assert model.threads[0] is not threading.current_thread()
+    assert model.threads[1] is threading.current_thread()
+    assert batcher.stats().batches == 2
+    batcher.close()
+
+
+def test_inline_a_model_slow_for_the_rows_deadline_goes_through_the_collector() -> None:
+    clock = FakeClock()
+    model = ThreadRecorder(clock, latency_s=0.5)
+    batcher = inline_batcher(model, clock)
+    assert batcher.submit(1).result(WAIT_S) == 10
+    # The last batch took 0.5 s: a row with 1 s left cannot afford to wait for one here.
+    assert batcher.submit(2, deadline=clock.now + 1.0).result(WAIT_S) == 20
+    assert threading.current_thread() not in model.threads
+    batcher.close()
+
+
+def test_inline_rows_arriving_during_an_inline_batch_are_batched_after_it(model) -> None:
+    clock = FakeClock()
+    batcher = inline_batcher(model, clock)
+    model.gate.set()
+    assert batcher.submit(0).result(WAIT_S) == 0
+    model.gate.clear()
+    model.entered.clear()
+    with ThreadPoolExecutor(1) as pool:
+        inline = pool.submit(batcher.submit, 1)  # predicts on the pool's thread, held
+        assert model.entered.wait(WAIT_S)
+        queued = [batcher.submit(2), batcher.submit(3)]
+        assert not any(f.done() for f in queued)  # the collector waits for the inline batch
+        model.gate.set()
+        assert inline.result(WAIT_S).result(WAIT_S) == 10
+    assert results(queued) == [20, 30]
+    assert model.batches == [[0], [1], [2, 3]]
+    batcher.close()

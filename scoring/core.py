@@ -27,7 +27,6 @@ import logging
 import threading
 import time
 import uuid
-import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -44,10 +43,11 @@ from common.events import ModelReady
 from common.stores import ModelRegistry, ModelStore, OnlineFeatureStore
 from preparation.online import online_matrix
 from scoring.batching import AdaptiveBatchSize, DeadlineExceeded, MicroBatcher, Overloaded
-from scoring.compiled import compiled_or_same
+from scoring.compiled import CompiledTrees, compiled_or_same
 from scoring.inputs import FieldValue, InputSchema
 from scoring.latency import CircuitBreaker, CircuitState
 from scoring.router import (
+    Answer,
     DeployedModel,
     FallbackKind,
     ModelHealth,
@@ -60,10 +60,6 @@ from scoring.router import (
 
 logger = logging.getLogger(__name__)
 
-# Models get 2-D float arrays in the order of the features they were trained on; building a
-# DataFrame per batch only to carry those names costs more than the predict of a few rows.
-warnings.filterwarnings("ignore", message="X does not have valid feature names",
-                        category=UserWarning)
 REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
@@ -181,8 +177,10 @@ class LoadedModel:
     on_batch: Callable[[int], None] | None = None
     """Told the rows of each predict call (its batcher's and the direct ones)."""
     frame_input: bool = False
-    """Predict on DataFrames with the feature names, set when a model refuses a plain 2-D
-    array (one that selects columns by name)."""
+    """Predict on DataFrames with the feature names: a model fitted on a DataFrame (it
+    learnt the names, and scikit-learn warns on every plain array), or one that refuses a
+    plain 2-D array (it selects columns by name). Others get 2-D float arrays, in the order
+    of the features they were trained on."""
     delay_s: float = 0.0
     """Injected slowness of each predict call (``CoreSettings.inject_delay_s``)."""
 
@@ -221,11 +219,13 @@ class LoadedModel:
         return np.asarray(self.estimator.predict_proba(
             pd.DataFrame(matrix, columns=self.feature_names)))
 
-    def features_of(self, request: _Request) -> np.ndarray:
+    def features_of(self, request: _Request, *, check: bool = True) -> np.ndarray:
         """The model's feature row for a request (its own feature set's online transform,
-        compiled into row functions by ``preparation.online`` where it can be)."""
+        compiled into row functions by ``preparation.online`` where it can be); ``check``
+        the request's fields against the schema unless the caller already has."""
         query = request.query
-        self.schema.check(query.fields)
+        if check:
+            self.schema.check(query.fields)
         record = self.schema.record(
             query.entity_id, query.fields, request.online.get(self.feature_set_id))
         return online_matrix(self.features, [record], self.feature_names)[0]
@@ -379,22 +379,11 @@ class ScoringCore:
         with self._in_flight.request():
             decision = self.router.route(version)
             models = self._loaded  # read after routing: holds every version it can pick
-            raised: list[Exception] = []
 
             def start(link: DeployedModel) -> Future[np.ndarray]:
-                try:
-                    future = models[link.version].start_rows(rows, deadline, self._executor)
-                except Exception as exc:
-                    raised.append(exc)
-                    raise
-                future.add_done_callback(lambda done: _note_failure(done, raised))
-                return future
+                return models[link.version].start_rows(rows, deadline, self._executor)
 
-            try:
-                reply = answer(decision, Started(start), deadline_s, executor=self._inline,
-                               fallback_reserve_s=fallback_reserve(decision))
-            except NoAnswer as exc:
-                raise _no_answer(exc, raised, 1 + len(decision.fallbacks)) from None
+            reply = self._ask_links(decision, start, deadline_s)
         return InferResult(reply.value, models[reply.version].classes, reply.version,
                            reply.fallback, reply.fallback_reason, reply.fallback_kind,
                            reply.role, (time.perf_counter() - began) * 1e3)
@@ -428,14 +417,15 @@ class ScoringCore:
             logger.warning("fault injection: every predict of version %s sleeps %.0f ms",
                            version, delay_s * 1e3)
         loaded = LoadedModel(version, model_id, estimator, fitted, names, InputSchema.of(fitted),
-                             on_batch=self._batch_observer(version), delay_s=delay_s)
+                             on_batch=self._batch_observer(version), delay_s=delay_s,
+                             frame_input=_fitted_on_frames(estimator))
         loaded.batcher = MicroBatcher(
             f"{self.registry.name}:{version}", loaded.predict_batch,
             max_queue=self.settings.max_queue,
             batch_size=AdaptiveBatchSize(self.settings.latency_budget_s,
                                          maximum=self.settings.max_batch),
             max_wait_s=self.settings.max_wait_s, busy_only=True, rows_of=_rows_in,
-            on_batch=loaded.on_batch,
+            on_batch=loaded.on_batch, inline=True,
         )
         return loaded
 
@@ -457,14 +447,30 @@ class ScoringCore:
         if deadline_s <= 0:  # spent waiting for a thread: no Redis read, no predict for it
             raise LateAnswer(["the deadline passed before scoring began"])
         request = self._with_online(query, loaded, time.monotonic() + deadline_s)
-        raised: list[Exception] = []  # by the links, to tell overload and lateness apart
         rows: dict[str, np.ndarray] = {}  # each asked link's feature row
+        checked = loaded[0].schema
 
         def start(link: DeployedModel) -> Future[np.ndarray]:
             model = models[link.version]
+            row = model.features_of(request, check=model.schema is not checked)
+            rows[link.version] = row
+            return model.batcher.submit(row, deadline=request.deadline)
+
+        reply = self._ask_links(decision, start, deadline_s)
+        return _result(query, models[reply.version], rows[reply.version], reply.value, reply,
+                       request.degraded, began)
+
+    def _ask_links(self, decision: RouteDecision, start: Callable[[DeployedModel], Future[Any]],
+                   deadline_s: float) -> Answer:
+        """``answer`` over the decision's links, each begun by ``start`` on this thread (the
+        request's own work; it returns the future of the batch its rows joined). What the
+        links raised, at once or in their futures, tells overload from lateness when none
+        answers (``_no_answer``)."""
+        raised: list[Exception] = []
+
+        def begin(link: DeployedModel) -> Future[Any]:
             try:
-                rows[link.version] = row = model.features_of(request)
-                future = model.batcher.submit(row, deadline=request.deadline)
+                future = start(link)
             except Exception as exc:
                 raised.append(exc)
                 raise
@@ -472,12 +478,10 @@ class ScoringCore:
             return future
 
         try:
-            reply = answer(decision, Started(start), deadline_s, executor=self._inline,
-                       fallback_reserve_s=fallback_reserve(decision))
+            return answer(decision, Started(begin), deadline_s, executor=self._inline,
+                          fallback_reserve_s=fallback_reserve(decision))
         except NoAnswer as exc:
-            raise _no_answer(exc, raised, len(links)) from None
-        return _result(query, models[reply.version], rows[reply.version], reply.value, reply,
-                       request.degraded, began)
+            raise _no_answer(exc, raised, 1 + len(decision.fallbacks)) from None
 
     def _with_online(
         self, query: ScoreQuery, loaded: Sequence[LoadedModel], deadline: float
@@ -555,6 +559,13 @@ class InlineStart(Executor):
         if isinstance(fn, Started):
             return fn.start(*args, **kwargs)
         return self.pool.submit(fn, *args, **kwargs)
+
+
+def _fitted_on_frames(estimator: Any) -> bool:
+    """Whether a model learnt its features' names in fit (``feature_names_in_``), so is
+    to be given DataFrames with them. A compiled model takes arrays (its trees use
+    positions) and answers ``feature_names_in_`` from the estimator it was built from."""
+    return not isinstance(estimator, CompiledTrees) and hasattr(estimator, "feature_names_in_")
 
 
 def _rows_in(item: np.ndarray) -> int:

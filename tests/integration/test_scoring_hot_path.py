@@ -58,7 +58,8 @@ def test_scores_match_the_pandas_transform_and_a_plain_predict(
 
 def test_a_few_rows_of_infer_are_one_batch_item(world: ScoringWorld, core: ScoringCore) -> None:
     names = list(world.fitted.feature_names)
-    matrix = world.fitted.transform(world.frame.iloc[:3])[names].to_numpy(np.float64)
+    frame = world.fitted.transform(world.frame.iloc[:3])[names]
+    matrix = frame.to_numpy(np.float64)
     before = core.loaded("v2").batcher.stats()
 
     result = core.infer(matrix)
@@ -66,7 +67,7 @@ def test_a_few_rows_of_infer_are_one_batch_item(world: ScoringWorld, core: Scori
     after = core.loaded("v2").batcher.stats()
     assert (after.batches - before.batches, after.predicted - before.predicted) == (1, 3)
     np.testing.assert_allclose(result.probabilities,
-                               world.estimators["v2"].predict_proba(matrix), rtol=1e-9)
+                               world.estimators["v2"].predict_proba(frame), rtol=1e-9)
 
 
 def test_a_spent_deadline_fails_before_reading_redis(

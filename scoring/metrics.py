@@ -69,6 +69,8 @@ class ScoringMetrics:
         self.degraded = Counter(
             "conveyor_scoring_degraded", "Rows answered without the online store's features",
             registry=None)
+        self._series: dict[tuple[Any, tuple[str, ...]], Any] = {}
+        """Each labelled series once looked up (``labels`` validates and locks per call)."""
         self._precreate_calls()
 
     def register(self, registry: CollectorRegistry) -> None:
@@ -91,8 +93,8 @@ class ScoringMetrics:
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
         """One finished call."""
-        self.requests.labels(method, code).inc()
-        self.rpc_duration.labels(method).observe(seconds)
+        self._labelled(self.requests, method, code).inc()
+        self._labelled(self.rpc_duration, method).observe(seconds)
 
     def observe_score(self, result: ScoreResult) -> None:
         """One ``Score`` answer (or one row of ``ScoreBatch``)."""
@@ -108,15 +110,22 @@ class ScoringMetrics:
 
     def observe_batch(self, version: str, rows: int) -> None:
         """One predict call of a model (the core's ``on_batch`` hook)."""
-        self.batch_size.labels(version).observe(rows)
+        self._labelled(self.batch_size, version).observe(rows)
 
     def _answered(self, version: str, role: str, rows: int, latency_ms: float,
                   fallback: FallbackKind | None) -> None:
         link = role or "champion"
-        self.answers.labels(version, link).inc(rows)
-        self.latency.labels(version, link).observe(latency_ms / 1e3)
+        self._labelled(self.answers, version, link).inc(rows)
+        self._labelled(self.latency, version, link).observe(latency_ms / 1e3)
         if fallback is not None:
-            self.fallbacks.labels(version, fallback.value).inc(rows)
+            self._labelled(self.fallbacks, version, fallback.value).inc(rows)
+
+    def _labelled(self, metric: Any, *labels: str) -> Any:
+        key = (metric, labels)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = metric.labels(*labels)
+        return series
 
     def _precreate_calls(self) -> None:
         for method in METHODS:
@@ -131,6 +140,9 @@ class MetricsInterceptor(grpc.ServerInterceptor):
     def __init__(self, metrics: ScoringMetrics, services: Iterable[str]) -> None:
         self.metrics = metrics
         self.prefixes = tuple(f"/{service}/" for service in services)
+        self._timed_handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        """Per method path, the last handler seen and its timed wrapper: the servicer's
+        handler is the same object call after call, so it is wrapped once."""
 
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
@@ -140,12 +152,16 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         path = handler_call_details.method
         if handler is None or handler.unary_unary is None or not path.startswith(self.prefixes):
             return handler
-        method = path.rsplit("/", 1)[-1]
-        return grpc.unary_unary_rpc_method_handler(
-            self._timed(method, handler.unary_unary),
+        known = self._timed_handlers.get(path)
+        if known is not None and known[0] is handler:
+            return known[1]
+        timed = grpc.unary_unary_rpc_method_handler(
+            self._timed(path.rsplit("/", 1)[-1], handler.unary_unary),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+        self._timed_handlers[path] = (handler, timed)
+        return timed
 
     def _timed(self, method: str, behavior: Callable[[Any, grpc.ServicerContext], Any]
                ) -> Callable[[Any, grpc.ServicerContext], Any]:

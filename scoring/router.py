@@ -37,7 +37,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Executor, wait
+from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
@@ -496,11 +496,13 @@ def _run(
     if executor is None:
         return call(link)
     future = executor.submit(call, link)
-    done, _ = wait([future], timeout=timeout)
-    if not done:
+    try:
+        return future.result(timeout=timeout)  # no waiter objects, unlike futures.wait
+    except TimeoutError as exc:
+        if future.done() and not future.cancelled() and future.exception() is exc:
+            raise  # the call's own TimeoutError (a socket's, say), not the wait's
         future.cancel()  # frees the worker if it has not started; else its reply is dropped
-        raise _PastDeadline
-    return future.result()
+        raise _PastDeadline from None
 
 
 def _roles(state: _RoutingState, decision: RouteDecision) -> dict[str, str]:

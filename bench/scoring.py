@@ -37,7 +37,8 @@ of the server (every process of its session, from /proc) over the recorded windo
 The servers predict on one OpenMP thread: Conveyor's batchers set it for themselves,
 MLServer gets ``OMP_NUM_THREADS=1`` (scikit-learn's default of one thread per core spins
 against everything else on a 2-core machine and makes a predict ~10x slower).
-Conveyor's servers run without the ScoreServed reporter (no broker in this benchmark).
+Conveyor's servers run without the ScoreServed reporter (no broker in this benchmark), and
+with ``CoreSettings(freeze_gc=True)`` (loaded models kept out of full collections).
 Results go to ``bench/results/scoring.json``.
 """
 
@@ -595,7 +596,7 @@ def serve(config: dict[str, Any]) -> None:
     """The Conveyor scoring server of the benchmark (a subprocess): the registry's chain,
     the online store in the run's namespace, gRPC on 127.0.0.1; stops on SIGTERM."""
     from common.stores import ModelRegistry, ModelStore, RedisOnlineStore
-    from scoring.core import ScoringCore
+    from scoring.core import CoreSettings, ScoringCore
     from scoring.metrics import ScoringMetrics
     from scoring.server import GrpcSettings, ScoringServer
 
@@ -605,7 +606,7 @@ def serve(config: dict[str, Any]) -> None:
     core = ScoringCore(ModelStore(config["root"], key), ModelStore(config["pipelines"], key),
                        ModelRegistry(config["root"], MODEL),
                        RedisOnlineStore(client, config["namespace"]),
-                       on_batch=metrics.observe_batch)
+                       CoreSettings(freeze_gc=True), on_batch=metrics.observe_batch)
     core.load_chain()
     server = ScoringServer(core, GrpcSettings(host="127.0.0.1", port=config["port"]),
                            metrics=metrics).start()
@@ -790,6 +791,7 @@ def workload(args: argparse.Namespace) -> dict[str, Any]:
         "mlserver_batching_on": MLSERVER_BATCHING,
         "openmp_threads": 1,
         "conveyor_reporter": "off (no broker)",
+        "conveyor_core_settings": "freeze_gc=True, the rest default",
     }
 
 

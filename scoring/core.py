@@ -23,6 +23,7 @@ model's input row), for reporting off the request path; it must return at once.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import threading
 import time
@@ -101,6 +102,12 @@ class CoreSettings:
     """Versions kept deployed (champion, previous, older); the rest are retired."""
     retire_wait_s: float = 30.0
     """How long a retirement waits for the requests in flight before stopping a model."""
+    freeze_gc: bool = False
+    """For a serving process: after each chain load, collect, then move everything left
+    into the cycle collector's permanent generation (``gc.freeze``), so full collections
+    no longer walk the loaded models and libraries (~0.1 s each, the c32 p99 of
+    bench/scoring.py). A load unfreezes first, so retired models' cycles are collected.
+    Off by default: a test process would keep what it holds at each load for good."""
     inject_delay_s: float = 0.0
     """Fault injection for demos and drills, off at 0: every predict call of the version
     ``inject_delay_version`` first sleeps this long, as a slow model would."""
@@ -303,6 +310,8 @@ class ScoringCore:
         if versions:
             self.router.set_chain(versions)
             self._retire_all_but(versions)
+        if self.settings.freeze_gc:
+            _freeze_heap()
         return versions
 
     def on_model_ready(self, event: ModelReady) -> list[str]:
@@ -566,6 +575,13 @@ def _fitted_on_frames(estimator: Any) -> bool:
     to be given DataFrames with them. A compiled model takes arrays (its trees use
     positions) and answers ``feature_names_in_`` from the estimator it was built from."""
     return not isinstance(estimator, CompiledTrees) and hasattr(estimator, "feature_names_in_")
+
+
+def _freeze_heap() -> None:
+    """Collect what is garbage now (retired models: unfrozen first), freeze the rest."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def _rows_in(item: np.ndarray) -> int:

@@ -4,6 +4,8 @@ Redis; a request whose deadline is already spent costs no Redis read."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 
 from common.errors import Status
+from common.events import ModelReady
 from common.testing import delete_redis_keys, isolated_settings
 from scoring.core import ScoreQuery, ScoringCore
 from scoring.inputs import InputSchema
@@ -101,3 +104,19 @@ def test_no_time_is_kept_back_for_fallbacks_whose_circuits_are_open() -> None:
     assert fallback_reserve(RouteDecision(primary, [])) == 0.0
     mixed = [link("v3", failing=True), link("v1", failing=False)]
     assert fallback_reserve(RouteDecision(primary, mixed)) is None
+
+
+def test_freeze_gc_freezes_what_is_loaded_and_still_frees_a_retired_model(
+        world: ScoringWorld) -> None:
+    core = world.core(freeze_gc=True, chain_depth=2)
+    try:
+        assert core.load_chain() == ["v2", "v1"]
+        assert gc.get_freeze_count() > 0
+        retired = weakref.ref(core.loaded("v1"))
+        version = world.add_model(world.estimators["v1"], "m-v3")
+        core.on_model_ready(ModelReady(producer="test", model_id="m-v3", version=version))
+        assert {model.version for model in core.health()} == {version, "v2"}
+        assert retired() is None  # its cycles were collected before the heap was frozen again
+    finally:
+        core.close()
+        gc.unfreeze()  # the rest of the test session collects as usual

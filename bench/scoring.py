@@ -764,6 +764,11 @@ def feasibility(systems: dict[str, Any], best_rps: float) -> dict[str, Any]:
     return {
         "best_mlserver_c32_rps": best_rps,
         "needed_c32_rps": needs,
+        # Little's law: with 32 calls always in flight, a mean latency under the fallback
+        # deadline needs this many answers a second (99 % within it needs more).
+        "fallback_needs_score_c32_rps_over": round(
+            FALLBACK["concurrency"] / (FALLBACK["deadline_ms"] / 1e3)),
+        "score_c32_rps": systems["conveyor_score"]["c32"]["rps"],
         "noop_c32_rps": {kind: row["rps"] for kind, row in noop.items()},
         "needed_vs_noop_ceiling": {name: round(rps / ceiling, 2) if ceiling else None
                                    for name, rps in needs.items()},

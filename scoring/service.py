@@ -79,6 +79,9 @@ class ScoringSettings(BaseSettings):
     """p99 latency budget of a link; past it, its circuit opens."""
     scoring_chain_depth: int = CoreSettings.chain_depth
     """Versions kept deployed (champion, previous, older); older ones are retired."""
+    scoring_freeze_gc: bool = True
+    """Keep the loaded models out of full garbage collections (``CoreSettings.freeze_gc``):
+    a full collection walking them stalls every call for ~0.1 s."""
     scoring_redis_timeout_s: float = 0.1
     """Connect and read timeout of the online feature reads: a dead Redis fails fast."""
     score_report_buffer_size: int = ReportSettings.buffer_size
@@ -111,7 +114,8 @@ class ScoringSettings(BaseSettings):
                             latency_budget_s=self.scoring_latency_budget_s,
                             chain_depth=self.scoring_chain_depth,
                             inject_delay_s=self.scoring_inject_delay_ms / 1e3,
-                            inject_delay_version=self.scoring_inject_delay_version)
+                            inject_delay_version=self.scoring_inject_delay_version,
+                            freeze_gc=self.scoring_freeze_gc)
 
     def security(self) -> ServerSecurity:
         """The token list and TLS material; a file that cannot be read fails, naming it."""

@@ -21,8 +21,10 @@ as the last is answered; the servers are separate processes, started one at a ti
   online transform and the predict, per call.
 - Fallback: a second registry whose champion is the same model wrapped to sleep 100 ms per
   predict call (``tests.fixtures.models.SlowClassifier``) and whose previous version is the
-  model itself; ``Score`` at concurrency 32 with a 20 ms client deadline. Reported: the
-  share of requests answered within the deadline, and errors.
+  model itself; ``Score`` at concurrency 32 with a 20 ms client deadline, then at 8 (a
+  load this machine answers within the deadline when no model is slow, to show the router
+  apart from capacity). Reported: the share of requests answered within the deadline,
+  and errors; the target is judged at 32.
 
 - The ceiling: ``ModelInfer`` against a no-op server in its own process, one on
   ``grpc.aio`` and one on the thread-pool ``grpc.server`` Conveyor uses, each answering a
@@ -94,6 +96,7 @@ FEATURES, REQUEST_FEATURES = 20, 12
 TRAIN_ROWS, POOL_ROWS, ENTITIES = 20_000, 1_024, 10_000
 CONCURRENCY = (1, 32)
 FALLBACK = {"concurrency": 32, "deadline_ms": 20.0, "champion_delay_ms": 100.0}
+FALLBACK_LIGHT_CONCURRENCY = 8
 MLSERVER_BATCHING = {"max_batch_size": 32, "max_batch_time": 0.002}
 SPEC: dict[str, Any] = {
     "name": "bench_scoring", "inputs": ["bench"], "entity_key": "account", "label": "label",
@@ -580,14 +583,23 @@ def bench_conveyor(world: World, args: argparse.Namespace, settings: Settings
 
 def bench_fallback(world: World, args: argparse.Namespace, settings: Settings
                    ) -> dict[str, Any]:
+    """The fallback scenario at concurrency 32 (the target's), and beside it at
+    ``FALLBACK_LIGHT_CONCURRENCY``, a load the server answers well within the deadline
+    when no model is slow: the router's own behaviour, apart from the machine's capacity."""
     say("Conveyor fallback: champion sleeps 100 ms per predict, Score with a 20 ms deadline")
-    deadline_s = FALLBACK["deadline_ms"] / 1e3
     with conveyor_server(world, "fallback", settings) as (target, pid):
-        outcome = measure(target, "Score", world.score_requests, int(FALLBACK["concurrency"]), args,
-                          timeout=deadline_s, server_pid=pid)
+        figures = fallback_outcome(world, args, target, pid, int(FALLBACK["concurrency"]))
+        light = fallback_outcome(world, args, target, pid, FALLBACK_LIGHT_CONCURRENCY)
+    return {**FALLBACK, **figures, "at_light_load": light}
+
+
+def fallback_outcome(world: World, args: argparse.Namespace, target: str, pid: int,
+                     concurrency: int) -> dict[str, Any]:
+    outcome = measure(target, "Score", world.score_requests, concurrency, args,
+                      timeout=FALLBACK["deadline_ms"] / 1e3, server_pid=pid)
     within = sum(latency <= FALLBACK["deadline_ms"] for latency in outcome.latencies_ms)
     total = len(outcome.latencies_ms) + sum(outcome.errors.values())
-    return {**FALLBACK, **outcome.figures(),
+    return {"concurrency": concurrency, **outcome.figures(),
             "within_deadline_share": round(within / total, 5) if total else 0.0,
             "fallback_answers": outcome.fallbacks}
 
@@ -827,9 +839,10 @@ def print_summary(results: dict[str, Any]) -> None:
                   f"{row.get('client_cpu_ms_per_call') or 0:>21.3f}"
                   f"{row.get('server_cpu_ms_per_call') or 0:>8.3f}")
     fallback = results["fallback"]
-    print(f"fallback: {fallback['within_deadline_share']:.2%} within "
-          f"{fallback['deadline_ms']:.0f} ms, {fallback['errors']} errors, "
-          f"{fallback['fallback_answers']} answered by the previous model")
+    for row in (fallback, fallback["at_light_load"]):
+        print(f"fallback at c{row['concurrency']}: {row['within_deadline_share']:.2%} within "
+              f"{fallback['deadline_ms']:.0f} ms, {row['errors']} errors, "
+              f"{row['fallback_answers']} answered by the previous model")
     print(f"ratios: {results['ratios']}")
     feasible = results["targets_feasibility"]
     print(f"feasibility: c32 needs {feasible['needed_c32_rps']} req/s; a no-op server "

@@ -215,10 +215,17 @@ class CircuitBreaker:
 
     def record_timeout(self, waited_s: float) -> None:
         """Account a request abandoned after ``waited_s``: a latency of at least that, and
-        a failure, so a model that hangs opens even when the deadline is under budget."""
+        a failure, so a model that hangs opens even when the deadline is under budget.
+
+        A request abandoned sooner than the link's median answer (over ``min_samples`` at
+        least) is not counted: it came with too little time left to tell anything of the
+        link (a fallback asked late in a busy request), and counting it would open a
+        healthy link exactly when the chain needs it."""
         error = f"no answer after {ms(waited_s)}"
         with self._lock:
             state = self._current()
+            if state is CircuitState.CLOSED and self._sooner_than_usual(waited_s):
+                return
             if state is CircuitState.HALF_OPEN:
                 self._open(f"probe failed: {error}")
             elif state is CircuitState.CLOSED:
@@ -226,6 +233,10 @@ class CircuitBreaker:
                 self._check_tail()
                 if self._state is CircuitState.CLOSED:
                     self._count_failure(error)
+
+    def _sooner_than_usual(self, waited_s: float) -> bool:
+        tracker = self.tracker
+        return tracker.count >= self.min_samples and waited_s < tracker.p50
 
     def _count_failure(self, error: str) -> None:
         self._failures += 1

@@ -188,6 +188,19 @@ def test_a_model_that_hangs_opens_even_when_its_deadline_is_under_budget() -> No
     assert breaker.reason == "probe failed: no answer after 10.0 ms"
 
 
+def test_a_request_abandoned_sooner_than_the_link_usually_answers_is_not_held_against_it(
+) -> None:
+    breaker = CircuitBreaker(0.050, min_samples=10, clock=FakeClock(), max_failures=3)
+    for _ in range(10):
+        breaker.record(0.006)
+    for _ in range(10):
+        breaker.record_timeout(0.002)  # a fallback asked with 2 ms left
+    assert breaker.state is CircuitState.CLOSED and breaker.tracker.count == 10
+    for _ in range(3):
+        breaker.record_timeout(0.008)  # given more than it usually takes, and no answer
+    assert breaker.reason == "3 failures in a row, last: no answer after 8.0 ms"
+
+
 def test_breaker_rejects_nonsense_settings() -> None:
     with pytest.raises(ValueError, match="percentile"):
         CircuitBreaker(BUDGET, percentile=99)

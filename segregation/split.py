@@ -82,19 +82,29 @@ def split(
     With ``with_labels`` and a ``label`` the result also has ``X_``/``y_`` parts and the class
     balance is checked; ``with_labels=False`` ignores the label. Uneven splits are returned
     in ``.warnings`` and emitted as ``SplitWarning``; bad arguments raise ``InvalidInput``.
+    A part that is one run of rows (sequential, unshuffled) is a slice of ``features``
+    without a copy, as ``features.iloc[a:b]`` is: copy it before writing into it.
     """
     label = label if with_labels else None
     _check_arguments(features, ratio, seed, label)
     train, test = _positions(features, strategy, ratio, seed)
     if shuffle:
         train, test = shuffle_within(train, test, seed)
-    parts = Split(features.iloc[train], features.iloc[test], label)
+    parts = Split(_rows(features, train), _rows(features, test), label)
     found = uneven(
         parts.train, parts.test, ratio=ratio, label=label,
         min_part_rows=min_part_rows, imbalance_factor=imbalance_factor,
     )
     emit(found)
     return replace(parts, warnings=found)
+
+
+def _rows(features: pd.DataFrame, positions: Positions) -> pd.DataFrame:
+    """The rows at ``positions``; one ascending run (a sequential split) is an ``iloc``
+    slice, which pandas makes without copying the rows (a view: copy a part before
+    writing into it), else a take."""
+    run = len(positions) > 0 and bool((np.diff(positions) == 1).all())
+    return features.iloc[positions[0]:positions[-1] + 1] if run else features.iloc[positions]
 
 
 def shuffle_within(train: Positions, test: Positions, seed: int) -> tuple[Positions, Positions]:

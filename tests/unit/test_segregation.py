@@ -347,3 +347,15 @@ def test_a_misspelt_config_key_is_named():
 def test_a_bad_config_value_is_named(data, problem):
     with pytest.raises(ValidationError, match=problem):
         SplitConfig.model_validate(data)
+
+
+def test_a_sequential_split_slices_the_frame_without_copying_it():
+    frame = pd.DataFrame({"x": np.arange(100.0), "y": np.arange(100) % 2})
+    parts = split(frame, "sequential", 0.8, with_labels=False)
+    shuffled = split(frame, "sequential", 0.8, shuffle=True, with_labels=False)
+
+    assert np.shares_memory(parts.train["x"].to_numpy(), frame["x"].to_numpy())
+    assert np.shares_memory(parts.test["x"].to_numpy(), frame["x"].to_numpy())
+    pd.testing.assert_frame_equal(parts.train, frame.iloc[:80])
+    assert not np.shares_memory(shuffled.train["x"].to_numpy(), frame["x"].to_numpy())
+    assert sorted(shuffled.train["x"]) == list(frame["x"].iloc[:80])

@@ -79,13 +79,14 @@ SERVICE_ONLY_WORK = [
     "ingestion: sha256 of the source, a copy of its bytes (on a thread, verified), chunked "
     "CSV -> Parquet with each chunk checked and typed by the contract on the way",
     "preparation: the typed batch read back from Parquet; the fitted pipeline saved "
-    "(dill + HMAC); each entity's latest aggregates computed over history + probes and written "
-    "to Redis (one Lua call per 64 entities, rows packed in one argument, last write wins); "
-    "the features written as Parquet",
-    "training: features read back, a Parquet hand-off to the worker processes, models saved "
+    "(dill + HMAC); the features and each entity's latest aggregates written as Parquet; "
+    "then, while training runs, those latest values written to Redis by preparation's own "
+    "FeaturesGenerated handler (one Lua call per 64 entities, rows packed in one argument, "
+    "last write wins), which evaluation waits for before promoting",
+    "training: features read back, an Arrow file hand-off to the worker processes, models saved "
     "(dill + HMAC) with metadata",
     "evaluation: features read back, models loaded after signature checks, latency gate "
-    "(100 single-row and 100 batch calls), ROC/PR curves, registry promotion",
+    "(100 single-row and 20 batch calls), ROC/PR curves, registry promotion",
     "between stages: an event published with confirms, consumed, acked; idempotency records",
 ]
 log = logging.getLogger("bench.pipeline")

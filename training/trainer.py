@@ -32,8 +32,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import sklearn
 from pebble import ProcessExpired, ProcessPool
+from pyarrow import feather
 from threadpoolctl import threadpool_limits
 
 from common.errors import InvalidInput
@@ -107,8 +109,8 @@ def train_candidates(
     candidates = expand(config)
     X = select_features(X, config.features)
     with tempfile.TemporaryDirectory(prefix="conveyor-train-") as tmp:
-        data_path = Path(tmp) / "train.parquet"
-        X.assign(**{LABEL_COLUMN: y.to_numpy()}).to_parquet(data_path)
+        data_path = Path(tmp) / "train.arrow"
+        _write_training_data(X, y, data_path)
         outcomes = _run_pool(config, candidates, str(data_path), progress or log.info, pool)
     rows = reference_rows(X)  # monitoring's drift reference: inputs once, predictions each
     context = _Context(feature_set_id, batch_ids, list(X.columns), y, rows, input_references(rows))
@@ -243,6 +245,13 @@ def _init_worker(estimators: tuple[str, ...], barrier: Any) -> None:
             log.debug("could not preload estimator %s", name, exc_info=True)
 
 
+def _write_training_data(X: pd.DataFrame, y: pd.Series, path: Path) -> None:
+    """(X, y) for the workers as one uncompressed Arrow file, which each maps and reads
+    in milliseconds (Parquet's encoding took ~0.3 s of the run for 800,000 rows)."""
+    table = pa.Table.from_pandas(X.assign(**{LABEL_COLUMN: y.to_numpy()}), preserve_index=False)
+    feather.write_feather(table, str(path), compression="uncompressed")
+
+
 def _rendezvous() -> None:
     """Wait for every worker to get here: one such task per worker proves all started."""
     _worker_start["barrier"].wait(timeout=RENDEZVOUS_S)
@@ -252,7 +261,7 @@ def _training_data(data: _Data) -> tuple[pd.DataFrame, pd.Series]:
     """The run's (X, y), read once per worker and run; an earlier run's data is let go."""
     if _worker_data.get("key") != data.key:
         _worker_data.clear()
-        frame = pd.read_parquet(data.path)
+        frame = feather.read_table(data.path, memory_map=True).to_pandas()
         _worker_data.update(key=data.key, y=frame.pop(LABEL_COLUMN), X=frame)
     return _worker_data["X"], _worker_data["y"]
 

@@ -10,23 +10,16 @@ and every version without the setting, answer themselves.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from common.testing import BusNamespace
 from scoring.core import ScoreQuery, ScoringCore
 from scoring.router import FallbackKind
 from scoring.service import ScoringSettings
-from tests.fixtures.scoring import ScoringWorld, fields_of, scoring_world
+from tests.fixtures.scoring import ScoringWorld, fields_of
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def world(tmp_path: Path, ns: BusNamespace) -> ScoringWorld:
-    return scoring_world(tmp_path, ns.namespace)
 
 
 def loaded(world: ScoringWorld, **settings: Any) -> Iterator[ScoringCore]:

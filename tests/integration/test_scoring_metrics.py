@@ -4,7 +4,6 @@ real stub, the real Redis, the metrics read from a registry of the test's own.""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -13,7 +12,6 @@ import redis
 from prometheus_client import CollectorRegistry
 
 from common.stores import RedisOnlineStore
-from common.testing import BusNamespace
 from protos.conveyor.scoring.v1 import scoring_pb2 as pb
 from protos.conveyor.scoring.v1 import scoring_pb2_grpc as pb_grpc
 from protos.inference import grpc_service_pb2 as v2pb
@@ -26,14 +24,9 @@ from scoring.server import GrpcSettings, ScoringServer, field_value
 from scoring.service import ScoringService
 from scoring.v2 import field_tensors
 from tests.fixtures.models import SlowClassifier
-from tests.fixtures.scoring import ScoringWorld, fields_of, scoring_world
+from tests.fixtures.scoring import ScoringWorld, fields_of
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def world(tmp_path: Path, ns: BusNamespace) -> ScoringWorld:
-    return scoring_world(tmp_path, ns.namespace)
 
 
 @pytest.fixture

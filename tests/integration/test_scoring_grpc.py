@@ -22,7 +22,7 @@ from scoring.inputs import InputSchema
 from scoring.server import GrpcSettings, ScoringServer, field_value
 from scoring.service import ScoringService
 from tests.fixtures.models import SlowClassifier
-from tests.fixtures.scoring import ScoringWorld, fields_of
+from tests.fixtures.scoring import ScoringWorld, fields_of, status_of
 
 pytestmark = pytest.mark.integration
 
@@ -37,12 +37,6 @@ def request(world: ScoringWorld, position: int = 3, **changes: Any) -> pb.ScoreR
     fields = {**fields_of(row, InputSchema.of(world.fitted)), **changes}
     return pb.ScoreRequest(entity_id=row["nameOrig"],
                            fields={k: field_value(v) for k, v in fields.items()})
-
-
-def status_of(call: Any) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as raised:
-        call()
-    return raised.value.code(), raised.value.details()
 
 
 def test_score_is_answered_by_the_champion(world: ScoringWorld, stub: Any) -> None:

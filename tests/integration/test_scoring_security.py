@@ -27,7 +27,7 @@ from scoring.inputs import InputSchema
 from scoring.security import ServerSecurity, SettingFileError
 from scoring.server import GrpcSettings, ScoringServer, field_value
 from scoring.service import ScoringSettings
-from tests.fixtures.scoring import ScoringWorld, fields_of
+from tests.fixtures.scoring import ScoringWorld, fields_of, status_of
 
 pytestmark = [
     pytest.mark.integration,
@@ -98,12 +98,6 @@ def request(world: ScoringWorld, position: int = 3) -> pb.ScoreRequest:
 
 def bearer(token: str) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {token}")]
-
-
-def status_of(call: Any) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as raised:
-        call()
-    return raised.value.code(), raised.value.details()
 
 
 def test_the_right_token_over_tls_is_answered(world: ScoringWorld, channel: grpc.Channel) -> None:

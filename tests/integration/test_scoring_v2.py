@@ -22,7 +22,7 @@ from scoring.inputs import InputSchema
 from scoring.server import GrpcSettings, ScoringServer, field_value
 from scoring.v2 import MAX_ROWS, field_tensors
 from tests.fixtures.models import SlowClassifier
-from tests.fixtures.scoring import ScoringWorld, fields_of
+from tests.fixtures.scoring import ScoringWorld, fields_of, status_of
 
 pytestmark = pytest.mark.integration
 
@@ -61,12 +61,6 @@ def score(world: ScoringWorld, channel: grpc.Channel, entity: str, fields: dict[
     request = spb.ScoreRequest(entity_id=entity, model_version=version,
                                fields={k: field_value(v) for k, v in fields.items()})
     return spb_grpc.ScoringStub(channel).Score(request, timeout=5)
-
-
-def status_of(call: Any) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as raised:
-        call()
-    return raised.value.code(), raised.value.details()
 
 
 # -- health and metadata -----------------------------------------------------------------

@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
@@ -169,29 +169,24 @@ class FittedFeatureSet:
                  for block in _consecutive(steps)]
         return pd.concat(parts, axis=1).set_axis(pd.Index(probes[self.entity_key]))
 
-    def transform_and_latest(
-        self, frame: pd.DataFrame, on_latest: Callable[[pd.DataFrame], Any] | None = None,
-    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    def transform_and_latest(self, frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         """``(transform(frame), latest_aggregates(frame))``, from one run where that gives
         the same values: each aggregate step also computes its probes (one per entity)
         beside the frame's rows, so the history is not run through the steps again.
 
         That needs the offline run to see the rows the online run would: no row filter
         before an aggregate step, the fit-time dtypes, no aggregate columns in ``frame``;
-        otherwise the two are computed apart. ``on_latest`` gets the latest aggregates as
-        soon as they are known, while the later steps still run (to write them meanwhile).
+        otherwise the two are computed apart.
         """
         steps = self._aggregate_steps()
         if not steps:
             raise InvalidInput(f"feature set {self.feature_set_id} has no entity aggregates")
         if not self._one_run(frame, steps[-1][0]):
-            latest = self.latest_aggregates(frame)
-            if on_latest is not None:
-                on_latest(latest)
-            return self.transform(frame), latest
-        sink = _LatestSink([index for index, _ in steps], on_latest)
-        out = _run(self.pipeline, _unique_index(frame), "offline", latest=(self._at(frame), sink))
-        return self._output(out, frame, self.carried), sink.frame()
+            return self.transform(frame), self.latest_aggregates(frame)
+        parts: dict[int, pd.DataFrame] = {}
+        out = _run(self.pipeline, _unique_index(frame), "offline", latest=(self._at(frame), parts))
+        latest = pd.concat([parts[index] for index, _ in steps], axis=1)
+        return self._output(out, frame, self.carried), latest
 
     def _one_run(self, frame: pd.DataFrame, last_aggregate: int) -> bool:
         filters = any(isinstance(step, RowFilter)
@@ -254,24 +249,11 @@ def _consecutive(steps: list[Indexed]) -> list[list[Indexed]]:
     return blocks
 
 
-class _LatestSink:
-    """Collects each aggregate step's latest values; hands them on when all are in."""
-
-    def __init__(self, indices: list[int], on_latest: Callable[[pd.DataFrame], Any] | None):
-        self.indices, self.on_latest = indices, on_latest
-        self.parts: dict[int, pd.DataFrame] = {}
-
-    def add(self, index: int, latest: pd.DataFrame) -> None:
-        self.parts[index] = latest
-        if len(self.parts) == len(self.indices) and self.on_latest is not None:
-            self.on_latest(self.frame())
-
-    def frame(self) -> pd.DataFrame:
-        return pd.concat([self.parts[i] for i in self.indices], axis=1)
-
-
 def _run(pipeline: Pipeline, frame: pd.DataFrame, mode: Mode, stop: int | None = None,
-         latest: tuple[pd.Timestamp | None, _LatestSink] | None = None) -> pd.DataFrame:
+         latest: tuple[pd.Timestamp | None, dict[int, pd.DataFrame]] | None = None
+         ) -> pd.DataFrame:
+    """Run the steps up to ``stop``; with ``latest`` (a probe time and a dict), each entity
+    aggregate step also puts its latest values per entity in the dict, by step index."""
     for name, step in pipeline.steps[:stop]:
         if frame.empty and mode != "fit":
             break  # filtered out offline; scikit-learn refuses empty frames
@@ -279,7 +261,7 @@ def _run(pipeline: Pipeline, frame: pd.DataFrame, mode: Mode, stop: int | None =
         with naming_step(step_label(int(index), kind)):
             if latest is not None and isinstance(step, EntityAggregate):
                 frame, values = step.transform_and_latest(frame, latest[0])
-                latest[1].add(int(index), values)
+                latest[1][int(index)] = values
             else:
                 frame = _apply(step, frame, mode)
     return frame

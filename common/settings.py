@@ -59,6 +59,28 @@ class Settings(BaseSettings):
     Score calls): one of the service's CONVEYOR_GRPC_AUTH_TOKENS; empty: none is sent."""
     grpc_tls_ca: str = ""
     """PEM CA of the scoring service's certificate: with it those clients connect with TLS."""
+    # -- safe by default (issue 12): sources, signing keys, Redis retention ----------------
+    local_dev: bool = False
+    """Local development (the demo and the test suite set it): allows the published default
+    CONVEYOR_MODEL_SIGNING_KEY and short keys. Never set it in production."""
+    model_signing_key_id: str = Field(default="local", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    """Id of CONVEYOR_MODEL_SIGNING_KEY, written beside every signature it makes."""
+    model_verify_keys: dict[str, SecretStr] = Field(default_factory=dict)
+    """Earlier keys that still verify, by key id (JSON object): keys rotate without
+    re-signing what they signed."""
+    source_schemes: tuple[str, ...] = ("file",)
+    """fsspec schemes a SourceDataAvailable URI may use (default: local files only)."""
+    source_roots: tuple[str, ...] = ("var/demo",)
+    """Folders (or URL prefixes) a source must lie in; the data root's inbox/ always is one."""
+    eventlog_retention_days: float = Field(default=30.0, gt=0)
+    """How long the event log keeps an event and its lineage links."""
+    eventlog_score_served_ttl_s: int = Field(default=0, ge=0)
+    """How long the event log keeps a ScoreServed body (0: not kept, its summary only)."""
+    eventlog_maxlen: int = Field(default=100_000, gt=0)
+    """Approximate bound of the event log's stream of event summaries."""
+    idempotency_retry_s: float = Field(default=30.0, ge=0)
+    """How long a Redis error in the idempotency check is retried with back-off before the
+    message goes to a delay queue (its attempt count untouched)."""
 
     @property
     def exchange(self) -> str:

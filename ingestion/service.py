@@ -4,7 +4,9 @@ The batch id is the hash of the source bytes, so the same file twice is the same
 and its work is not repeated (the event is simply re-published). The source is checked
 and typed by its dataset's contract chunk by chunk as it is stored, so the batch is read
 once. A source that cannot be read or breaks the contract yields IngestionFailed naming
-the problem; a refused batch stays stored, as read, but is never accepted.
+the problem; a refused batch stays stored, as read, but is never accepted. A URI the
+source policy does not allow (``ingestion.sources``: schemes and roots from the settings)
+is refused before a byte of it is read.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ingestion.contract import (
     typed_chunks,
     typing_id,
 )
+from ingestion.sources import SourcePolicy
 
 log = logging.getLogger(__name__)
 CHUNK_ROWS = 100_000
@@ -59,8 +62,11 @@ class IngestionService(Service):
     concurrency = 2  # batches of different datasets go side by side
     prefetch = 1  # long handlers: leave waiting events to the other consumers
 
-    def __init__(self, config: PipelineConfig, raw_store: RawBatchStore) -> None:
+    def __init__(self, config: PipelineConfig, raw_store: RawBatchStore,
+                 sources: SourcePolicy | None = None) -> None:
         self.config, self.raw_store = config, raw_store
+        # None: the policy of the environment's settings, never "anything goes"
+        self.sources = sources or SourcePolicy.from_settings(Settings())
 
     @handles(SourceDataAvailable)
     def on_source_data_available(
@@ -79,7 +85,8 @@ class IngestionService(Service):
 
     def _ingest(self, event: SourceDataAvailable) -> RawDataExtracted:
         contract = self._contract(event.dataset)
-        batch = self.raw_store.put(event.dataset, event.uri, event.format or contract.format,
+        readable = self.sources.check(event.uri)  # SourceRefused names the URI and the rule
+        batch = self.raw_store.put(event.dataset, readable, event.format or contract.format,
                                    typing=ContractTyping(contract, event.uri))
         quarantined = check_batch(self.raw_store, batch, contract)
         self.raw_store.accept(batch.batch_id)
@@ -101,4 +108,5 @@ class IngestionService(Service):
 def build(settings: Settings) -> IngestionService:
     """The ingestion service for the settings."""
     config = load_pipeline_config(settings.pipeline_config)
-    return IngestionService(config, Stores.from_settings(settings).raw)
+    return IngestionService(config, Stores.from_settings(settings).raw,
+                            SourcePolicy.from_settings(settings))

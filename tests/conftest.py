@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from collections.abc import Iterator
 
 import pytest
 
 from common.settings import Settings
 from common.testing import BusNamespace, ServicesUnavailable, check_services
+
+# The suite is local development (set before any Settings is read, and inherited by the
+# service processes tests start): the published signing key is allowed, and sources may
+# come from pytest's temporary folders. Outside local development both are refused.
+os.environ.setdefault("CONVEYOR_LOCAL_DEV", "true")
+os.environ.setdefault("CONVEYOR_SOURCE_ROOTS", json.dumps([tempfile.gettempdir(), "var/demo"]))
 
 
 @pytest.fixture(scope="session")

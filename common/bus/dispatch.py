@@ -9,7 +9,12 @@ out the ``Outcome`` it returns, so they share the same semantics:
   ``max_attempts`` attempts;
 - on success the events the handler returned are published (confirmed) first, then the
   event id is recorded as processed, and only then is the message acknowledged;
-- an event already recorded as processed is acknowledged without running the handler.
+- an event already recorded as processed is acknowledged without running the handler;
+- the record of processed events retries its own store's transient errors with back-off
+  (``common.bus.idempotency``); still unavailable after that, the message waits in the
+  longest delay queue with its attempt count untouched, so an outage never dead-letters;
+- the attempt header comes from the exchange, where anyone may set it: it is read as an
+  integer clamped to ``1..max_attempts``.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from common.bus.idempotency import ProcessedEvents
+from common.bus.idempotency import IdempotencyUnavailable, ProcessedEvents
 from common.errors import InvalidEvent, InvalidInput
 from common.events import Event, parse_event
 from common.logs import event_context
@@ -65,8 +70,19 @@ class Delivery:
 
     @property
     def attempt(self) -> int:
-        """The attempt this delivery is (1 for a first delivery)."""
-        return int(self.headers.get(ATTEMPT, 1))
+        """The attempt this delivery is (1 for a first delivery), at least 1 whatever the
+        header says; the dispatcher also caps it at its policy's ``max_attempts``."""
+        return max(1, _header_int(self.headers.get(ATTEMPT, 1)))
+
+
+def _header_int(value: Any) -> int:
+    """An integer header, 1 when it is not one (a publisher may send anything)."""
+    if isinstance(value, bool) or not isinstance(value, int | str | bytes):
+        return 1
+    try:
+        return int(value)
+    except ValueError:
+        return 1
 
 
 @dataclass(frozen=True)
@@ -155,15 +171,24 @@ class Dispatcher:
         except InvalidEvent as exc:
             return self._invalid(delivery, exc)
         with event_context(event):
-            log.debug("received (attempt %d)", delivery.attempt)
+            log.debug("received (attempt %d)", self._attempt(delivery))
             return self._dispatch_event(delivery, event)
+
+    def _attempt(self, delivery: Delivery) -> int:
+        # Past max_attempts means nothing more (a forged 10**9 would not retry for ever, a
+        # negative one not index the delays from the end): clamped into the policy's range.
+        return min(delivery.attempt, self.policy.max_attempts)
 
     def _dispatch_event(self, delivery: Delivery, event: Event) -> Outcome:
         spec = self.handlers.get(event.event_type)
         if spec is None:
             problem = f"service {self.service} has no handler for {event.event_type}"
             return self._invalid(delivery, InvalidEvent(problem, field="event_type"))
-        if self.processed and self.processed.seen(self.service, event.event_id):
+        try:
+            duplicate = bool(self.processed and self.processed.seen(self.service, event.event_id))
+        except IdempotencyUnavailable as exc:
+            return self._store_unavailable(delivery, event, exc)
+        if duplicate:
             log.info("duplicate delivery acknowledged; work already done")
             self._count(self.metrics.duplicates, event.event_type)
             return Ack(duplicate=True)
@@ -180,12 +205,32 @@ class Dispatcher:
         finally:
             elapsed = time.perf_counter() - started
             self._labelled(self.metrics.duration, event.event_type).observe(elapsed)
-        if self.processed:
-            self.processed.mark(self.service, event.event_id)
+        self._mark(event)
         self._count(self.metrics.handled, event.event_type)
         self._count_success(event.event_type, emitted, elapsed)
         log.debug("handled; emitted %d event(s)", len(emitted))
         return Ack()
+
+    def _mark(self, event: Event) -> None:
+        if self.processed is None:
+            return
+        try:
+            self.processed.mark(self.service, event.event_id)
+        except IdempotencyUnavailable as exc:
+            # The work is stored and its events confirmed: acknowledging is right. A later
+            # duplicate would run the (idempotent) handler again rather than be skipped.
+            log.error("handled, but not recorded as processed: %s", exc)
+
+    def _store_unavailable(
+        self, delivery: Delivery, event: Event, exc: IdempotencyUnavailable
+    ) -> Retry:
+        """Park the message until the store answers; its attempts are not the handler's."""
+        delay = self.policy.delays_s[-1]
+        log.error("%s; the message waits %g s in a delay queue (attempt %d kept)",
+                  exc, delay, self._attempt(delivery))
+        self._count(self.metrics.retried, event.event_type)
+        headers = {**delivery.headers, ATTEMPT: self._attempt(delivery), LAST_ERROR: _describe(exc)}
+        return Retry(delay, headers)
 
     def _count_success(self, event_type: str, emitted: list[Event], elapsed: float) -> None:
         """Count the events published and time the stage the handler carried, if any."""
@@ -208,15 +253,16 @@ class Dispatcher:
         self, spec: HandlerSpec, delivery: Delivery, event: Event, exc: Exception
     ) -> Outcome:
         expected = isinstance(exc, (InvalidInput, *spec.expected))
-        if expected or delivery.attempt >= self.policy.max_attempts:
+        attempt = self._attempt(delivery)
+        if expected or attempt >= self.policy.max_attempts:
             return self._dead_letter(delivery, exc, event.event_type, expected=expected)
-        delay = self.policy.delay(delivery.attempt)
+        delay = self.policy.delay(attempt)
         log.exception(
             "handler failed; retrying",
-            extra={"fields": {"attempt": delivery.attempt, "retry_in_s": delay}},
+            extra={"fields": {"attempt": attempt, "retry_in_s": delay}},
         )
         self._count(self.metrics.retried, event.event_type)
-        headers = {**delivery.headers, ATTEMPT: delivery.attempt + 1, LAST_ERROR: _describe(exc)}
+        headers = {**delivery.headers, ATTEMPT: attempt + 1, LAST_ERROR: _describe(exc)}
         return Retry(delay, headers)
 
     def _invalid(self, delivery: Delivery, exc: InvalidEvent) -> Outcome:
@@ -228,7 +274,7 @@ class Dispatcher:
         if expected:
             log.warning("dead-lettered: %s", _describe(exc))
         else:
-            log.error("dead-lettered after %d attempts", delivery.attempt, exc_info=exc)
+            log.error("dead-lettered after %d attempts", self._attempt(delivery), exc_info=exc)
         self._count(self.metrics.dead_lettered, event_type)
         return DeadLetter(dead_letter_headers(delivery, exc, self.service))
 

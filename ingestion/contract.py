@@ -48,6 +48,9 @@ class DatasetContract(BaseModel):
     """The column identifying an entity (online features are keyed by it)."""
     timestamp: str | None = None
     """The event-time column."""
+    record_id: str | None = None
+    """The column holding each record's unique id (streamed records are deduplicated by
+    it); none: a record's id is a hash of its values."""
     bad_rows: Literal["reject", "quarantine"] = "reject"
     """Refuse a batch with bad rows, or set them aside and count them."""
     max_bad_share: float = Field(default=0.1, ge=0, le=1)
@@ -55,7 +58,7 @@ class DatasetContract(BaseModel):
 
     @model_validator(mode="after")
     def _roles_are_columns(self) -> DatasetContract:
-        for role in ("label", "entity_key", "timestamp"):
+        for role in ("label", "entity_key", "timestamp", "record_id"):
             name = getattr(self, role)
             if name is not None and name not in self.columns:
                 raise ValueError(f"{role} {name!r} is not one of the contract's columns")
@@ -176,7 +179,8 @@ _BOOLS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no"
 def typing_id(contract: DatasetContract) -> str:
     """Names the typing a contract does (its columns, types and bad-row policy): a raw
     batch typed under this name holds exactly what ``read_typed`` would give."""
-    canonical = contract.model_dump_json(exclude={"format", "label", "entity_key", "timestamp"})
+    canonical = contract.model_dump_json(
+        exclude={"format", "label", "entity_key", "timestamp", "record_id"})
     return "contract-" + hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

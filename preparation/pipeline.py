@@ -150,6 +150,14 @@ class FittedFeatureSet:
         past = None if history is None else self._online_frame(history)[0]
         return self._output(self._run_online(frame, past), frame, carried)
 
+    def conform(self, records: Records) -> pd.DataFrame:
+        """Rows as the steps read them: the fit-time input columns in the fit-time dtypes."""
+        return self._online_frame(records)[0]
+
+    def run_until(self, frame: pd.DataFrame, stop: int, mode: Mode = "offline") -> pd.DataFrame:
+        """``frame`` (conformed) after the steps before ``stop``; offline, rows may drop."""
+        return _run(self.pipeline, _unique_index(frame), mode, stop)
+
     def latest_aggregates(self, history: Records, at: Any = None) -> pd.DataFrame:
         """Per entity in ``history``, the aggregate columns a new row at ``at`` would get.
 

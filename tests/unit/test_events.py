@@ -26,7 +26,7 @@ ALL_TYPES = {
     "SourceDataAvailable", "RawDataExtracted", "IngestionFailed", "FeaturesGenerated",
     "CandidatesTrained", "ModelReady", "ModelRejected", "BatchScoringRequested",
     "ScoringCompleted", "ScoreServed", "OutcomeObserved", "DriftDetected", "ModelDegraded",
-    "RetrainRequested",
+    "RetrainRequested", "RecordsObserved", "RecordsRefused",
 }
 
 
@@ -167,7 +167,7 @@ def test_invalid_event_is_invalid_input() -> None:
 def test_json_schemas_cover_all_event_types() -> None:
     schemas = json_schemas()
     assert set(schemas) == ALL_TYPES == set(EVENT_TYPES)
-    assert len(schemas) == 14
+    assert len(schemas) == 16
     for name, schema in schemas.items():
         assert schema["properties"]["event_type"]["const"] == name
         assert {"event_id", "correlation_id", "occurred_at"} <= set(schema["properties"])

@@ -1,0 +1,306 @@
+"""Entity state for streamed aggregates: each entity's recent values, bounded, in Redis.
+
+A feature set's entity aggregates ("amount summed over 24 h", "mean of the last 5") are
+computed at read time from the entity's recent history, so that a read at time t gives
+what the offline transform gives a row at t. That history is this store's state: per
+(feature set, entity), the entries the widest window still needs, each ``Entry(time_us,
+record_id, values)`` (the aggregated columns' values of one record), sorted by event time,
+ties in arrival order.
+
+``apply`` merges new entries atomically, per entity, in one Lua script call; the calls
+of a whole record batch go in one pipeline (one round trip). The script
+
+- skips an entry whose record id the state already holds (redelivery, duplicates);
+- refuses a record older than the entity's newest minus ``late_tolerance_us`` (counted
+  as late; -1 accepts any time, which batch materialisation uses);
+- keeps what a read at any time from ``newest - tolerance_us`` on needs: every entry
+  within the tolerance, the ``max_count`` before it and those within ``max_span_us``
+  before it; the rest is dropped;
+- sets the key's TTL (``ttl_s``), so an idle entity's state expires (Redis enforces it on
+  every read).
+
+``MemoryEntityState`` has the same semantics for unit tests and library use. Example::
+
+    state = RedisEntityState(redis.Redis(), "conveyor")
+    retention = Retention(max_count=5, max_span_us=86_400_000_000, tolerance_us=0, ttl_s=90_000)
+    state.apply("fs1", {"C1": [Entry(1_700_000_000_000_000, "r1", (12.5,))]}, retention)
+    state.read("fs1", ["C1", "C2"])        # [[Entry(...)], None]
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import redis
+from redis.exceptions import NoScriptError
+
+from common.errors import InvalidInput
+from common.stores._fs import check_id
+
+
+class Entry(NamedTuple):
+    """One record's part of an entity's state."""
+
+    time_us: int
+    """Event time, epoch microseconds (the order; ties keep arrival order)."""
+    record_id: str
+    """What duplicates share: no spaces, no newlines."""
+    values: tuple[float, ...]
+    """The aggregated columns' values, in the plan's slot order (NaN: missing)."""
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How much of an entity's history its feature set's windows need, and for how long."""
+
+    max_count: int = 0
+    """The largest last-N window (0: none)."""
+    max_span_us: int | None = None
+    """The largest time window, microseconds (None: none)."""
+    tolerance_us: int = 0
+    """How late (behind the entity's newest record) a record may arrive and still count."""
+    ttl_s: int = 0
+    """An idle entity's state expires after this long (0: never)."""
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What one ``apply`` did."""
+
+    applied: int = 0
+    duplicates: int = 0
+    late: int = 0
+    late_records: tuple[str, ...] = ()
+    """The record ids refused as late."""
+
+    def __add__(self, other: Applied) -> Applied:
+        return Applied(self.applied + other.applied, self.duplicates + other.duplicates,
+                       self.late + other.late, self.late_records + other.late_records)
+
+
+def state_key(namespace: str, feature_set_id: str, entity_id: object) -> bytes:
+    """The Redis key of one entity's state in one feature set."""
+    return f"{namespace}:st:{feature_set_id}:{entity_id}".encode()
+
+
+def encode_entry(entry: Entry) -> bytes:
+    """``time id v1 v2 ...``: ``repr`` of each float, so every value reads back exactly."""
+    values = " ".join(repr(float(v)) for v in entry.values)
+    return f"{entry.time_us} {entry.record_id} {values}".rstrip().encode()
+
+
+def decode_entries(raw: bytes) -> list[Entry]:
+    """The entries of a stored state, in stored order."""
+    entries = []
+    for line in raw.decode().split("\n"):
+        time_us, record_id, *values = line.split(" ")
+        entries.append(Entry(int(time_us), record_id, tuple(float(v) for v in values)))
+    return entries
+
+
+def check_record_id(record_id: str) -> str:
+    """A record id as the state can hold it, else ``InvalidInput``."""
+    if not record_id or any(c.isspace() for c in record_id):
+        raise InvalidInput(f"record id {record_id!r} is empty or holds white space")
+    return record_id
+
+
+class EntityStateStore(ABC):
+    """Per (feature set, entity), the recent entries its aggregates are read from."""
+
+    @abstractmethod
+    def apply(self, feature_set_id: str, updates: Mapping[str, Sequence[Entry]],
+              retention: Retention, *, late_tolerance_us: int | None = None) -> Applied:
+        """Merge each entity's new entries (see the module docstring); atomic per entity.
+        ``late_tolerance_us`` defaults to the retention's; -1 accepts any time."""
+
+    @abstractmethod
+    def read(self, feature_set_id: str, entity_ids: Sequence[str]) -> list[list[Entry] | None]:
+        """Each entity's entries in order (None: no state, or expired); one round trip."""
+
+
+_APPLY_LUA = """
+-- KEYS[1]: one entity's state. ARGV: ttl_s, late_tolerance_us (-1: accept any time),
+-- tolerance_us, span_us (-1: no time window), max_count, then the new entries, one
+-- "time id values..." line each. Returns {applied, duplicates, late ids...}.
+local key = KEYS[1]
+local ttl, late_tol, tol = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local span, keep_n = tonumber(ARGV[4]), tonumber(ARGV[5])
+local lines, times, ids = {}, {}, {}
+local old = redis.call('GET', key)
+local function parse(line)
+  local first = string.find(line, ' ', 1, true)
+  local second = string.find(line, ' ', first + 1, true) or (#line + 1)
+  return tonumber(string.sub(line, 1, first - 1)), string.sub(line, first + 1, second - 1)
+end
+if old then
+  for line in string.gmatch(old, '[^\\n]+') do
+    local t, id = parse(line)
+    lines[#lines + 1], times[#times + 1], ids[id] = line, t, true
+  end
+end
+local applied, duplicates, late = 0, 0, {}
+for i = 6, #ARGV do
+  local line = ARGV[i]
+  local t, id = parse(line)
+  if ids[id] then
+    duplicates = duplicates + 1
+  elseif late_tol >= 0 and #times > 0 and t < times[#times] - late_tol then
+    late[#late + 1] = id
+  else
+    local at = #times + 1  -- after every entry timed at or before t: ties keep arrival order
+    while at > 1 and times[at - 1] > t do at = at - 1 end
+    table.insert(lines, at, line)
+    table.insert(times, at, t)
+    ids[id] = true
+    applied = applied + 1
+  end
+end
+if #lines == 0 then return {applied, duplicates, unpack(late)} end
+local cut = times[#times] - tol
+local first_recent = #times + 1
+while first_recent > 1 and times[first_recent - 1] >= cut do first_recent = first_recent - 1 end
+local start = math.max(1, first_recent - keep_n)
+if span >= 0 then
+  local since = 1
+  while since <= #times and times[since] < cut - span do since = since + 1 end
+  start = math.min(start, since)
+end
+local kept = table.concat(lines, '\\n', start, #lines)
+if ttl > 0 then
+  redis.call('SET', key, kept, 'EX', ttl)
+else
+  redis.call('SET', key, kept)
+end
+return {applied, duplicates, unpack(late)}
+"""
+
+
+class RedisEntityState(EntityStateStore):
+    """Entity state in Redis: one string key per (feature set, entity) holding its entries.
+
+    The client must return bytes (``decode_responses=False``). On Redis Cluster every
+    script call touches one key, so entities may live in any slot.
+    """
+
+    def __init__(self, redis_client: redis.Redis, namespace: str = "conveyor") -> None:
+        if redis_client.get_encoder().decode_responses:
+            raise InvalidInput("RedisEntityState needs a Redis client with decode_responses=False")
+        self._redis, self._namespace = redis_client, namespace
+        self._script = redis_client.register_script(_APPLY_LUA)
+
+    def apply(self, feature_set_id: str, updates: Mapping[str, Sequence[Entry]],
+              retention: Retention, *, late_tolerance_us: int | None = None) -> Applied:
+        """See ``EntityStateStore.apply``: one pipeline of one script call per entity."""
+        check_id("feature set id", feature_set_id)
+        if not updates:
+            return Applied()
+        late = retention.tolerance_us if late_tolerance_us is None else late_tolerance_us
+        head = (retention.ttl_s, late, retention.tolerance_us,
+                -1 if retention.max_span_us is None else retention.max_span_us,
+                retention.max_count)
+        calls = [(state_key(self._namespace, feature_set_id, entity), *head,
+                  *(encode_entry(entry) for entry in entries))
+                 for entity, entries in updates.items() if entries]
+        return sum((_applied(reply) for reply in self._run(calls)), Applied())
+
+    def read(self, feature_set_id: str, entity_ids: Sequence[str]) -> list[list[Entry] | None]:
+        """See ``EntityStateStore.read``: one MGET."""
+        if not entity_ids:
+            return []
+        keys = [state_key(self._namespace, feature_set_id, e) for e in entity_ids]
+        return [None if raw is None else decode_entries(raw) for raw in self._redis.mget(keys)]
+
+    def _run(self, calls: list[tuple[Any, ...]]) -> list[Any]:
+        try:
+            return self._pipeline(calls).execute()
+        except NoScriptError:
+            # The server lost its scripts (a restart): load it, then run again. Safe: a
+            # repeated entry is a duplicate by its record id.
+            self._redis.script_load(_APPLY_LUA)
+            return self._pipeline(calls).execute()
+
+    def _pipeline(self, calls: list[tuple[Any, ...]]) -> Any:
+        pipe = self._redis.pipeline(transaction=False)  # each script call is atomic alone
+        for key, *args in calls:
+            pipe.evalsha(self._script.sha, 1, key, *args)
+        return pipe
+
+
+def _applied(reply: list[Any]) -> Applied:
+    late = tuple(r.decode() if isinstance(r, bytes) else str(r) for r in reply[2:])
+    return Applied(int(reply[0]), int(reply[1]), len(late), late)
+
+
+class MemoryEntityState(EntityStateStore):
+    """``RedisEntityState``'s semantics in a dict (TTL on the monotonic clock)."""
+
+    def __init__(self, clock: Any = time.monotonic) -> None:
+        self._states: dict[tuple[str, str], tuple[list[Entry], float]] = {}
+        self._clock = clock
+
+    def apply(self, feature_set_id: str, updates: Mapping[str, Sequence[Entry]],
+              retention: Retention, *, late_tolerance_us: int | None = None) -> Applied:
+        """See ``EntityStateStore.apply``."""
+        late = retention.tolerance_us if late_tolerance_us is None else late_tolerance_us
+        total = Applied()
+        for entity, entries in updates.items():
+            if not entries:
+                continue
+            held = self._live(feature_set_id, entity) or []
+            merged, result = merge_entries(held, entries, late)
+            kept = prune_entries(merged, retention)
+            expires = self._clock() + retention.ttl_s if retention.ttl_s else math.inf
+            if kept:
+                self._states[(feature_set_id, entity)] = (kept, expires)
+            total += result
+        return total
+
+    def read(self, feature_set_id: str, entity_ids: Sequence[str]) -> list[list[Entry] | None]:
+        """See ``EntityStateStore.read``."""
+        return [self._live(feature_set_id, e) for e in entity_ids]
+
+    def _live(self, feature_set_id: str, entity: str) -> list[Entry] | None:
+        held = self._states.get((feature_set_id, entity))
+        if held is None or held[1] <= self._clock():
+            return None
+        return list(held[0])
+
+
+def merge_entries(held: Sequence[Entry], new: Sequence[Entry],
+                  late_tolerance_us: int) -> tuple[list[Entry], Applied]:
+    """The Lua script's merge: duplicates skipped, late records refused, ties after."""
+    merged, ids = list(held), {e.record_id for e in held}
+    applied = duplicates = 0
+    late: list[str] = []
+    for entry in new:
+        if entry.record_id in ids:
+            duplicates += 1
+        elif late_tolerance_us >= 0 and merged and \
+                entry.time_us < merged[-1].time_us - late_tolerance_us:
+            late.append(entry.record_id)
+        else:
+            at = bisect.bisect_right([e.time_us for e in merged], entry.time_us)
+            merged.insert(at, entry)
+            ids.add(entry.record_id)
+            applied += 1
+    return merged, Applied(applied, duplicates, len(late), tuple(late))
+
+
+def prune_entries(entries: Sequence[Entry], retention: Retention) -> list[Entry]:
+    """The Lua script's pruning: what a read from ``newest - tolerance`` on still needs."""
+    if not entries:
+        return []
+    times = [e.time_us for e in entries]
+    cut = times[-1] - retention.tolerance_us
+    first_recent = bisect.bisect_left(times, cut)
+    start = max(0, first_recent - retention.max_count)
+    if retention.max_span_us is not None:
+        start = min(start, bisect.bisect_left(times, cut - retention.max_span_us))
+    return list(entries[start:])

@@ -1,0 +1,288 @@
+"""Streamed entity aggregates: a fitted feature set's aggregates, kept from records one by one.
+
+A ``StreamPlan`` says what of each record a fitted feature set's entity aggregates need
+(its *entries*: the event time, a record id, and the value of each aggregated column as
+the aggregate step sees it) and computes the aggregates a new row at time t gets from an
+entity's entries, exactly as the offline transform computes them for a row at t:
+
+- a time window ``w`` (``"24h"``) counts the entries timed in ``[t - w, t)``;
+- a last-N window counts the N latest entries timed at or before t (ties included: a new
+  row comes after the rows of its own time, as it does offline);
+- ``count`` and ``sum`` skip missing values, ``mean`` is ``sum / count`` (NaN on none).
+
+The entries live in an ``EntityStateStore`` (``common.stores.entity_state``), bounded by
+the plan's ``retention``: the widest windows plus the tolerance for late records. Batch
+materialisation (``batch_entries``) and the stream (``record_entries``) make entries the
+same way, so a batch followed by later records gives what the whole history streamed
+gives. Example::
+
+    plan = StreamPlan(fitted, tolerance_s=300)
+    entries = plan.record_entries(typed_records, record_ids)   # {entity: [Entry, ...]}
+    state.apply(fitted.feature_set_id, entries, plan.retention)
+    held = state.read(fitted.feature_set_id, ["C1"])[0] or []
+    plan.aggregates_at(held, at_us)     # {"nameOrig_amount_sum_24h": 1250.0, ...}
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from common.errors import InvalidInput
+from common.stores.entity_state import Entry, Retention, check_record_id
+from preparation.aggregates import EntityAggregate
+from preparation.pipeline import FittedFeatureSet
+from preparation.transformers import to_utc
+
+DAY_S = 86_400
+
+
+class NotStreamable(InvalidInput):
+    """The feature set has no entity aggregates to keep, or keeps them in a way the
+    stream cannot follow exactly."""
+
+
+@dataclass(frozen=True)
+class Window:
+    """One entity-aggregate step: its column's slot in the entries and its window."""
+
+    slot: int
+    window: int | str
+    stats: tuple[str, ...]
+    names: tuple[str, ...]
+
+    @property
+    def span_us(self) -> int | None:
+        """A time window's length in microseconds (None: a last-N window)."""
+        if isinstance(self.window, int):
+            return None
+        return int(pd.Timedelta(self.window).value // 1_000)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A value each entry carries: ``column`` as the pipeline holds it before ``stop``."""
+
+    stop: int
+    column: str
+
+
+class StreamPlan:
+    """What a fitted feature set's entity aggregates need from each record, and how to
+    read them back at any time. ``tolerance_s`` is how late a record may arrive;
+    ``count_ttl_s`` how long an idle entity's last-N history is kept (time windows
+    bound themselves)."""
+
+    def __init__(self, fitted: FittedFeatureSet, *, tolerance_s: float = 300.0,
+                 count_ttl_s: int = 90 * DAY_S) -> None:
+        self.fitted = fitted
+        self.entity_key, self.timestamp = fitted.entity_key, fitted.timestamp
+        self.slots, self.windows = _plan(fitted)
+        self.retention = _retention(self.windows, tolerance_s, count_ttl_s)
+
+    @property
+    def feature_set_id(self) -> str:
+        return self.fitted.feature_set_id
+
+    @property
+    def aggregate_columns(self) -> list[str]:
+        """Every aggregate column the plan computes, in step order."""
+        return [name for window in self.windows for name in window.names]
+
+    def batch_entries(self, frame: pd.DataFrame, record_ids: Sequence[str]) -> pd.DataFrame:
+        """The retained entries of a whole batch (rows typed as at fit), one row per entry:
+        entity, ``time_us``, ``record_id`` and a ``v{slot}`` column per slot; each entity's
+        entries in order, only those the retention keeps after the batch's last row."""
+        entries = self._entry_frame(frame, record_ids, "offline")
+        entries = entries.sort_values([self.entity_key, "time_us"], kind="stable")
+        return entries[_retained(entries, self.entity_key, self.retention)]
+
+    def record_entries(self, records: Sequence[Mapping[str, Any]] | pd.DataFrame,
+                       record_ids: Sequence[str]) -> dict[str, list[Entry]]:
+        """Streamed records (typed, in arrival order) as entries, by entity. Records whose
+        aggregated columns are read as they come (no step before them) take a plain
+        Python path; others run the pandas steps before their aggregates."""
+        if not isinstance(records, pd.DataFrame) and all(s.stop == 0 for s in self.slots):
+            return self._direct_entries(records, record_ids)
+        frame = records if isinstance(records, pd.DataFrame) else pd.DataFrame(list(records))
+        entries = self._entry_frame(frame, record_ids, "online")
+        return group_entries(entries, self.entity_key, len(self.slots))
+
+    def _direct_entries(self, records: Sequence[Mapping[str, Any]],
+                        record_ids: Sequence[str]) -> dict[str, list[Entry]]:
+        grouped: dict[str, list[Entry]] = defaultdict(list)
+        columns = [slot.column for slot in self.slots]
+        for record, record_id in zip(records, record_ids, strict=True):
+            entity = record.get(self.entity_key)
+            at = self._record_time_us(record)
+            if entity is None or at is None:
+                continue  # as offline: a row without a key or a time counts nowhere
+            values = tuple(_float(record.get(column)) for column in columns)
+            grouped[str(entity)].append(Entry(at, check_record_id(record_id), values))
+        return dict(grouped)
+
+    def _record_time_us(self, record: Mapping[str, Any]) -> int | None:
+        if self.timestamp is None:
+            return time.time_ns() // 1_000
+        return timestamp_us(record.get(self.timestamp))
+
+    def aggregates_at(self, entries: Sequence[Entry], at_us: int) -> dict[str, float]:
+        """The aggregate columns of a new row at ``at_us`` given its entity's entries."""
+        out: dict[str, float] = {}
+        for window in self.windows:
+            chosen = _in_window(entries, window, at_us)
+            values = [v for v in (e.values[window.slot] for e in chosen) if not math.isnan(v)]
+            out.update(_stats(window, values))
+        return out
+
+    def ages_s(self, entries: Sequence[Entry], at_us: int) -> dict[str, float | None]:
+        """Per aggregate column, the age at ``at_us`` of the newest entry it counts, in
+        seconds (None: its window is empty)."""
+        ages: dict[str, float | None] = {}
+        for window in self.windows:
+            chosen = _in_window(entries, window, at_us)
+            age = (at_us - chosen[-1].time_us) / 1e6 if chosen else None
+            ages.update(dict.fromkeys(window.names, age))
+        return ages
+
+    def _entry_frame(self, frame: pd.DataFrame, record_ids: Sequence[str],
+                     mode: str) -> pd.DataFrame:
+        if len(record_ids) != len(frame):
+            raise InvalidInput(f"{len(record_ids)} record ids for {len(frame)} rows")
+        conformed = self.fitted.conform(frame.reset_index(drop=True))
+        out = pd.DataFrame({self.entity_key: conformed[self.entity_key],
+                            "time_us": self._times_us(conformed),
+                            "record_id": list(record_ids)})
+        for index, slot in enumerate(self.slots):
+            out[f"v{index}"] = _column_at(self.fitted, conformed, slot, mode)
+        missing = out[self.entity_key].isna() | out["time_us"].isna()
+        return out[~missing.to_numpy()]  # offline, rows without a key or time count nowhere
+
+    def _times_us(self, frame: pd.DataFrame) -> pd.Series:
+        if self.timestamp is None:  # no event time: arrival order is the order
+            start = pd.Timestamp.now(tz="UTC").value // 1_000
+            return pd.Series(np.arange(start, start + len(frame)), index=frame.index)
+        times = to_utc(frame[self.timestamp])
+        return pd.Series(times.astype("int64") // 1_000, index=frame.index).where(times.notna())
+
+
+def group_entries(entries: pd.DataFrame, entity_key: str,
+                  slots: int) -> dict[str, list[Entry]]:
+    """An entry frame (``batch_entries``) as entries by entity, in frame order."""
+    grouped: dict[str, list[Entry]] = defaultdict(list)
+    values = entries[[f"v{i}" for i in range(slots)]].to_numpy(dtype=np.float64)
+    rows = zip(entries[entity_key].astype(str).tolist(), entries["time_us"].tolist(),
+               entries["record_id"].tolist(), values.tolist(), strict=True)
+    for entity, time_us, record_id, row in rows:
+        grouped[entity].append(Entry(int(time_us), check_record_id(record_id), tuple(row)))
+    return dict(grouped)
+
+
+def _plan(fitted: FittedFeatureSet) -> tuple[list[Slot], list[Window]]:
+    """The slots the entries carry and the windows read from them, in step order."""
+    if fitted.entity_key is None:
+        raise NotStreamable(f"feature set {fitted.feature_set_id} has no entity key")
+    slots: list[Slot] = []
+    windows: list[Window] = []
+    produced: set[str] = set()
+    stop = 0  # steps before the first non-aggregate step leave the columns as read
+    for index, (_, step) in enumerate(fitted.pipeline.steps):
+        if not isinstance(step, EntityAggregate):
+            stop = index + 1
+            continue
+        if step.column in produced:
+            raise NotStreamable(f"step {index} aggregates {step.column!r}, an aggregate "
+                                "column: the stream keeps raw values only")
+        slot = Slot(stop, step.column)
+        if slot not in slots:
+            slots.append(slot)
+        windows.append(Window(slots.index(slot), step.window, tuple(step.stats),
+                              tuple(step.output_names())))
+        produced.update(step.output_names())
+    if not windows:
+        raise NotStreamable(f"feature set {fitted.feature_set_id} has no entity aggregates")
+    return slots, windows
+
+
+def _retention(windows: list[Window], tolerance_s: float, count_ttl_s: int) -> Retention:
+    counts = [w.window for w in windows if isinstance(w.window, int)]
+    spans = [s for s in (w.span_us for w in windows) if s is not None]
+    tolerance_us = int(tolerance_s * 1e6)
+    span_ttl = math.ceil((max(spans) + tolerance_us) / 1e6) if spans else 0
+    return Retention(max_count=max(counts, default=0),
+                     max_span_us=max(spans) if spans else None, tolerance_us=tolerance_us,
+                     ttl_s=max(span_ttl, count_ttl_s if counts else 0))
+
+
+def _column_at(fitted: FittedFeatureSet, frame: pd.DataFrame, slot: Slot,
+               mode: str) -> np.ndarray:
+    """``slot.column`` as the aggregate step reads it: after the steps before ``stop``."""
+    if slot.stop:
+        ran = fitted.run_until(frame, slot.stop, "offline" if mode == "offline" else "online")
+        frame = ran.reindex(frame.index)  # rows a filter dropped count nowhere: NaN
+    return pd.to_numeric(frame[slot.column], errors="coerce").to_numpy(dtype=np.float64)
+
+
+def _retained(entries: pd.DataFrame, key: str, retention: Retention) -> np.ndarray:
+    """Which rows of entity-and-time-sorted entries ``prune_entries`` would keep."""
+    groups = entries.groupby(key, sort=False)["time_us"]
+    cut = groups.transform("max") - retention.tolerance_us
+    recent = entries["time_us"] >= cut
+    # Rank among the entity's entries before the cut, counted from its newest.
+    before_cut = (~recent).astype(int)
+    rank_from_end = before_cut[::-1].groupby(entries[key][::-1], sort=False).cumsum()[::-1]
+    keep = recent | (rank_from_end <= retention.max_count)
+    if retention.max_span_us is not None:
+        keep |= entries["time_us"] >= cut - retention.max_span_us
+    return keep.to_numpy()
+
+
+def _in_window(entries: Sequence[Entry], window: Window, at_us: int) -> Sequence[Entry]:
+    span = window.span_us
+    if span is None:
+        upto = [e for e in entries if e.time_us <= at_us]
+        return upto[-int(window.window):] if window.window else []
+    return [e for e in entries if at_us - span <= e.time_us < at_us]
+
+
+def _stats(window: Window, values: list[float]) -> dict[str, float]:
+    total, count = float(sum(values)), float(len(values))
+    found = {"count": count, "sum": total, "mean": total / count if count else math.nan}
+    return {name: found[stat] for name, stat in zip(window.names, window.stats, strict=True)}
+
+
+def last_record_us(entries: Sequence[Entry], at_us: int) -> int | None:
+    """When the entity's latest record at or before ``at_us`` happened (None: none)."""
+    times = [e.time_us for e in entries if e.time_us <= at_us]
+    return max(times) if times else None
+
+
+def timestamp_us(value: Any) -> int | None:
+    """A timestamp (aware or UTC datetime, pandas Timestamp, ISO 8601 text) as epoch
+    microseconds; None when missing."""
+    if value is None or value is pd.NaT or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, datetime) and not isinstance(value, pd.Timestamp):
+        aware = value.replace(tzinfo=UTC) if value.tzinfo is None else value
+        delta = aware - _EPOCH
+        return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    stamp = pd.Timestamp(value)
+    stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp
+    return int(stamp.value // 1_000)
+
+
+def _float(value: Any) -> float:
+    if value is None:
+        return math.nan
+    return float(value)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

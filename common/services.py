@@ -16,6 +16,7 @@ SERVICES: dict[str, str] = {
     "eventlog": "common.eventlog:build",
     "ingestion": "ingestion.service:build",
     "preparation": "preparation.service:build",
+    "online-preparation": "preparation.service:build_online",
     "training": "training.service:build",
     "evaluation": "evaluation.service:build",
     "scoring": "scoring.service:build",

@@ -81,6 +81,18 @@ class Settings(BaseSettings):
     idempotency_retry_s: float = Field(default=30.0, ge=0)
     """How long a Redis error in the idempotency check is retried with back-off before the
     message goes to a delay queue (its attempt count untouched)."""
+    stream_late_tolerance_s: float = Field(default=300.0, ge=0)
+    """How far behind its entity's newest record a streamed record may arrive and still
+    count; a later one is refused as late (counted, logged, in RecordsRefused)."""
+    stream_count_ttl_s: int = Field(default=90 * 86_400, ge=0)
+    """How long an idle entity's last-N history stays online (time windows bound their
+    own state: the widest window plus the tolerance)."""
+    stream_recent_sets: int = Field(default=3, ge=1)
+    """Newest materialised feature sets the stream keeps up to date beside the registry
+    chain's (a set being trained and evaluated is not in the chain yet)."""
+    max_feature_age_s: float = Field(default=0.0, ge=0)
+    """A Score whose entity's last record is older than this is answered degraded
+    (0: never)."""
 
     @property
     def exchange(self) -> str:

@@ -20,22 +20,42 @@ write wins, equal times overwrite), run again.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Sequence
 
 import pandas as pd
+from prometheus_client import CollectorRegistry, Counter
 
 from common.config import PipelineConfig, load_pipeline_config
-from common.errors import NotFound
-from common.events import FeaturesGenerated, RawDataExtracted
+from common.errors import InvalidInput, NotFound
+from common.events import (
+    FeaturesGenerated,
+    RawDataExtracted,
+    RecordProblem,
+    RecordsObserved,
+    RecordsRefused,
+)
 from common.runtime import Service, handles
 from common.settings import Settings
 from common.stores import ModelStore, OfflineFeatureStore, OnlineFeatureStore, RawBatchStore
+from common.stores.entity_state import (
+    Applied,
+    EntityStateStore,
+    RedisEntityState,
+    StreamTargets,
+)
 from common.stores.features import latest_rows
+from common.stores.models import ModelRegistry
 from common.wiring import Stores
-from ingestion.contract import read_batch
+from ingestion.contract import DatasetContract, read_batch
+from ingestion.records import CheckedRecords, check_records
 from preparation import FittedFeatureSet, build_pipeline, feature_set_id, join_inputs
 from preparation.join import missing_inputs
+from preparation.streaming import NotStreamable, StreamPlan, group_entries
 
 log = logging.getLogger(__name__)
+STATE_CHUNK = 5_000
+"""Entities per pipeline when a batch's entity state is written."""
 
 
 def joined_frame(
@@ -67,9 +87,16 @@ class PreparationService(Service):
         offline: OfflineFeatureStore,
         online: OnlineFeatureStore,
         pipelines: ModelStore,
+        *,
+        state: EntityStateStore | None = None,
+        targets: StreamTargets | None = None,
+        tolerance_s: float = 300.0,
+        count_ttl_s: int = 90 * 86_400,
     ) -> None:
         self.config, self.raw_store, self.offline = config, raw_store, offline
         self.online, self.pipelines = online, pipelines
+        self.state, self.targets = state, targets
+        self.tolerance_s, self.count_ttl_s = tolerance_s, count_ttl_s
 
     @handles(RawDataExtracted)
     def on_raw_data_extracted(self, event: RawDataExtracted) -> FeaturesGenerated | None:
@@ -111,9 +138,35 @@ class PreparationService(Service):
         timestamp = self.offline.metadata(fsid).metadata.get("online_timestamp")
         written = self.online.write_batch(fsid, latest, event.entity_key,
                                           timestamp_column=timestamp)
+        self._materialise_state(fsid)
         self.online.mark_complete(fsid, len(latest))
         log.info("feature set %s: %d entities online (%d rows written)", fsid, len(latest),
                  written)
+
+    def _materialise_state(self, fsid: str) -> None:
+        """Write the entity state the stream continues from (``StreamPlan``): each
+        entity's retained history of the set's batch, merged with what the stream may
+        have written since the set was registered; then the stream keeps the set."""
+        if self.state is None or self.targets is None or len(self.config.features.inputs) != 1:
+            return  # no online path here, or a joined set (its records come in parts)
+        try:
+            plan = StreamPlan(self.pipelines.load(fsid), tolerance_s=self.tolerance_s,
+                              count_ttl_s=self.count_ttl_s)
+        except NotStreamable:
+            return
+        dataset = self.config.features.inputs[0]
+        self.targets.add(dataset, fsid)  # first: no record after this is missed
+        batches = self.offline.metadata(fsid).metadata["batch_ids"]
+        frame = joined_frame(self.raw_store, self.config, batches)
+        ids = batch_record_ids(frame, self.config.datasets[dataset], batches[dataset])
+        updates = group_entries(plan.batch_entries(frame, ids), plan.entity_key,
+                                len(plan.slots))
+        entities = list(updates)
+        for first in range(0, len(entities), STATE_CHUNK):
+            chunk = {e: updates[e] for e in entities[first:first + STATE_CHUNK]}
+            self.state.apply(fsid, chunk, plan.retention, late_tolerance_us=-1)
+        log.info("feature set %s: entity state of %d entities online, kept from %s records",
+                 fsid, len(entities), dataset)
 
     def _prepare(self, fsid: str, batches: dict[str, str]) -> None:
         frame = joined_frame(self.raw_store, self.config, batches)
@@ -165,10 +218,162 @@ class PreparationService(Service):
         )
 
 
+def batch_record_ids(frame: pd.DataFrame, contract: DatasetContract, batch_id: str) -> list[str]:
+    """Each batch row's record id: the contract's ``record_id`` column, else the batch and
+    row (a streamed copy of a batch row is then not recognised as one: give the contract
+    a record id where records may be both streamed and batched)."""
+    if contract.record_id is not None:
+        return frame[contract.record_id].astype(str).tolist()
+    return [f"{batch_id[:16]}.{row}" for row in range(len(frame))]
+
+
 def build(settings: Settings) -> PreparationService:
     """The preparation service for the settings."""
     stores = Stores.from_settings(settings)
     config = load_pipeline_config(settings.pipeline_config)
     return PreparationService(
-        config, stores.raw, stores.offline, stores.online, stores.feature_pipelines
+        config, stores.raw, stores.offline, stores.online, stores.feature_pipelines,
+        state=RedisEntityState(stores.redis, settings.namespace),
+        targets=StreamTargets(stores.redis, settings.namespace),
+        tolerance_s=settings.stream_late_tolerance_s, count_ttl_s=settings.stream_count_ttl_s,
     )
+
+
+class RecordMetrics:
+    """Counters of the records the online path applied, skipped or refused, by dataset."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        labels = ["dataset"]
+        self.applied = Counter("conveyor_records_applied", "Streamed records applied to the "
+                               "online state (once per feature set kept)", labels,
+                               registry=registry)
+        self.duplicates = Counter("conveyor_records_duplicate", "Streamed records already "
+                                  "applied (redelivered or sent twice)", labels,
+                                  registry=registry)
+        self.refused = Counter("conveyor_records_refused", "Streamed records refused",
+                               [*labels, "reason"], registry=registry)
+
+    def count(self, dataset: str, applied: Applied, invalid: int) -> None:
+        """Account one event's records."""
+        self.applied.labels(dataset).inc(applied.applied)
+        self.duplicates.labels(dataset).inc(applied.duplicates)
+        self.refused.labels(dataset, "invalid").inc(invalid)
+        self.refused.labels(dataset, "late").inc(len(set(applied.late_records)))
+
+
+class OnlinePreparationService(Service):
+    """The online path: streamed records applied to the online entity state of every
+    feature set kept from their dataset, so Score reads aggregates up to the last record.
+
+    Each RecordsObserved is checked record by record against its dataset's contract;
+    the valid records become entries of every kept feature set (``StreamPlan``) and are
+    merged into Redis, one pipeline per feature set, before the event is acknowledged.
+    Redelivery changes nothing (records are deduplicated by id); invalid and too-late
+    records are named in a RecordsRefused event (the event log keeps it) and counted.
+    """
+
+    name = "online-preparation"
+    prune_every_s = 30.0
+
+    def __init__(self, config: PipelineConfig, pipelines: ModelStore, state: EntityStateStore,
+                 targets: StreamTargets, *, registry: ModelRegistry | None = None,
+                 models: ModelStore | None = None, tolerance_s: float = 300.0,
+                 count_ttl_s: int = 90 * 86_400, recent_sets: int = 3) -> None:
+        self.config, self.pipelines, self.state, self.targets = config, pipelines, state, targets
+        self.registry, self.models = registry, models
+        self.tolerance_s, self.count_ttl_s, self.recent_sets = tolerance_s, count_ttl_s, recent_sets
+        self.metrics = RecordMetrics()
+        self._plans: dict[str, StreamPlan] = {}
+        self._pruned_at = 0.0
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        """conveyor_records_{applied,duplicate,refused}_total on the service's /metrics."""
+        self.metrics = RecordMetrics(registry)
+
+    @handles(RecordsObserved, expected=(InvalidInput,))
+    def on_records_observed(self, event: RecordsObserved) -> RecordsRefused | None:
+        """Apply the valid records to every kept feature set; name the others."""
+        checked = check_records(event.records, self._contract(event.dataset))
+        applied = self._apply(event.dataset, checked)
+        late = _late_problems(checked, applied)
+        self.metrics.count(event.dataset, applied, len(checked.refused))
+        problems = sorted(checked.refused + late, key=lambda p: p.index)
+        if not problems:
+            return None
+        log.warning("event %s (correlation %s): %d of %d record(s) of %s refused; first: %s",
+                    event.event_id, event.correlation_id, len(problems), len(event.records),
+                    event.dataset, problems[0].reason)
+        return event.caused(RecordsRefused, producer=self.name, dataset=event.dataset,
+                            problems=problems, applied=len(checked.records) - len(late))
+
+    def plan(self, feature_set_id: str) -> StreamPlan:
+        """The stream plan of a kept feature set (its fitted pipeline verified and loaded
+        once)."""
+        plan = self._plans.get(feature_set_id)
+        if plan is None:
+            plan = self._plans[feature_set_id] = StreamPlan(
+                self.pipelines.load(feature_set_id), tolerance_s=self.tolerance_s,
+                count_ttl_s=self.count_ttl_s)
+        return plan
+
+    def _contract(self, dataset: str) -> DatasetContract:
+        contract = self.config.datasets.get(dataset)
+        if contract is None:
+            raise InvalidInput(f"dataset {dataset!r} is not in the pipeline config "
+                               f"(known: {', '.join(sorted(self.config.datasets))})")
+        return contract
+
+    def _apply(self, dataset: str, checked: CheckedRecords) -> Applied:
+        total = Applied()
+        if not checked.records:
+            return total
+        self._prune(dataset)
+        for fsid in self.targets.of(dataset):
+            plan = self.plan(fsid)
+            entries = plan.record_entries(checked.records, checked.ids)
+            done = self.state.apply(fsid, entries, plan.retention)
+            total = Applied(max(total.applied, done.applied),
+                            max(total.duplicates, done.duplicates), 0,
+                            tuple(sorted(set(total.late_records) | set(done.late_records))))
+        return total
+
+    def _prune(self, dataset: str) -> None:
+        """Every ``prune_every_s``: stop keeping the sets neither in the registry chain nor
+        among the ``recent_sets`` newest (their state expires with its TTL)."""
+        if self.registry is None or self.models is None:
+            return
+        if time.monotonic() - self._pruned_at < self.prune_every_s:
+            return
+        self._pruned_at = time.monotonic()
+        kept = self.targets.of(dataset)
+        needed = set(kept[-self.recent_sets:]) | set(self._chain_sets())
+        stale = [fsid for fsid in kept if fsid not in needed]
+        if stale:
+            log.info("the stream no longer keeps feature sets %s of %s", stale, dataset)
+            self.targets.remove(dataset, stale)
+
+    def _chain_sets(self) -> Sequence[str]:
+        assert self.registry is not None and self.models is not None
+        return [str(self.models.metadata(entry.model_id).metadata.get("feature_set_id"))
+                for entry in self.registry.chain()]
+
+
+def _late_problems(checked: CheckedRecords, applied: Applied) -> list[RecordProblem]:
+    late = set(applied.late_records)
+    return [RecordProblem(index=index, field=None, record_id=record_id,
+                          reason=f"record {record_id} came later than the tolerance behind "
+                                 "its entity's newest record")
+            for index, record_id in zip(checked.indices, checked.ids, strict=True)
+            if record_id in late]
+
+
+def build_online(settings: Settings) -> OnlinePreparationService:
+    """The online preparation service for the settings."""
+    stores = Stores.from_settings(settings)
+    config = load_pipeline_config(settings.pipeline_config)
+    return OnlinePreparationService(
+        config, stores.feature_pipelines, RedisEntityState(stores.redis, settings.namespace),
+        StreamTargets(stores.redis, settings.namespace),
+        registry=stores.registry(settings, config.name), models=stores.models,
+        tolerance_s=settings.stream_late_tolerance_s, count_ttl_s=settings.stream_count_ttl_s,
+        recent_sets=settings.stream_recent_sets)

@@ -304,3 +304,47 @@ def prune_entries(entries: Sequence[Entry], retention: Retention) -> list[Entry]
     if retention.max_span_us is not None:
         start = min(start, bisect.bisect_left(times, cut - retention.max_span_us))
     return list(entries[start:])
+
+
+class StreamTargets:
+    """The feature sets whose entity state the stream keeps, per dataset: a Redis sorted
+    set per dataset, scored by when each set was added (oldest first)."""
+
+    def __init__(self, redis_client: redis.Redis, namespace: str = "conveyor") -> None:
+        self._redis, self._namespace = redis_client, namespace
+
+    def add(self, dataset: str, feature_set_id: str) -> None:
+        """Keep ``feature_set_id`` up to date from ``dataset``'s records (idempotent)."""
+        self._redis.zadd(self._key(dataset), {check_id("feature set id", feature_set_id):
+                                              time.time()}, nx=True)
+
+    def of(self, dataset: str) -> list[str]:
+        """The feature sets kept from ``dataset``'s records, oldest first."""
+        return [m.decode() if isinstance(m, bytes) else str(m)
+                for m in self._redis.zrange(self._key(dataset), 0, -1)]
+
+    def remove(self, dataset: str, feature_set_ids: Sequence[str]) -> None:
+        """Stop keeping these feature sets (their state then expires with its TTL)."""
+        if feature_set_ids:
+            self._redis.zrem(self._key(dataset), *feature_set_ids)
+
+    def _key(self, dataset: str) -> str:
+        return f"{self._namespace}:stream:{check_id('dataset', dataset)}"
+
+
+class MemoryStreamTargets(StreamTargets):
+    """``StreamTargets`` in a dict, for unit tests and library use."""
+
+    def __init__(self) -> None:  # noqa: D107 - no Redis
+        self._sets: dict[str, list[str]] = {}
+
+    def add(self, dataset: str, feature_set_id: str) -> None:
+        held = self._sets.setdefault(dataset, [])
+        if feature_set_id not in held:
+            held.append(feature_set_id)
+
+    def of(self, dataset: str) -> list[str]:
+        return list(self._sets.get(dataset, []))
+
+    def remove(self, dataset: str, feature_set_ids: Sequence[str]) -> None:
+        self._sets[dataset] = [f for f in self._sets.get(dataset, []) if f not in feature_set_ids]

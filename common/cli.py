@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 import threading
 from pathlib import Path
@@ -408,6 +409,9 @@ def demo(rows: int, seed: int | None, timeout: float) -> None:
     """The whole story on a generated PaySim-style data set, through the real services."""
     from common.demo import run_demo
 
+    # The demo is local development (its services inherit this): the published signing
+    # key is allowed here, and only here, unless CONVEYOR_LOCAL_DEV says otherwise.
+    os.environ.setdefault("CONVEYOR_LOCAL_DEV", "true")
     sys.exit(run_demo(Settings(), rows=rows, seed=seed, timeout=timeout))
 
 

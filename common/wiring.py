@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import redis
 
 from common.settings import Settings
+from common.signing import FEATURE_PIPELINE, MODEL, Keyring
 from common.stores import (
     ModelRegistry,
     ModelStore,
@@ -43,15 +44,17 @@ class Stores:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Stores:
-        """The stores the settings point at."""
+        """The stores the settings point at; ``WeakSigningKey`` (naming the setting) if
+        the signing key is the published default or short outside local development."""
+        keys = Keyring.from_settings(settings)
         client = redis.Redis.from_url(settings.redis_url)
-        key = settings.model_signing_key.get_secret_value().encode()
         return cls(
             raw=RawBatchStore(settings.data_root),
             offline=OfflineFeatureStore(settings.data_root),
             online=RedisOnlineStore(client, settings.namespace, settings.online_ttl_s),
-            models=ModelStore(settings.data_root, key),
-            feature_pipelines=ModelStore(feature_pipeline_root(settings.data_root), key),
+            models=ModelStore(settings.data_root, keys, context=MODEL),
+            feature_pipelines=ModelStore(feature_pipeline_root(settings.data_root), keys,
+                                         context=FEATURE_PIPELINE),
             redis=client,
         )
 

@@ -1,11 +1,16 @@
 """Model store (signed artifacts and their metadata) and model registry (versions, aliases).
 
-``ModelStore`` keeps ``models/<model_id>/`` under the data root: the model serialised with
-dill, its HMAC-SHA256 signature beside it, and a metadata JSON written last. The signature
-covers the model id and the artifact bytes, so an artifact is refused if it was changed,
-has no signature, was signed with another key, or was copied under another model's id;
-``load`` checks all that before dill ever sees the bytes. Model ids are derived from their
-content, so saving an id that is already stored returns the stored record untouched.
+``ModelStore`` keeps ``models/<model_id>/`` under the data root: ``model.signed`` (a
+header line with the signature, then the model serialised with dill: the two are one file,
+written atomically together) and a metadata JSON written last. The HMAC-SHA256 signature
+(``common.signing``) covers the store's context (model or feature pipeline), the model id,
+the artifact's SHA-256 and the metadata that decides how the model is used
+(``BOUND_METADATA``: its feature set id and feature order), and names the id of the key
+that made it. ``load`` refuses, before dill ever sees the bytes, an artifact that was
+changed, has no signature, was signed by an unknown key or in another context, was copied
+under another model's id, or whose record now says another feature set or feature order.
+Any key of the keyring verifies, so keys rotate without re-signing. Model ids are derived
+from their content, so saving an id that is already stored returns the stored record.
 
 ``ModelRegistry`` is one JSON document per registry name under ``registry/``: versions
 (``v1``, ``v2``, ... in registration order), the serving chain (champion, previous, older)
@@ -14,7 +19,7 @@ read-modify-write under an exclusive ``fcntl`` lock, written to a temporary file
 into place with ``os.replace``, so concurrent processes on one machine never lose an
 update. An object-storage root has no such lock: give it a single writer. Example::
 
-    store = ModelStore(settings.data_root, settings.model_signing_key.get_secret_value().encode())
+    store = ModelStore(settings.data_root, Keyring.from_settings(settings))  # or a bytes key
     store.save("m-3f2a", model, {"algorithm": "xgboost", "feature_set_id": "fs1"})
     model = store.load("m-3f2a")          # ArtifactSignatureError if tampered or unsigned
 
@@ -28,7 +33,7 @@ from __future__ import annotations
 
 import builtins
 import hashlib
-import hmac
+import json
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -41,17 +46,39 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from common.errors import ArtifactSignatureError, InvalidInput, ModelIdNotFound, ModelNotFound
 from common.events import utc_now
 from common.settings import Settings
+from common.signing import MODEL, Keyring
 from common.stores._fs import DataRoot, check_id
 
 ModelStatus = Literal["candidate", "champion", "previous", "rejected"]
-_SIGNATURE_CONTEXT = b"conveyor-model-v1\x00"
 T = TypeVar("T")
+SIGNED_MAGIC = b"CONVEYOR-SIGNED/2\n"
+"""First line of a signed artifact; the header (JSON) is the second, the payload follows."""
+BOUND_METADATA = ("feature_set_id", "features")
+"""Metadata keys that decide how a model is used: signed with it, never changed after."""
 
 
-def sign(key: bytes, model_id: str, payload: bytes) -> str:
-    """The hex HMAC-SHA256 of an artifact, bound to its model id."""
-    message = _SIGNATURE_CONTEXT + model_id.encode() + b"\x00" + payload
-    return hmac.new(key, message, hashlib.sha256).hexdigest()
+class SignatureHeader(BaseModel):
+    """The signature line of a signed artifact."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    context: str
+    key_id: str
+    signature: str
+    sha256: str
+    bound: dict[str, Any]
+
+
+def signed_message(model_id: str, sha256: str, bound: dict[str, Any]) -> bytes:
+    """What a signature covers (besides its context): the id, the artifact's digest and
+    the bound metadata, canonically encoded."""
+    canonical = json.dumps(bound, sort_keys=True, separators=(",", ":")).encode()
+    return b"\x00".join((model_id.encode(), sha256.encode(), canonical))
+
+
+def bound_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The part of a model's metadata its signature covers."""
+    return {key: metadata[key] for key in BOUND_METADATA if key in metadata}
 
 
 def default_actor() -> str:
@@ -78,18 +105,21 @@ class ModelRecord(BaseModel):
 
 
 class ModelStore:
-    """Signed model artifacts and their metadata under a data root."""
+    """Signed artifacts of one context (models, or feature pipelines) under a data root."""
 
-    def __init__(self, root: str, signing_key: bytes):
-        if not signing_key:
-            raise InvalidInput("the model signing key is empty")
+    def __init__(self, root: str, keys: Keyring | bytes, *, context: str = MODEL):
+        if isinstance(keys, bytes):
+            if not keys:
+                raise InvalidInput("the model signing key is empty")
+            keys = Keyring.single(keys)
         self._root = DataRoot(root)
-        self._key = signing_key
+        self._keys, self.context = keys, context
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ModelStore:
-        """A store under ``settings.data_root`` signing with ``settings.model_signing_key``."""
-        return cls(settings.data_root, settings.model_signing_key.get_secret_value().encode())
+        """The model store under ``settings.data_root`` with the settings' keys (refused
+        outside local development when the signing key is weak: ``WeakSigningKey``)."""
+        return cls(settings.data_root, Keyring.from_settings(settings))
 
     def save(
         self, model_id: str, model: Any, metadata: dict[str, Any] | None = None
@@ -102,13 +132,20 @@ class ModelStore:
             return self.metadata(model_id)
         payload = dill.dumps(model)
         record = _new_record(model_id, payload, dict(metadata or {}))
-        self._root.write_bytes(_artifact(model_id), payload)
-        self._root.write_bytes(_signature(model_id), sign(self._key, model_id, payload).encode())
+        header = self._header(model_id, record.artifact_sha256, bound_metadata(record.metadata))
+        signed = SIGNED_MAGIC + header.model_dump_json().encode() + b"\n" + payload
+        self._root.write_bytes(_artifact(model_id), signed)  # signature and bytes: one file
         return self._write_record(record)  # last: the record marks the model complete
 
     def load(self, model_id: str) -> Any:
-        """The model, after its signature is verified; ``ArtifactSignatureError`` if not."""
-        payload = self._verified_payload(model_id)
+        """The model, after its signature and bound metadata are verified;
+        ``ArtifactSignatureError`` if not."""
+        header, payload = self._verified(model_id)
+        record = self.metadata(model_id)
+        for key in sorted(set(header.bound) | set(bound_metadata(record.metadata))):
+            if record.metadata.get(key) != header.bound.get(key):
+                raise ArtifactSignatureError(
+                    model_id, f"its metadata {key} is not the one key {header.key_id!r} signed")
         return dill.loads(payload)
 
     def metadata(self, model_id: str) -> ModelRecord:
@@ -122,7 +159,9 @@ class ModelStore:
         if not self.exists(model_id):
             raise ModelIdNotFound(model_id)
         with self._root.lock(f"models/{model_id}/.lock"):
-            return self._write_record(_changed(self.metadata(model_id), changes))
+            record = self.metadata(model_id)
+            _check_unbound(record, changes)
+            return self._write_record(_changed(record, changes))
 
     def exists(self, model_id: str) -> bool:
         """Whether a complete model with this id is stored."""
@@ -136,17 +175,28 @@ class ModelStore:
         ]
         return sorted(records, key=lambda r: (r.created_at, r.model_id))
 
-    def _verified_payload(self, model_id: str) -> bytes:
+    def _header(self, model_id: str, sha256: str, bound: dict[str, Any]) -> SignatureHeader:
+        key_id, signature = self._keys.sign(self.context, signed_message(model_id, sha256, bound))
+        return SignatureHeader(context=self.context, key_id=key_id, signature=signature,
+                               sha256=sha256, bound=bound)
+
+    def _verified(self, model_id: str) -> tuple[SignatureHeader, bytes]:
+        """The header and payload of an artifact whose signature verifies."""
         if not self._root.exists(_artifact(check_id("model id", model_id))):
             raise ModelIdNotFound(model_id)
-        if not self._root.exists(_signature(model_id)):
-            raise ArtifactSignatureError(model_id, "no signature")
-        payload = self._root.read_bytes(_artifact(model_id))
-        stored = self._root.read_bytes(_signature(model_id)).strip()
-        expected = sign(self._key, model_id, payload).encode()
-        if not hmac.compare_digest(stored, expected):
-            raise ArtifactSignatureError(model_id, "signature mismatch")
-        return payload
+        header, payload = _unpacked(model_id, self._root.read_bytes(_artifact(model_id)))
+        if header.context != self.context:
+            raise ArtifactSignatureError(
+                model_id, f"signed as a {header.context}, not a {self.context}")
+        if header.key_id not in self._keys.keys:
+            known = ", ".join(sorted(self._keys.keys))
+            raise ArtifactSignatureError(
+                model_id, f"signed with unknown key id {header.key_id!r} (known: {known})")
+        message = signed_message(model_id, hashlib.sha256(payload).hexdigest(), header.bound)
+        if not self._keys.verify(self.context, message, header.key_id, header.signature):
+            raise ArtifactSignatureError(
+                model_id, f"signature does not verify with key {header.key_id!r}")
+        return header, payload
 
     def _write_record(self, record: ModelRecord) -> ModelRecord:
         self._root.write_bytes(_record(record.model_id), record.model_dump_json(indent=2).encode())
@@ -166,6 +216,23 @@ def _new_record(model_id: str, payload: bytes, metadata: dict[str, Any]) -> Mode
     )
 
 
+def _unpacked(model_id: str, data: bytes) -> tuple[SignatureHeader, bytes]:
+    """The header and payload of a signed artifact; ``ArtifactSignatureError`` without."""
+    if not data.startswith(SIGNED_MAGIC):
+        raise ArtifactSignatureError(model_id, "no signature")
+    line, sep, payload = data[len(SIGNED_MAGIC):].partition(b"\n")
+    try:
+        return SignatureHeader.model_validate_json(line), payload
+    except ValueError:
+        raise ArtifactSignatureError(model_id, "unreadable signature header") from None
+
+
+def _check_unbound(record: ModelRecord, changes: dict[str, Any]) -> None:
+    for key in BOUND_METADATA:
+        if key in changes and changes[key] != record.metadata.get(key):
+            raise InvalidInput(f"{key} of model {record.model_id} is signed: it cannot change")
+
+
 def _changed(record: ModelRecord, changes: dict[str, Any]) -> ModelRecord:
     status = _status(changes.pop("status", record.status))
     return record.model_copy(
@@ -181,11 +248,7 @@ def _status(status: Any) -> ModelStatus:
 
 
 def _artifact(model_id: str) -> str:
-    return f"models/{model_id}/model.dill"
-
-
-def _signature(model_id: str) -> str:
-    return f"models/{model_id}/model.dill.sig"
+    return f"models/{model_id}/model.signed"
 
 
 def _record(model_id: str) -> str:

@@ -29,7 +29,12 @@ def fitted_model() -> LogisticRegression:
 
 
 def artifact(tmp_path: Path, model_id: str) -> Path:
-    return tmp_path / "models" / model_id / "model.dill"
+    return tmp_path / "models" / model_id / "model.signed"
+
+
+def split_artifact(path: Path) -> tuple[bytes, dict, bytes]:
+    magic, header, payload = path.read_bytes().split(b"\n", 2)
+    return magic, json.loads(header), payload
 
 
 def test_save_then_load_gives_the_model_back(store):
@@ -38,12 +43,19 @@ def test_save_then_load_gives_the_model_back(store):
     assert loaded.predict([[0.0], [3.0]]).tolist() == [0, 1]
 
 
-def test_signature_is_an_hmac_of_the_id_and_the_bytes(store, tmp_path):
-    store.save("m1", {"weights": [1, 2]}, {})
-    payload = artifact(tmp_path, "m1").read_bytes()
-    message = b"conveyor-model-v1\x00m1\x00" + payload
-    expected = hmac.new(KEY, message, hashlib.sha256).hexdigest()
-    assert (tmp_path / "models" / "m1" / "model.dill.sig").read_text() == expected
+def test_signature_is_an_hmac_of_the_context_id_digest_and_bound_metadata(store, tmp_path):
+    store.save("m1", {"weights": [1, 2]}, {"feature_set_id": "fs1", "features": ["b", "a"],
+                                           "algorithm": "x"})
+    magic, header, payload = split_artifact(artifact(tmp_path, "m1"))
+    digest = hashlib.sha256(payload).hexdigest()
+    bound = b'{"feature_set_id":"fs1","features":["b","a"]}'
+    message = b"conveyor-signature-v2\x00model\x00m1\x00" + digest.encode() + b"\x00" + bound
+    assert magic == b"CONVEYOR-SIGNED/2"
+    assert header == {"context": "model", "key_id": "local", "sha256": digest,
+                      "bound": {"feature_set_id": "fs1", "features": ["b", "a"]},
+                      "signature": hmac.new(KEY, message, hashlib.sha256).hexdigest()}
+    assert sorted(p.name for p in (tmp_path / "models" / "m1").iterdir()) == [
+        "metadata.json", "model.signed"]  # signature and artifact in one file, no leftovers
 
 
 def test_one_changed_byte_is_refused_before_unpickling(store, tmp_path, monkeypatch):
@@ -53,9 +65,10 @@ def test_one_changed_byte_is_refused_before_unpickling(store, tmp_path, monkeypa
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
     monkeypatch.setattr(models_module.dill, "loads", _must_not_unpickle)
-    with pytest.raises(ArtifactSignatureError, match="m1.*signature mismatch") as caught:
+    with pytest.raises(ArtifactSignatureError, match="m1.*signature does not verify with key "
+                       "'local'") as caught:
         store.load("m1")
-    assert caught.value.model_id == "m1" and caught.value.reason == "signature mismatch"
+    assert caught.value.model_id == "m1"
 
 
 def _must_not_unpickle(*args, **kwargs):
@@ -64,7 +77,8 @@ def _must_not_unpickle(*args, **kwargs):
 
 def test_missing_signature_is_refused(store, tmp_path, monkeypatch):
     store.save("m1", fitted_model(), {})
-    (tmp_path / "models" / "m1" / "model.dill.sig").unlink()
+    path = artifact(tmp_path, "m1")
+    path.write_bytes(split_artifact(path)[2])  # the bare dill bytes
     monkeypatch.setattr(models_module.dill, "loads", _must_not_unpickle)
     with pytest.raises(ArtifactSignatureError, match="m1.*no signature"):
         store.load("m1")
@@ -72,17 +86,15 @@ def test_missing_signature_is_refused(store, tmp_path, monkeypatch):
 
 def test_another_key_is_refused(store, tmp_path):
     store.save("m1", fitted_model(), {})
-    with pytest.raises(ArtifactSignatureError, match="signature mismatch"):
+    with pytest.raises(ArtifactSignatureError, match="signature does not verify"):
         ModelStore(str(tmp_path), b"another-key").load("m1")
 
 
 def test_an_artifact_copied_under_another_id_is_refused(store, tmp_path):
     store.save("m1", fitted_model(), {})
     store.save("m2", {"other": True}, {})
-    for name in ("model.dill", "model.dill.sig"):
-        source = tmp_path / "models" / "m1" / name
-        (tmp_path / "models" / "m2" / name).write_bytes(source.read_bytes())
-    with pytest.raises(ArtifactSignatureError, match="m2"):
+    artifact(tmp_path, "m2").write_bytes(artifact(tmp_path, "m1").read_bytes())
+    with pytest.raises(ArtifactSignatureError, match="m2.*signature does not verify"):
         store.load("m2")
 
 

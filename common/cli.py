@@ -330,6 +330,11 @@ def status() -> None:
     broker_ok, redis_ok = broker_reachable(settings), redis_reachable(settings)
     click.echo(f"RabbitMQ {settings.amqp_url.split('@')[-1]}: {'up' if broker_ok else 'DOWN'}")
     click.echo(f"Redis    {settings.redis_url}: {'up' if redis_ok else 'DOWN'}")
+    if redis_ok:
+        from common.redis_memory import redis_memory
+
+        memory = redis_memory(redis.Redis.from_url(settings.redis_url))
+        click.echo(f"Redis memory: {memory.describe()}")
     if broker_ok:
         with contextlib.closing(RabbitMQBus(settings, name="cli")) as bus:
             click.echo(queue_table(bus))

@@ -3,6 +3,16 @@
 ``EventLog`` is the store (a bounded stream in arrival order, each event by id, and the
 events each one caused); ``EventLogService`` is the service that fills it.
 
+Everything it keeps is bounded (``CONVEYOR_EVENTLOG_*`` settings):
+
+- ``eventlog`` (stream of summaries): at most about ``maxlen`` entries, none older than
+  the retention; a ScoreServed summary carries its score count, not its scores;
+- ``event:<id>`` (one string per event, expires): the body, kept ``retention_s``; a
+  ScoreServed body is not kept (``score_served_ttl_s`` 0, the default) or kept that long:
+  at 1,000 scores/s with features included, bodies are tens of GB a day;
+- ``caused-by:<id>`` and ``artifact:<id>`` (sets, expire): the lineage links, kept as long
+  as the bodies they point at, each write extending them.
+
 Example::
 
     log = EventLog(redis.Redis(), "conveyor")
@@ -13,26 +23,45 @@ Example::
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, cast
 from uuid import UUID
 
 import redis
+from prometheus_client import CollectorRegistry
 
 from common.bus.dispatch import HandlerSpec
-from common.events import EVENT_TYPES, Event, parse_event
+from common.events import EVENT_TYPES, Event, ScoreServed, parse_event
+from common.redis_memory import RedisMemoryCollector
 from common.runtime import Service
 from common.settings import Settings
 
-STREAM_MAXLEN = 1_000_000
+STREAM_MAXLEN = 100_000
+RETENTION_S = 30 * 24 * 3600
+BULKY = frozenset({"ScoreServed"})
+"""Event types whose bodies are many and large: kept only ``score_served_ttl_s``."""
 
 
 class EventLog:
-    """Events recorded in Redis under one namespace."""
+    """Events recorded in Redis under one namespace, each kept for a bounded time."""
 
-    def __init__(self, client: redis.Redis, namespace: str, maxlen: int = STREAM_MAXLEN) -> None:
+    def __init__(
+        self, client: redis.Redis, namespace: str, maxlen: int = STREAM_MAXLEN, *,
+        retention_s: int = RETENTION_S, score_served_ttl_s: int = 0,
+    ) -> None:
         self.client, self.namespace, self.maxlen = client, namespace, maxlen
+        self.retention_s, self.score_served_ttl_s = retention_s, score_served_ttl_s
         self.stream = f"{namespace}:eventlog"
-        self.bodies = f"{namespace}:events"
+
+    @classmethod
+    def from_settings(cls, client: redis.Redis, settings: Settings) -> EventLog:
+        """The event log with the settings' retention and bounds."""
+        return cls(client, settings.namespace, settings.eventlog_maxlen,
+                   retention_s=int(settings.eventlog_retention_days * 86_400),
+                   score_served_ttl_s=settings.eventlog_score_served_ttl_s)
+
+    def _body_key(self, event_id: UUID | str) -> str:
+        return f"{self.namespace}:event:{event_id}"
 
     def _children_key(self, event_id: UUID | str) -> str:
         return f"{self.namespace}:caused-by:{event_id}"
@@ -40,17 +69,33 @@ class EventLog:
     def _artifact_key(self, ident: str) -> str:
         return f"{self.namespace}:artifact:{ident}"
 
+    def ttl_of(self, event: Event) -> int:
+        """How long the event's body is kept, in seconds (0: not kept)."""
+        return self.score_served_ttl_s if event.event_type in BULKY else self.retention_s
+
     def record(self, event: Event) -> None:
         """Record an event (idempotent for the id and the children; the stream may repeat)."""
         pipe = self.client.pipeline(transaction=True)
-        pipe.hset(self.bodies, str(event.event_id), event.model_dump_json())
-        if event.causation_id:
-            pipe.sadd(self._children_key(event.causation_id), str(event.event_id))
-        for ident in artifact_ids(event):
-            pipe.sadd(self._artifact_key(ident), str(event.event_id))
+        ttl = self.ttl_of(event)
+        if ttl:
+            self._keep(pipe, event, ttl)
         fields: dict[Any, Any] = dict(summary(event))
         pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
+        oldest_ms = int((time.time() - self.retention_s) * 1000)
+        pipe.xtrim(self.stream, minid=f"{oldest_ms}-0", approximate=True)
         pipe.execute()
+
+    def _keep(self, pipe: Any, event: Event, ttl: int) -> None:
+        """The body and lineage links, expiring; a link lives as long as its longest body."""
+        event_id = str(event.event_id)
+        pipe.set(self._body_key(event_id), event.model_dump_json(), ex=ttl)
+        links = [self._artifact_key(ident) for ident in sorted(artifact_ids(event))]
+        if event.causation_id:
+            links.append(self._children_key(event.causation_id))
+        for link in links:
+            pipe.sadd(link, event_id)
+            pipe.expire(link, ttl, gt=True)  # gt: a short-lived body never shortens a link
+            pipe.expire(link, ttl, nx=True)  # nx: a new set gets one
 
     def recent(self, count: int = 50) -> list[dict[str, str]]:
         """The latest entries, oldest first."""
@@ -68,8 +113,8 @@ class EventLog:
         return [(i.decode(), _decoded(f)) for _, entries in found or [] for i, f in entries]
 
     def get(self, event_id: UUID | str) -> Event | None:
-        """An event by id, or None if it was never recorded."""
-        body = cast(bytes | None, self.client.hget(self.bodies, str(event_id)))
+        """An event by id, or None if it was never recorded or has expired."""
+        body = cast(bytes | None, self.client.get(self._body_key(event_id)))
         return parse_event(body) if body else None
 
     def mentioning(self, ident: str) -> list[Event]:
@@ -81,8 +126,8 @@ class EventLog:
         return self._events(cast(set[bytes], self.client.smembers(self._children_key(event_id))))
 
     def _events(self, members: set[bytes]) -> list[Event]:
-        ids = sorted(m.decode() for m in members)
-        bodies = cast(list[bytes | None], self.client.hmget(self.bodies, ids) if ids else [])
+        keys = [self._body_key(m.decode()) for m in sorted(members)]
+        bodies = cast(list[bytes | None], self.client.mget(keys) if keys else [])
         return sorted((parse_event(b) for b in bodies if b), key=lambda e: e.occurred_at)
 
 
@@ -99,6 +144,7 @@ def artifact_ids(event: Event) -> set[str]:
 
 
 def summary(event: Event) -> dict[str, str]:
+    """The stream entry of an event: its envelope and payload (a bulky one's size only)."""
     return {
         "event_id": str(event.event_id),
         "event_type": event.event_type,
@@ -111,6 +157,8 @@ def summary(event: Event) -> dict[str, str]:
 
 
 def _payload(event: Event) -> dict[str, Any]:
+    if isinstance(event, ScoreServed):
+        return {"scores": len(event.scores)}  # the scores themselves: monitoring's business
     envelope = set(Event.model_fields)
     return {k: v for k, v in event.model_dump(mode="json").items() if k not in envelope}
 
@@ -137,8 +185,13 @@ class EventLogService(Service):
     def ready(self) -> bool:
         return bool(self.event_log.client.ping())
 
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        """Redis's memory, on this service's /metrics: it is the one that writes to Redis
+        for every event, and one exporter is enough."""
+        registry.register(RedisMemoryCollector(self.event_log.client))
+
 
 def build(settings: Settings) -> EventLogService:
     """The event-log service for the settings."""
     client = redis.Redis.from_url(settings.redis_url)
-    return EventLogService(EventLog(client, settings.namespace))
+    return EventLogService(EventLog.from_settings(client, settings))

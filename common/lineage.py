@@ -4,6 +4,11 @@ The event log records every event with its cause; walking ``causation_id`` upwar
 reaches the SourceDataAvailable that started the run, and walking the events each one
 caused reaches what came of it (features, candidates, the promoted model...).
 
+Lineage lasts as long as the event log keeps it (``CONVEYOR_EVENTLOG_RETENTION_DAYS``):
+the links (``caused-by:``, ``artifact:`` sets) expire with the bodies they point at, so an
+older history ends where its first expired event was, and an id older than that is
+``NotFound``. ScoreServed events are not part of any lineage (their bodies are not kept).
+
 Example::
 
     found = trace(event_log, "3f2a9c0d1e2b4a5c")     # a model id

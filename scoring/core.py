@@ -42,7 +42,9 @@ from threadpoolctl import threadpool_limits
 from common.errors import ConveyorError, InvalidInput, ModelNotFound, NotFound, Status
 from common.events import ModelReady
 from common.stores import ModelRegistry, ModelStore, OnlineFeatureStore
+from common.stores.entity_state import EntityStateStore, Entry
 from preparation.online import online_matrix
+from preparation.streaming import NotStreamable, StreamPlan, last_record_us, timestamp_us
 from scoring.batching import AdaptiveBatchSize, DeadlineExceeded, MicroBatcher, Overloaded
 from scoring.compiled import CompiledTrees, compiled_or_same
 from scoring.inputs import FieldValue, InputSchema
@@ -112,6 +114,9 @@ class CoreSettings:
     """Fault injection for demos and drills, off at 0: every predict call of the version
     ``inject_delay_version`` first sleeps this long, as a slow model would."""
     inject_delay_version: str = ""
+    max_feature_age_s: float = 0.0
+    """An answer whose entity's last record (streamed or batched) is older than this, at
+    the request's time, is marked degraded (0: never)."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,9 @@ class ScoreQuery:
     fields: Mapping[str, FieldValue]
     model_version: str | None = None
     request_id: str = ""
+    observe: bool = False
+    """Score, then observe the record (``on_observed``): its entity's online state takes
+    it after this answer, so the score never includes the record itself."""
 
 
 @dataclass(frozen=True)
@@ -143,6 +151,9 @@ class ScoreResult:
     """Why a fallback answered, as a fixed label (metrics)."""
     role: str = ""
     """The answering link: champion, previous, older, canary or named."""
+    feature_age_s: float | None = None
+    """Age, at the request's time, of the entity's last record its features count (None:
+    no history, or features not read from the entity state)."""
 
 
 @dataclass(frozen=True)
@@ -168,6 +179,7 @@ class _Request:
     online: Mapping[str, Mapping[str, Any] | None]
     deadline: float | None
     degraded: bool = False
+    feature_age_s: float | None = None
 
 
 @dataclass(eq=False)
@@ -190,6 +202,8 @@ class LoadedModel:
     of the features they were trained on."""
     delay_s: float = 0.0
     """Injected slowness of each predict call (``CoreSettings.inject_delay_s``)."""
+    stream: StreamPlan | None = None
+    """How its aggregates are read from the entity state (None: from the latest rows)."""
 
     @property
     def feature_set_id(self) -> str:
@@ -282,6 +296,8 @@ class ScoringCore:
         *,
         on_served: Callable[[ScoreQuery, ScoreResult], None] | None = None,
         on_batch: Callable[[str, int], None] | None = None,
+        state: EntityStateStore | None = None,
+        on_observed: Callable[[ScoreQuery], None] | None = None,
     ) -> None:
         self.models, self.pipelines, self.registry, self.online = (
             models, pipelines, registry, online)
@@ -291,6 +307,10 @@ class ScoringCore:
         self._executor = ThreadPoolExecutor(self.settings.workers, thread_name_prefix="link")
         self._inline = InlineStart(self._executor)
         self.on_served = on_served
+        self.state = state
+        """The entity state streamed aggregates are read from (None: latest rows only)."""
+        self.on_observed = on_observed
+        """Called with each ``observe`` query after its answer; must return at once."""
         self.on_batch = on_batch
         """Called with (version, rows) after each predict call of a model (metrics)."""
         self._in_flight = InFlight()
@@ -360,6 +380,7 @@ class ScoringCore:
         with self._in_flight.request():
             results = [self._score_one(query, deadline_s) for query in queries]
         self._report(queries, results)
+        self._observe(queries)
         return results
 
     def retire(self, version: str) -> None:
@@ -427,7 +448,8 @@ class ScoringCore:
                            version, delay_s * 1e3)
         loaded = LoadedModel(version, model_id, estimator, fitted, names, InputSchema.of(fitted),
                              on_batch=self._batch_observer(version), delay_s=delay_s,
-                             frame_input=_fitted_on_frames(estimator))
+                             frame_input=_fitted_on_frames(estimator),
+                             stream=self._stream_plan(fitted))
         loaded.batcher = MicroBatcher(
             f"{self.registry.name}:{version}", loaded.predict_batch,
             max_queue=self.settings.max_queue,
@@ -437,6 +459,14 @@ class ScoringCore:
             on_batch=loaded.on_batch, inline=True,
         )
         return loaded
+
+    def _stream_plan(self, fitted: Any) -> StreamPlan | None:
+        if self.state is None or not fitted.aggregate_columns:
+            return None
+        try:
+            return StreamPlan(fitted)
+        except NotStreamable:
+            return None
 
     def _batch_observer(self, version: str) -> Callable[[int], None] | None:
         on_batch = self.on_batch
@@ -467,7 +497,7 @@ class ScoringCore:
 
         reply = self._ask_links(decision, start, deadline_s)
         return _result(query, models[reply.version], rows[reply.version], reply.value, reply,
-                       request.degraded, began)
+                       request.degraded, began, request.feature_age_s)
 
     def _ask_links(self, decision: RouteDecision, start: Callable[[DeployedModel], Future[Any]],
                    deadline_s: float) -> Answer:
@@ -496,33 +526,60 @@ class ScoringCore:
         self, query: ScoreQuery, loaded: Sequence[LoadedModel], deadline: float
     ) -> _Request:
         online: dict[str, Mapping[str, Any] | None] = {}
-        degraded = False
+        degraded, age = False, None
         for model in loaded:
             fsid = model.feature_set_id
             if fsid in online or not model.schema.aggregate_columns:
                 continue
-            online[fsid], down = self._read_online(query, model)
+            online[fsid], down, model_age = self._read_online(query, model)
             degraded = degraded or down
-        return _Request(query, online, deadline, degraded)
+            age = model_age if fsid == loaded[0].feature_set_id else age
+        limit = self.settings.max_feature_age_s
+        stale = bool(limit) and age is not None and age > limit
+        return _Request(query, online, deadline, degraded or stale, age)
 
     def _read_online(
         self, query: ScoreQuery, model: LoadedModel
+    ) -> tuple[Mapping[str, Any] | None, bool, float | None]:
+        """The entity's aggregates (None: no past), whether Redis was down, and the age of
+        its last record: from the entity state at the request's time where the stream
+        keeps one, else from the latest row the batch wrote."""
+        try:
+            if model.stream is not None and self.state is not None:
+                held = self.state.read(model.feature_set_id, [query.entity_id])[0]
+                if held is not None:
+                    return _stream_values(model.stream, held, query)
+            return (*self._read_latest(query, model), None)
+        except REDIS_DOWN as exc:
+            schema = model.schema
+            if schema.carries_aggregates(query.fields):
+                logger.warning("online store unreachable (%s): scoring degraded", exc)
+                return None, True, None
+            missing = [c for c in schema.aggregate_columns if c not in query.fields]
+            raise FeaturesUnavailable(model.feature_set_id, missing) from exc
+
+    def _read_latest(
+        self, query: ScoreQuery, model: LoadedModel
     ) -> tuple[Mapping[str, Any] | None, bool]:
-        """The entity's online row (None: no past); degraded when Redis is down."""
+        """The entity's latest online row (None: no past)."""
         schema = model.schema
         try:
             row = self.online.read(model.feature_set_id, [query.entity_id])[0]
         except NotFound:
             return None, False  # nothing materialized yet: every entity is new
-        except REDIS_DOWN as exc:
-            if schema.carries_aggregates(query.fields):
-                logger.warning("online store unreachable (%s): scoring degraded", exc)
-                return None, True
-            missing = [c for c in schema.aggregate_columns if c not in query.fields]
-            raise FeaturesUnavailable(model.feature_set_id, missing) from exc
         if row is None:
             return None, False
         return {c: row[c] for c in schema.aggregate_columns if c in row}, False
+
+    def _observe(self, queries: Sequence[ScoreQuery]) -> None:
+        if self.on_observed is None:
+            return
+        try:
+            for query in queries:
+                if query.observe:
+                    self.on_observed(query)
+        except Exception:  # observing must never fail a request that was answered
+            logger.exception("observing %d records failed", len(queries))
 
     def _report(self, queries: Sequence[ScoreQuery], results: Sequence[ScoreResult]) -> None:
         if self.on_served is None:
@@ -532,6 +589,21 @@ class ScoringCore:
                 self.on_served(query, result)
         except Exception:  # reporting must never fail a request
             logger.exception("reporting %d scores failed", len(results))
+
+
+def _stream_values(plan: StreamPlan, held: Sequence[Entry],
+                   query: ScoreQuery) -> tuple[dict[str, float], bool, float | None]:
+    """The aggregates at the request's time (its timestamp field, else now), and the age
+    then of the entity's last record."""
+    try:
+        at = None if plan.timestamp is None else timestamp_us(query.fields.get(plan.timestamp))
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(f"field {plan.timestamp}: not a timestamp ({exc})") from None
+    at = time.time_ns() // 1_000 if at is None else at
+    last = last_record_us(held, at)
+    values = {c: v for c, v in plan.aggregates_at(held, at).items()
+              if c not in query.fields}  # a value the request carries wins, as before
+    return values, False, None if last is None else (at - last) / 1e6
 
 
 def fallback_reserve(decision: RouteDecision) -> float | None:
@@ -657,7 +729,7 @@ class InFlight:
 
 def _result(
     query: ScoreQuery, model: LoadedModel, row: np.ndarray, proba: np.ndarray, reply: Any,
-    degraded: bool, began: float,
+    degraded: bool, began: float, feature_age_s: float | None = None,
 ) -> ScoreResult:
     classes = model.classes
     probabilities = {label: float(p) for label, p in zip(classes, proba, strict=True)}
@@ -667,5 +739,6 @@ def _result(
         fallback_reason=reply.fallback_reason, fallback_kind=reply.fallback_kind, role=reply.role,
         latency_ms=(time.perf_counter() - began) * 1e3,
         request_id=query.request_id or uuid.uuid4().hex, degraded=degraded,
+        feature_age_s=feature_age_s,
         features=dict(zip(model.feature_names, row.tolist(), strict=True)),
     )

@@ -63,7 +63,7 @@ from monitoring.metrics import MonitoringMetrics
 from monitoring.quality import QualityRule, confusion, degradation, label_of, quality_of
 from monitoring.reference import classes_from, references_from
 from monitoring.reports import Reports
-from monitoring.state import MonitoringState
+from monitoring.state import SERVED_MAX_ENTRIES, MonitoringState
 
 log = logging.getLogger(__name__)
 SEEN_BATCHES = 1_000
@@ -109,6 +109,9 @@ class MonitoringSettings(BaseSettings):
     (reason latency; observed and expected are then shares, not seconds)."""
     monitoring_served_ttl_s: int = 86_400
     """How long a served score can still be joined to its outcome."""
+    monitoring_served_max_entries: int = SERVED_MAX_ENTRIES
+    """Bound of the outcome join's state in fields (two per score); past it the oldest
+    scores are forgotten first, whatever ``monitoring_served_ttl_s`` says."""
     monitoring_retrain_cooldown_s: int = 3_600
     """At most one RetrainRequested per this many seconds."""
     monitoring_drift_cooldown_s: int = 600
@@ -384,6 +387,7 @@ def build(settings: Settings) -> MonitoringService:
     catalogue = ModelCatalogue(stores.models, stores.registry(settings, config.name))
     state = MonitoringState(stores.redis, settings.namespace,
                             served_ttl_s=own.monitoring_served_ttl_s,
-                            outcome_window=own.monitoring_outcome_window)
+                            outcome_window=own.monitoring_outcome_window,
+                            served_max_entries=own.monitoring_served_max_entries)
     reports = Reports(settings.data_root) if own.monitoring_reports else None
     return MonitoringService(catalogue, state, own, reports)

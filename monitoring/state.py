@@ -9,6 +9,10 @@ All keys live under ``<namespace>:monitoring:`` and are bounded:
   ``[version, label, score]`` of each served score, one hash per time bucket, written
   with one HSET per ScoreServed batch; an outcome looks its score up in the buckets of
   the last ``served_ttl_s``, newest first (so ``e:`` finds the entity's latest score).
+  Bounded by size as well as time: once the buckets hold more than ``served_max_entries``
+  fields, the oldest buckets are dropped (the join's window shrinks under load), and a
+  current bucket past the bound on its own is emptied (logged). Memory stays within
+  about ``served_max_entries`` fields plus one batch, whatever the scoring rate.
 - ``outcomes:<version>`` (list, trimmed): the last ``outcome_window`` (predicted,
   observed) pairs of a version.
 - ``claim:<what>`` (string, expires): the event that made a decision (retrain, drift
@@ -26,6 +30,7 @@ Example::
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,7 +42,10 @@ import redis
 from common.events import Event, ServedScore, parse_event
 from monitoring.core import Counters
 
+log = logging.getLogger(__name__)
 COUNTER_FIELDS = ("served", "fallbacks", "latency_sum_ms", "latency_min_ms", "latency_max_ms")
+SERVED_MAX_ENTRIES = 2_000_000
+"""Default bound of the outcome join's fields (two per score: by request, by entity)."""
 
 
 @dataclass(frozen=True)
@@ -54,10 +62,11 @@ class MonitoringState:
 
     def __init__(
         self, client: redis.Redis, namespace: str, *, served_ttl_s: int = 86_400,
-        outcome_window: int = 500,
+        outcome_window: int = 500, served_max_entries: int = SERVED_MAX_ENTRIES,
     ) -> None:
         self.client, self.prefix = client, f"{namespace}:monitoring"
         self.served_ttl_s, self.outcome_window = served_ttl_s, outcome_window
+        self.served_max_entries = served_max_entries
         self.bucket_s = max(60, served_ttl_s // 24)
 
     def key(self, *parts: str) -> str:
@@ -76,22 +85,44 @@ class MonitoringState:
         for score in scores:
             value = orjson.dumps([score.model_version, score.label, score.score])
             mapping[f"r:{score.request_id}"] = mapping[f"e:{score.entity_id}"] = value
-        key = self._bucket_key(self._bucket(now))
+        buckets = [self._bucket_key(b) for b in self._live_buckets(now)]
         pipe = self.client.pipeline(transaction=False)
-        pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
-        pipe.expire(key, self.served_ttl_s + self.bucket_s)
+        pipe.hset(buckets[0], mapping=mapping)  # type: ignore[arg-type]
+        pipe.expire(buckets[0], self.served_ttl_s + self.bucket_s)
         for version, fields in (views or {}).items():
             self._set_live(pipe, version, fields)
-        pipe.execute()
+        for key in buckets:
+            pipe.hlen(key)
+        sizes = pipe.execute()[-len(buckets):]
+        self._bound(buckets, sizes)
+
+    def _bound(self, buckets: list[str], sizes: list[int]) -> None:
+        """Drop the oldest buckets while all hold more than ``served_max_entries``."""
+        total, dropped = sum(sizes), []
+        for key, size in reversed(list(zip(buckets, sizes, strict=True))):  # oldest first
+            if total <= self.served_max_entries:
+                break
+            if size:
+                dropped.append(key)
+                total -= size
+        if dropped:
+            if buckets[0] in dropped:  # too many scores for the bound within one bucket
+                log.warning("outcome join state past %d entries within %d s: emptied (raise "
+                            "CONVEYOR_MONITORING_SERVED_MAX_ENTRIES to join more)",
+                            self.served_max_entries, self.bucket_s)
+            self.client.delete(*dropped)
+
+    def _live_buckets(self, now: float | None) -> range:
+        """The buckets an outcome may find its score in, newest first."""
+        newest = self._bucket(now)
+        return range(newest, newest - self.served_ttl_s // self.bucket_s - 2, -1)
 
     def served(self, request_id: str | None, entity_id: str, now: float | None = None
                ) -> Served | None:
         """The answer a request got (by its id, else the entity's latest), or None."""
         field = f"r:{request_id}" if request_id else f"e:{entity_id}"
-        newest = self._bucket(now)
-        buckets = range(newest, newest - self.served_ttl_s // self.bucket_s - 2, -1)
         pipe = self.client.pipeline(transaction=False)
-        for bucket in buckets:
+        for bucket in self._live_buckets(now):
             pipe.hget(self._bucket_key(bucket), field)
         found = next((raw for raw in pipe.execute() if raw is not None), None)
         if found is None:

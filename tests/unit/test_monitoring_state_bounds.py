@@ -1,0 +1,81 @@
+"""The outcome join's state is bounded by size as well as time (real Redis)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from common.events import ServedScore
+from common.testing import delete_redis_keys, isolated_settings
+from monitoring.service import MonitoringSettings
+from monitoring.state import SERVED_MAX_ENTRIES, MonitoringState
+
+T0 = 1_700_000_000.0
+
+
+@pytest.fixture
+def client(services_up: None) -> Iterator[tuple[redis.Redis, str]]:
+    settings = isolated_settings()
+    connection = redis.Redis.from_url(settings.redis_url)
+    yield connection, settings.namespace
+    delete_redis_keys(settings)
+    connection.close()
+
+
+def bounded(client: tuple[redis.Redis, str], entries: int) -> MonitoringState:
+    return MonitoringState(client[0], client[1], served_ttl_s=3_600,
+                           served_max_entries=entries)
+
+
+def scores(prefix: str, n: int) -> list[ServedScore]:
+    return [ServedScore(request_id=f"{prefix}{i}", entity_id=f"{prefix}-C{i}", model_version="v1",
+                        score=0.5, label="1", latency_ms=1.0) for i in range(n)]
+
+
+def fields(state: MonitoringState) -> int:
+    keys = state.client.keys(state.key("served", "*"))
+    return sum(int(state.client.hlen(key)) for key in keys)
+
+
+def test_past_the_bound_the_oldest_bucket_goes_first(client: tuple[redis.Redis, str]) -> None:
+    state = bounded(client, entries=10)
+    state.remember(scores("old", 3), now=T0)                       # 6 fields
+    state.remember(scores("mid", 2), now=T0 + state.bucket_s)      # 10: at the bound
+    assert state.served("old0", "x", now=T0 + state.bucket_s) is not None
+    state.remember(scores("new", 1), now=T0 + 2 * state.bucket_s)  # 12: past it
+    later = T0 + 2 * state.bucket_s
+    assert state.served("old0", "x", now=later) is None
+    assert state.served("mid0", "x", now=later) is not None
+    assert state.served("new0", "x", now=later) is not None
+    assert fields(state) == 6
+
+
+def test_a_bucket_past_the_bound_on_its_own_is_emptied_and_said(
+    client: tuple[redis.Redis, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    state = bounded(client, entries=10)
+    with caplog.at_level(logging.WARNING, logger="monitoring.state"):
+        state.remember(scores("a", 4), now=T0)
+        assert fields(state) == 8 and not caplog.records
+        state.remember(scores("b", 2), now=T0)
+    assert fields(state) == 0
+    assert "CONVEYOR_MONITORING_SERVED_MAX_ENTRIES" in caplog.text
+    state.remember(scores("c", 1), now=T0)  # and the join carries on
+    assert state.served("c0", "x", now=T0) is not None
+
+
+def test_memory_stays_within_the_bound_plus_one_batch_whatever_the_traffic(
+    client: tuple[redis.Redis, str],
+) -> None:
+    state = bounded(client, entries=50)
+    for step in range(200):
+        state.remember(scores(f"s{step}-", 3), now=T0 + step * state.bucket_s / 7)
+        assert fields(state) <= 50 + 6
+
+
+def test_the_bound_is_a_monitoring_setting() -> None:
+    assert MonitoringSettings().monitoring_served_max_entries == SERVED_MAX_ENTRIES
+    assert MonitoringSettings(monitoring_served_max_entries=7).monitoring_served_max_entries == 7

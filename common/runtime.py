@@ -68,6 +68,13 @@ class Service:
     """Consumers run side by side: several events (different datasets) in parallel."""
     prefetch: ClassVar[int | None] = None
     """Messages each consumer may hold ahead (None: the settings'); 1 for long handlers."""
+    broadcast: ClassVar[frozenset[str]] = frozenset()
+    """Event types every instance must hear (scoring's ModelReady, ModelDegraded), not one
+    of several competing consumers: on RabbitMQ each instance reads them from a queue of
+    its own (exclusive, auto-delete), and ``reconcile`` runs each time it is attached."""
+    ready_needs_broker: ClassVar[bool] = True
+    """Whether readiness includes a live consumer connection; a service that does its work
+    without the broker (scoring answers calls) stays ready through a broker outage."""
 
     def handler_specs(self) -> dict[str, HandlerSpec]:
         """The service's handlers by event type."""
@@ -81,6 +88,11 @@ class Service:
     def ready(self) -> bool:
         """Whether the service can do its work (models loaded, stores reachable...)."""
         return True
+
+    def reconcile(self) -> None:  # noqa: B027 - only services with broadcast events need it
+        """Catch up with the source of truth: called each time the instance's broadcast
+        queue is attached (at start and after every reconnect), so an event sent while it
+        was away is not missed."""
 
     def close(self) -> None:  # noqa: B027 - services without resources need no cleanup
         """Release the service's own resources at shutdown."""
@@ -115,34 +127,60 @@ class ServiceRunner:
         self.http: HealthServer | None = None
 
     def dispatcher(self) -> Dispatcher:
-        """The dispatcher that runs this service's handlers."""
-        return Dispatcher(
-            self.service.name,
-            self.service.handler_specs(),
-            self.bus.publish_many,
-            policy=policy_from(self.settings),
-            processed=self.processed,
-            metrics=self.metrics,
-            prefetch=self.service.prefetch,
-        )
+        """The dispatcher that runs this service's shared-queue handlers (every handler
+        on a bus without per-instance queues)."""
+        specs = self.service.handler_specs()
+        if self._per_instance_queues:
+            specs = {kind: spec for kind, spec in specs.items()
+                     if kind not in self.service.broadcast}
+        return self._dispatcher(specs, self.processed)
+
+    def broadcast_dispatcher(self) -> Dispatcher:
+        """The dispatcher of the instance's own queue: its broadcast handlers, with no
+        record of processed events (that record is shared by every instance, and each of
+        them must handle the event)."""
+        specs = self.service.handler_specs()
+        return self._dispatcher(
+            {kind: spec for kind, spec in specs.items() if kind in self.service.broadcast}, None)
+
+    def _dispatcher(self, specs: dict[str, HandlerSpec],
+                    processed: ProcessedEvents | None) -> Dispatcher:
+        return Dispatcher(self.service.name, specs, self.bus.publish_many,
+                          policy=policy_from(self.settings), processed=processed,
+                          metrics=self.metrics, prefetch=self.service.prefetch)
+
+    @property
+    def _per_instance_queues(self) -> bool:
+        return bool(self.service.broadcast) and hasattr(self.bus, "consume_broadcast")
 
     def _consume(self, stop: threading.Event) -> None:
-        """Run the service's consumers (each with its own connection) until ``stop``."""
+        """Run the service's consumers (each with its own connection) until ``stop``; a
+        service without handlers (a supervisor of worker processes) only waits."""
         dispatcher = self.dispatcher()
         extra = [
             threading.Thread(target=self.bus.consume, args=(dispatcher, stop, self.connected),
                              name=f"consumer-{i}", daemon=True)
             for i in range(1, self.service.concurrency)
         ]
+        if self._per_instance_queues:
+            extra.append(threading.Thread(
+                target=self.bus.consume_broadcast,  # type: ignore[attr-defined]
+                args=(self.broadcast_dispatcher(), stop, self.service.reconcile),
+                name="broadcast-consumer", daemon=True))
         for thread in extra:
             thread.start()
-        self.bus.consume(dispatcher, stop, self.connected)
+        if dispatcher.handlers:
+            self.bus.consume(dispatcher, stop, self.connected)
+        else:
+            stop.wait()
         for thread in extra:
             thread.join()
 
     def ready(self) -> bool:
-        """Ready means consuming and the service itself ready."""
-        return self.connected.is_set() and self.service.ready()
+        """Ready means the service itself ready and, unless it works without the broker,
+        consuming."""
+        attached = self.connected.is_set() or not self.service.ready_needs_broker
+        return attached and self.service.ready()
 
     def run(self, stop: threading.Event) -> None:
         """Serve probes and consume until ``stop`` is set; the message in hand finishes."""

@@ -81,6 +81,12 @@ class GrpcSettings:
     threads: int = 32
     max_concurrent_rpcs: int = 256
     max_message_bytes: int = 4 * 1024 * 1024
+    reuse_port: bool = False
+    """Share the port with other processes (``grpc.so_reuseport``): the scoring workers;
+    the kernel spreads new connections over them."""
+    max_connection_age_s: float = 0.0
+    """Send clients away from connections this old (0: never), with as long again for
+    their calls in flight, so long-lived channels rebalance over workers."""
 
 
 class ScoringServicer(pb_grpc.ScoringServicer):
@@ -210,7 +216,12 @@ def _grpc_server(settings: GrpcSettings, interceptors: list[grpc.ServerIntercept
                  ) -> grpc.Server:
     size = settings.max_message_bytes
     options = [("grpc.max_receive_message_length", size),
-               ("grpc.max_send_message_length", size)]
+               ("grpc.max_send_message_length", size),
+               ("grpc.so_reuseport", int(settings.reuse_port))]
+    if settings.max_connection_age_s > 0:
+        age_ms = round(settings.max_connection_age_s * 1e3)
+        options += [("grpc.max_connection_age_ms", age_ms),
+                    ("grpc.max_connection_age_grace_ms", age_ms)]
     return grpc.server(
         ThreadPoolExecutor(settings.threads, thread_name_prefix="grpc"),
         interceptors=interceptors, options=options,

@@ -18,8 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import redis
@@ -57,9 +59,11 @@ from scoring.reporting import (
 )
 from scoring.security import ServerSecurity
 from scoring.server import GrpcSettings, ScoringServer
+from scoring.workers import WorkerMetrics, WorkerPool, WorkerSlot, available_cpus
 
 log = logging.getLogger(__name__)
 REPORT_REDIS_TIMEOUT_S = 5.0
+SLOT_INTERVAL_S = 0.2  # how often a worker tells its supervisor whether it is ready
 
 
 class ScoringSettings(BaseSettings):
@@ -73,6 +77,14 @@ class ScoringSettings(BaseSettings):
     """Threads serving gRPC calls."""
     grpc_max_concurrent_rpcs: int = 256
     """Calls in flight beyond which gRPC answers RESOURCE_EXHAUSTED."""
+    grpc_max_connection_age_s: float = 0.0
+    """Close client connections this old (with a grace for their calls), so long-lived
+    channels rebalance over workers and replicas; 0 keeps them (clients that open
+    several channels spread their load by themselves)."""
+    scoring_workers: int = 0
+    """Worker processes sharing the gRPC port (each its own GIL, models and batchers);
+    0 means one per CPU this container may use (affinity, cgroup quota). With port 0 the
+    service is one instance."""
     scoring_deadline_s: float = CoreSettings.deadline_s
     """Deadline of a call that brings none (a shorter client deadline wins)."""
     scoring_latency_budget_s: float = CoreSettings.latency_budget_s
@@ -208,32 +220,57 @@ def batch_run_id(model_id: str, event: BatchScoringRequested) -> str:
 
 
 class ScoringService(Service):
-    """Serves scores over gRPC; swaps in each new champion on ModelReady; scores batches."""
+    """Serves scores over gRPC; swaps in each new champion on ModelReady; scores batches.
+
+    Every instance (every worker of every replica) hears ModelReady and ModelDegraded on
+    a queue of its own (``broadcast``) and reconciles with the registry, the source of
+    truth, each time that queue is attached; BatchScoringRequested stays one shared
+    queue (one instance scores a batch). Readiness is a warmed model, not the broker.
+    """
 
     name = "scoring"
     prefetch = 1  # a batch run is long: the next event waits in the queue, not here
+    broadcast = frozenset({"ModelReady", "ModelDegraded"})
+    ready_needs_broker = False
 
     def __init__(
         self, core: ScoringCore, server: ScoringServer, *,
         reporter: ScoreReporter | None = None, batch: BatchScoring | None = None,
     ) -> None:
         self.core, self.server, self.reporter, self.batch = core, server, reporter, batch
+        self._swap = threading.Lock()  # handlers and reconciles run on different threads
 
     @handles(ModelReady)
     def on_model_ready(self, event: ModelReady) -> None:
-        """Load, verify and warm the new version, then put it in front (hot swap)."""
-        chain = self.core.on_model_ready(event)
-        self.server.update_health()
+        """Load, verify and warm the new version, then put it in front (hot swap); an
+        event whose model id is not the registry's for its version is refused."""
+        registered = self.core.registry.model_id_of(event.version)  # ModelNotFound: retried
+        if registered != event.model_id:
+            raise InvalidInput(f"ModelReady names model {event.model_id} for version "
+                               f"{event.version}, the registry {registered}: not loaded")
+        with self._swap:
+            chain = self.core.on_model_ready(event)
+            self.server.update_health()
         log.info("serving chain %s after ModelReady %s (correlation %s)",
                  chain, event.event_id, event.correlation_id)
 
     @handles(ModelDegraded)
     def on_model_degraded(self, event: ModelDegraded) -> None:
-        """Revert a degraded version: the previous one serves (answers say fallback)."""
+        """Revert a degraded version: the previous one serves (answers say fallback). The
+        registry reverts once however many instances ask (``ModelRegistry.revert``)."""
         reason = f"{event.reason} {event.observed:.4g} against {event.expected:.4g}"
-        chain = self.core.demote(event.model_version, reason)
+        with self._swap:
+            chain = self.core.demote(event.model_version, reason)
         log.warning("model %s demoted (%s); serving chain %s (event %s, correlation %s)",
                     event.model_version, reason, chain, event.event_id, event.correlation_id)
+
+    def reconcile(self) -> None:
+        """Serve the registry's chain: what a ModelReady or a revert missed while this
+        instance had no queue is caught up (at start and after each reconnect)."""
+        with self._swap:
+            chain = self.core.load_chain()
+            self.server.update_health()
+        log.info("reconciled with the registry: serving chain %s", chain)
 
     @handles(BatchScoringRequested, expected=(NotFound,))
     def on_batch_scoring_requested(self, event: BatchScoringRequested) -> ScoringCompleted:
@@ -275,10 +312,26 @@ def fail_fast_redis(url: str, timeout_s: float) -> redis.Redis:
                                 retry=Retry(NoBackoff(), 1))
 
 
-def build(settings: Settings) -> ScoringService:
-    """The scoring service, its chain loaded, its reporter and gRPC server started."""
+def build(settings: Settings) -> Service:
+    """The scoring service: one instance in this process, or, with several workers and
+    a fixed port, a supervisor of that many forked instances sharing the port (port 0,
+    the tests' free port, cannot be shared: one instance)."""
     own = ScoringSettings()
-    security = own.security()  # first: a bad security setting fails before anything starts
+    own.security()  # first: a bad security setting fails before anything starts
+    workers = own.scoring_workers or available_cpus()
+    if workers <= 1 or own.grpc_port == 0:
+        return build_instance(settings, own)
+    return build_supervisor(settings, own, workers)
+
+
+def build_instance(
+    settings: Settings, own: ScoringSettings, *, reuse_port: bool = False,
+    models: ModelStore | None = None, pipelines: ModelStore | None = None,
+) -> ScoringService:
+    """One scoring instance, its chain loaded, its reporter and gRPC server started;
+    ``reuse_port`` shares the port with the other workers; ``models`` and ``pipelines``
+    replace the settings' stores (a worker's, preloaded before the fork)."""
+    security = own.security()
     metrics = ScoringMetrics()
     stores = Stores.from_settings(settings)
     config = load_pipeline_config(settings.pipeline_config)
@@ -286,7 +339,7 @@ def build(settings: Settings) -> ScoringService:
     client = fail_fast_redis(settings.redis_url, own.scoring_redis_timeout_s)
     reporter = _reporter(settings, own)
     core = ScoringCore(
-        stores.models, stores.feature_pipelines, registry,
+        models or stores.models, pipelines or stores.feature_pipelines, registry,
         RedisOnlineStore(client, settings.namespace, settings.online_ttl_s),
         own.core(), on_served=reporter.report, on_batch=metrics.observe_batch,
     )
@@ -295,15 +348,112 @@ def build(settings: Settings) -> ScoringService:
                          stores.offline, BatchScoreStore(settings.data_root), config.datasets,
                          own.batch_scoring_chunk_rows)
     grpc_settings = GrpcSettings(port=own.grpc_port, threads=own.grpc_threads,
-                                 max_concurrent_rpcs=own.grpc_max_concurrent_rpcs)
+                                 max_concurrent_rpcs=own.grpc_max_concurrent_rpcs,
+                                 reuse_port=reuse_port,
+                                 max_connection_age_s=own.grpc_max_connection_age_s)
     server = ScoringServer(core, grpc_settings, metrics=metrics, security=security).start()
     return ScoringService(core, server, reporter=reporter.start(), batch=batch)
+
+
+class ScoringSupervisor(Service):
+    """The parent of the scoring workers: no handlers of its own (each worker consumes),
+    ready while a worker is, its /metrics the workers' under a ``worker`` label."""
+
+    name = "scoring"
+    ready_needs_broker = False
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool = pool
+
+    def ready(self) -> bool:
+        """Ready while at least one live worker has a warmed model."""
+        return self.pool.ready()
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        """The workers' conveyor_scoring_* metrics, labelled by worker."""
+        registry.register(WorkerMetrics(self.pool))
+
+    def close(self) -> None:
+        """Stop the workers (each finishes its calls in flight and flushes its reports)."""
+        self.pool.stop()
+
+
+def build_supervisor(settings: Settings, own: ScoringSettings, workers: int
+                     ) -> ScoringSupervisor:
+    """Read the registry chain's models once, then fork ``workers`` instances on the port."""
+    stores = Stores.from_settings(settings)
+    registry = stores.registry(settings, load_pipeline_config(settings.pipeline_config).name)
+    models, pipelines = preloaded(stores, registry, own.scoring_chain_depth)
+
+    def run_worker(slot: WorkerSlot) -> None:
+        run_scoring_worker(settings, own, slot, models, pipelines)
+
+    log.info("starting %d scoring workers on port %d", workers, own.grpc_port)
+    return ScoringSupervisor(WorkerPool(workers, run_worker).start())
+
+
+def run_scoring_worker(settings: Settings, own: ScoringSettings, slot: WorkerSlot,
+                       models: ModelStore, pipelines: ModelStore) -> None:
+    """A worker process: one instance on the shared port, consuming as a service does
+    (its metrics and probes on a loopback port of its own, for the supervisor), until
+    SIGTERM."""
+    from common.runtime import ServiceRunner, redis_processed, stop_on_signals
+
+    service = build_instance(settings, own, reuse_port=True, models=models,
+                             pipelines=pipelines)
+    local = settings.model_copy(update={"http_host": "127.0.0.1", "http_port": 0})
+    bus = RabbitMQBus(settings, name=f"scoring-worker-{slot.index}")
+    runner = ServiceRunner(service, bus, local, processed=redis_processed(settings))
+    stop = threading.Event()
+    stop_on_signals(stop)
+    threading.Thread(target=_tell_supervisor, args=(runner, slot, stop), daemon=True,
+                     name="worker-slot").start()
+    runner.run(stop)
+
+
+def _tell_supervisor(runner: Any, slot: WorkerSlot, stop: threading.Event) -> None:
+    """Keep the worker's slot current: ready or not, and its metrics port."""
+    while True:
+        slot.set_ready(runner.service.ready())
+        if runner.http is not None:
+            slot.set_metrics_port(runner.http.port)
+        if stop.wait(SLOT_INTERVAL_S):
+            return
+
+
+class PreloadedModelStore(ModelStore):
+    """A ``ModelStore`` that answers some ids with objects loaded (and verified) before the
+    workers were forked, so they start from the same pages; the rest it loads as usual."""
+
+    def __init__(self, store: ModelStore, loaded: dict[str, Any]) -> None:  # noqa: D107
+        self.__dict__.update(store.__dict__)  # the same root and keys, without re-reading
+        self.loaded = loaded
+
+    def load(self, model_id: str) -> Any:
+        if model_id in self.loaded:
+            return self.loaded[model_id]
+        return super().load(model_id)
+
+
+def preloaded(stores: Stores, registry: ModelRegistry, depth: int
+              ) -> tuple[ModelStore, ModelStore]:
+    """The model and feature-set stores with the registry chain's first ``depth`` versions
+    (models and their fitted feature sets) already loaded."""
+    models: dict[str, Any] = {}
+    pipelines: dict[str, Any] = {}
+    for entry in registry.chain()[:depth]:
+        models[entry.model_id] = stores.models.load(entry.model_id)
+        feature_set_id = stores.models.metadata(entry.model_id).metadata["feature_set_id"]
+        if feature_set_id not in pipelines:
+            pipelines[feature_set_id] = stores.feature_pipelines.load(feature_set_id)
+    return (PreloadedModelStore(stores.models, models),
+            PreloadedModelStore(stores.feature_pipelines, pipelines))
 
 
 def _reporter(settings: Settings, own: ScoringSettings) -> ScoreReporter:
     """Served scores to the score stream and as ScoreServed events, on connections of
     their own (off the request path: patient timeouts, a publisher of its own)."""
-    bus = RabbitMQBus(settings, name="scoring-reports")
+    bus = RabbitMQBus(settings, name=f"{settings.namespace}-scoring-reports")
     client = fail_fast_redis(settings.redis_url, REPORT_REDIS_TIMEOUT_S)  # retried next cycle
     stream = OnlineScoreStore(client, settings.namespace, settings.score_stream_maxlen)
     report = ReportSettings(buffer_size=own.score_report_buffer_size,

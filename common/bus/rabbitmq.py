@@ -24,7 +24,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any
 from urllib.parse import urlparse
@@ -209,6 +209,17 @@ class RabbitMQBus(MessageBus):
         connected: threading.Event | None = None,
     ) -> None:
         Consumer(self, dispatcher, stop, connected).run()
+
+    def consume_broadcast(
+        self, dispatcher: Dispatcher, stop: threading.Event,
+        on_attached: Callable[[], None] | None = None,
+    ) -> None:
+        """Feed the dispatcher's event types to it from a queue of this instance's own
+        (exclusive, auto-delete, server-named) until ``stop``: every instance hears every
+        one, instead of one of several competing consumers. ``on_attached`` runs (on a
+        thread of its own) each time the queue is bound, at start and after a reconnect,
+        so the instance can catch up with what it missed while it had no queue."""
+        BroadcastConsumer(self, dispatcher, stop, on_attached).run()
 
     def dead_letters(self, service: str, limit: int = 100) -> list[DeadLetterMessage]:
         letters: list[DeadLetterMessage] = []
@@ -568,3 +579,83 @@ class _Worker:
             self._inbox.clear()
             self._halted = True
             self._cv.notify_all()
+
+
+class BroadcastConsumer(Consumer):
+    """Consumes a service's broadcast event types from a queue of this instance's own.
+
+    The queue is exclusive and auto-delete: it lives as long as the connection, so an
+    instance that dies leaves nothing behind, and one that reconnects gets a fresh queue
+    and calls ``on_attached`` (a reconcile with the source of truth) for what it missed.
+    A handler that fails is not retried through the service's delay queues (they lead to
+    the shared queue, where one instance only would see it): ``on_attached`` is called
+    again after the back-off instead. Dead letters go to the service's DLQ as usual.
+    """
+
+    def __init__(self, bus: RabbitMQBus, dispatcher: Dispatcher, stop: threading.Event,
+                 on_attached: Callable[[], None] | None = None) -> None:
+        super().__init__(bus, dispatcher, stop)
+        self.on_attached = on_attached
+
+    def _consume_until_stopped(self) -> None:
+        name = f"{self.dispatcher.service}-broadcast"
+        connection = pika.BlockingConnection(connection_parameters(self.settings, name))
+        worker = _BroadcastWorker(self, connection)
+        try:
+            channel = connection.channel()
+            channel.basic_qos(prefetch_count=self.prefetch)
+            queue_name = self._declare(channel)
+            channel.basic_consume(queue_name, worker.receive)
+            self.connected.set()
+            log.info("consuming %s from %s", ", ".join(self.dispatcher.event_types), queue_name)
+            self.attached()
+            while not self.stop.is_set():
+                connection.process_data_events(time_limit=0.2)
+                worker.flush_overdue()
+            worker.finish(channel, connection)
+        finally:
+            self.connected.clear()
+            worker.halt()
+            with contextlib.suppress(Exception):
+                connection.close()
+
+    def _declare(self, channel: BlockingChannel) -> str:
+        channel.exchange_declare(self.settings.exchange, exchange_type="topic", durable=True)
+        declared = channel.queue_declare("", exclusive=True, auto_delete=True)
+        queue_name = str(declared.method.queue)
+        for event_type in self.dispatcher.event_types:
+            channel.queue_bind(queue_name, self.settings.exchange, routing_key=event_type)
+        return queue_name
+
+    def attached(self, delay_s: float = 0.0) -> None:
+        """Run ``on_attached`` on a thread of its own (it may load models for seconds; the
+        connection thread must keep its heartbeats), after ``delay_s``."""
+        if self.on_attached is None:
+            return
+        timer = threading.Timer(delay_s, self._run_on_attached)
+        timer.daemon = True
+        timer.start()
+
+    def _run_on_attached(self) -> None:
+        if self.stop.is_set() or self.on_attached is None:
+            return
+        try:
+            self.on_attached()
+        except Exception:  # noqa: BLE001 - the next attachment or failure tries again
+            log.exception("catching up after attaching the %s broadcast queue failed",
+                          self.dispatcher.service)
+
+
+class _BroadcastWorker(_Worker):
+    """A ``_Worker`` whose retries are a later ``on_attached`` call instead of a trip
+    through the delay queues."""
+
+    consumer: BroadcastConsumer
+
+    def _carry_out(self, outcome: Outcome, delivery: Delivery) -> None:
+        if isinstance(outcome, Retry):
+            log.warning("broadcast %s failed; catching up in %.1fs", delivery.routing_key,
+                        outcome.delay_s)
+            self.consumer.attached(outcome.delay_s)
+            return
+        super()._carry_out(outcome, delivery)

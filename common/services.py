@@ -20,6 +20,7 @@ SERVICES: dict[str, str] = {
     "training": "training.service:build",
     "evaluation": "evaluation.service:build",
     "scoring": "scoring.service:build",
+    "batch-scoring": "scoring.batch_service:build",  # BatchScoringRequested only
     "monitoring": "monitoring.service:build",
 }
 

@@ -30,6 +30,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from common.bus.dispatch import HandlerSpec
 from common.bus.rabbitmq import RabbitMQBus
 from common.config import load_pipeline_config
 from common.errors import InvalidInput, NotFound
@@ -104,6 +105,9 @@ class ScoringSettings(BaseSettings):
     """Served scores that trigger a flush at once; the most per ScoreServed event."""
     batch_scoring_chunk_rows: int = DEFAULT_CHUNK_ROWS
     """Rows transformed and predicted at a time by offline batch scoring."""
+    scoring_batch: bool = True
+    """Handle BatchScoringRequested here too; false where the batch-scoring service does
+    (``conveyor run batch-scoring``: the Kubernetes batch-scoring Deployment)."""
     grpc_auth_tokens: str = ""
     """Accepted bearer tokens, comma-separated; none (and no file): no authentication."""
     grpc_auth_tokens_file: str = ""
@@ -272,6 +276,14 @@ class ScoringService(Service):
             self.server.update_health()
         log.info("reconciled with the registry: serving chain %s", chain)
 
+    def handler_specs(self) -> dict[str, HandlerSpec]:
+        """Its handlers; built without batch scoring, it leaves BatchScoringRequested to
+        the batch-scoring service (its queue is not bound to that event)."""
+        specs = super().handler_specs()
+        if self.batch is None:
+            specs.pop("BatchScoringRequested", None)
+        return specs
+
     @handles(BatchScoringRequested, expected=(NotFound,))
     def on_batch_scoring_requested(self, event: BatchScoringRequested) -> ScoringCompleted:
         """Score a raw batch or a feature set offline; the scores go to the score store."""
@@ -346,7 +358,7 @@ def build_instance(
     core.load_chain()
     batch = BatchScoring(registry, stores.models, stores.feature_pipelines, stores.raw,
                          stores.offline, BatchScoreStore(settings.data_root), config.datasets,
-                         own.batch_scoring_chunk_rows)
+                         own.batch_scoring_chunk_rows) if own.scoring_batch else None
     grpc_settings = GrpcSettings(port=own.grpc_port, threads=own.grpc_threads,
                                  max_concurrent_rpcs=own.grpc_max_concurrent_rpcs,
                                  reuse_port=reuse_port,

@@ -1,0 +1,56 @@
+"""Offline batch scoring as a service of its own: ``conveyor run batch-scoring``.
+
+The online scoring service handles ``BatchScoringRequested`` too, unless
+``CONVEYOR_SCORING_BATCH=false``; on Kubernetes the batch-scoring Deployment runs this
+service and the scoring Deployment sets that, so a large batch takes its own pod's memory
+and CPU, never those of the pods answering Score calls. Nothing is loaded at start: each
+request loads (and verifies) the version it names. Example::
+
+    CONVEYOR_SCORING_BATCH=false conveyor run scoring
+    conveyor run batch-scoring
+"""
+
+from __future__ import annotations
+
+import logging
+
+from common.config import load_pipeline_config
+from common.errors import NotFound
+from common.events import BatchScoringRequested, ScoringCompleted
+from common.runtime import Service, handles
+from common.settings import Settings
+from common.stores import BatchScoreStore
+from common.wiring import Stores
+from scoring.service import BatchScoring, ScoringSettings
+
+log = logging.getLogger(__name__)
+
+
+class BatchScoringService(Service):
+    """Scores raw batches and feature sets offline; the scores go to the score store."""
+
+    name = "batch-scoring"
+    prefetch = 1  # a run is long: the next request waits in the queue, not here
+
+    def __init__(self, batch: BatchScoring) -> None:
+        self.batch = batch
+
+    @handles(BatchScoringRequested, expected=(NotFound,))
+    def on_batch_scoring_requested(self, event: BatchScoringRequested) -> ScoringCompleted:
+        """Score the event's raw batch or feature set with the version it names."""
+        version, uri, rows = self.batch.run(event)
+        log.info("batch scores of version %s: %d rows at %s (event %s, correlation %s)",
+                 version, rows, uri, event.event_id, event.correlation_id)
+        return event.caused(ScoringCompleted, producer=self.name, model_version=version,
+                            uri=uri, rows=rows)
+
+
+def build(settings: Settings) -> BatchScoringService:
+    """The batch-scoring service on the settings' stores and pipeline config."""
+    stores = Stores.from_settings(settings)
+    config = load_pipeline_config(settings.pipeline_config)
+    batch = BatchScoring(stores.registry(settings, config.name), stores.models,
+                         stores.feature_pipelines, stores.raw, stores.offline,
+                         BatchScoreStore(settings.data_root), config.datasets,
+                         ScoringSettings().batch_scoring_chunk_rows)
+    return BatchScoringService(batch)

@@ -2,7 +2,8 @@
 # Installs what Conveyor needs, idempotently: the .venv with the project and its packages,
 # generated gRPC code where protos exist, a running RabbitMQ and Redis, and Prometheus.
 # Usage: scripts/setup.sh              (everything)
-#        scripts/setup.sh services     (only RabbitMQ and Redis)
+#        scripts/setup.sh services     (only RabbitMQ and Redis, and the broker's users)
+#        scripts/setup.sh broker       (only the broker's vhost, users and permissions)
 #        scripts/setup.sh prometheus   (only prometheus and promtool, not left running)
 #        scripts/setup.sh k8s          (only the Kubernetes tools the deploy tests use)
 set -euo pipefail
@@ -42,6 +43,30 @@ ensure_rabbitmq() {
   as_root rabbitmqctl await_startup >/dev/null 2>&1 || true
   say "RabbitMQ is up"
 }
+
+ensure_broker_users() {
+  # The vhost `conveyor`, one user per service and the application and operator users of
+  # deploy/rabbitmq/definitions.json, with random local passwords kept in var/rabbitmq/
+  # (credentials.json, urls.env; mode 0600). Imported again only when they change. guest
+  # keeps its rights on / (the test suite and the demo log in as guest).
+  local dir=var/rabbitmq want
+  command -v rabbitmqctl >/dev/null || [ -x /usr/sbin/rabbitmqctl ] || {
+    say "WARNING: no rabbitmqctl here: import deploy/rabbitmq/definitions.json into your broker yourself"; return; }
+  "$PYTHON" deploy/rabbitmq/definitions.py --local "$dir" || die "writing $dir/definitions.local.json failed"
+  want=$(sha256sum "$dir/definitions.local.json" | cut -d' ' -f1)
+  if [ "$(cat "$dir/.imported" 2>/dev/null)" = "$want" ] && broker_has_user conveyor-app; then
+    say "RabbitMQ users up to date (vhost conveyor; passwords in $dir/credentials.json)"; return
+  fi
+  # From standard input: the broker's own process could not read the private file.
+  as_root rabbitmqctl -q import_definitions < "$dir/definitions.local.json" >/dev/null \
+    || die "rabbitmqctl import_definitions of $dir/definitions.local.json failed"
+  for _ in $(seq 1 30); do broker_has_user conveyor-app && break; sleep 1; done  # asynchronous
+  broker_has_user conveyor-app || die "the RabbitMQ definitions were not imported within 30 s"
+  echo "$want" > "$dir/.imported"
+  say "RabbitMQ vhost conveyor and its users imported (per-service URLs in $dir/urls.env)"
+}
+
+broker_has_user() { as_root rabbitmqctl -q list_users 2>/dev/null | grep -q "^$1[[:space:]]"; }
 
 ensure_redis() {
   if port_open "$REDIS_PORT"; then say "Redis answers on 127.0.0.1:$REDIS_PORT"; return; fi
@@ -125,10 +150,11 @@ ensure_k8s_tools() {
 }
 
 case "${1:-all}" in
-  services) ensure_rabbitmq; ensure_redis ;;
+  services) ensure_rabbitmq; ensure_redis; ensure_broker_users ;;
+  broker) ensure_rabbitmq; ensure_broker_users ;;
   python) ensure_venv; generate_protos ;;
   prometheus) ensure_prometheus ;;
   k8s) ensure_venv; ensure_k8s_tools ;;
-  all) ensure_venv; generate_protos; ensure_rabbitmq; ensure_redis; ensure_prometheus; ensure_k8s_tools ;;
-  *) die "unknown target '$1' (all, services, python, prometheus, k8s)" ;;
+  all) ensure_venv; generate_protos; ensure_rabbitmq; ensure_redis; ensure_prometheus; ensure_k8s_tools; ensure_broker_users ;;
+  *) die "unknown target '$1' (all, services, broker, python, prometheus, k8s)" ;;
 esac

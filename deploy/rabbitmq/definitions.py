@@ -1,0 +1,184 @@
+"""Conveyor's RabbitMQ vhost, users and permissions: writes ``definitions.json`` beside it,
+and the local copy with passwords that ``scripts/setup.sh`` imports.
+
+Each service logs in as its own user (``conveyor-<service>``) that may publish only the
+event types it produces (topic permissions on ``conveyor.events``, by routing key), bind
+its queue only to the types it handles, and read only its own queues. Applications log
+in as ``conveyor-app``: they may publish SourceDataAvailable, RecordsObserved and
+OutcomeObserved, and read nothing. Operators (the CLI: status, dead letters, replays,
+any event) log in as ``conveyor-operator``. Everything is in the vhost ``conveyor`` for the
+namespace ``conveyor`` (queues ``conveyor.<service>``, ``.dlq``, ``.retry.<ms>ms``).
+
+``definitions.json`` carries no secret: its password hashes are empty (no password login)
+until a deployment fills them. ``--local DIR`` does that for one machine: it keeps a
+random password per user in ``DIR/credentials.json`` (created once, mode 0600), writes
+``DIR/definitions.local.json`` (the definitions with those passwords hashed, plus guest's
+permissions on the vhost: local development only) and ``DIR/urls.env`` (each service's
+CONVEYOR_AMQP_URL). A deployment may provide its own ``credentials.json``.
+
+Usage::
+
+    python deploy/rabbitmq/definitions.py                   # rewrite definitions.json
+    python deploy/rabbitmq/definitions.py --local var/rabbitmq
+    rabbitmqctl import_definitions var/rabbitmq/definitions.local.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+DEFINITIONS = HERE / "definitions.json"
+VHOST = "conveyor"
+NAMESPACE = "conveyor"
+EXCHANGE = f"{NAMESPACE}.events"
+HASHING = "rabbit_password_hashing_sha256"
+ALL = ("BatchScoringRequested", "CandidatesTrained", "DriftDetected", "FeaturesGenerated",
+       "IngestionFailed", "ModelDegraded", "ModelReady", "ModelRejected", "OutcomeObserved",
+       "RawDataExtracted", "RecordsObserved", "RecordsRefused", "RetrainRequested",
+       "ScoreServed", "ScoringCompleted", "SourceDataAvailable")
+"""Every event type (common.events.EVENT_TYPES; a unit test keeps the two equal)."""
+
+# service -> (event types it handles, event types it publishes)
+SERVICES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "eventlog": (ALL, ()),
+    "ingestion": (("SourceDataAvailable",), ("RawDataExtracted", "IngestionFailed")),
+    "preparation": (("RawDataExtracted", "FeaturesGenerated"), ("FeaturesGenerated",)),
+    "online-preparation": (("RecordsObserved",), ("RecordsRefused",)),
+    "training": (("FeaturesGenerated", "RetrainRequested"), ("CandidatesTrained",)),
+    "evaluation": (("CandidatesTrained",), ("ModelReady", "ModelRejected")),
+    "scoring": (("ModelReady", "ModelDegraded"), ("ScoreServed", "RecordsObserved")),
+    "batch-scoring": (("BatchScoringRequested",), ("ScoringCompleted",)),
+    "monitoring": (("ScoreServed", "OutcomeObserved"),
+                   ("DriftDetected", "ModelDegraded", "RetrainRequested")),
+}
+APPLICATION = ("SourceDataAvailable", "RecordsObserved", "OutcomeObserved")
+"""What an application (a data producer, a scoring client's outcomes) may publish."""
+NOTHING = "^$"
+
+
+def user_of(service: str) -> str:
+    """The broker user of a service."""
+    return f"{NAMESPACE}-{service}"
+
+
+def one_of(names: tuple[str, ...] | list[str]) -> str:
+    """A regex matching exactly these names."""
+    return f"^({'|'.join(re.escape(n) for n in names)})$" if names else NOTHING
+
+
+def service_resources(service: str) -> str:
+    """The exchange, the service's own queues (main, dlq, delays) and its broadcast queues
+    (server-named, exclusive to their connection)."""
+    own = re.escape(f"{NAMESPACE}.{service}")
+    return f"^({re.escape(EXCHANGE)}|{own}|{own}\\.dlq|{own}\\.retry\\.[0-9]+ms|amq\\.gen-.*)$"
+
+
+def service_entries(service: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(permissions, topic permissions) of a service's user.
+
+    Declaring the exchange and binding need configure and read on it; retries and dead
+    letters go to the service's own queues through the default exchange (``amq.default``).
+    """
+    handles, publishes = SERVICES[service]
+    resources = service_resources(service)
+    write = resources.replace("^(", "^(amq\\.default|", 1)
+    user = user_of(service)
+    return (
+        {"user": user, "vhost": VHOST, "configure": resources, "write": write,
+         "read": resources},
+        {"user": user, "vhost": VHOST, "exchange": EXCHANGE, "write": one_of(publishes),
+         "read": one_of(sorted(handles))},
+    )
+
+
+def definitions() -> dict[str, Any]:
+    """The definitions document (users without passwords)."""
+    users = [*map(user_of, SERVICES), user_of("app"), user_of("operator")]
+    permissions, topics = zip(*map(service_entries, SERVICES), strict=True)
+    app, operator = user_of("app"), user_of("operator")
+    return {
+        "rabbit_version": "3.10.8",
+        "vhosts": [{"name": VHOST}],
+        "users": [{"name": u, "password_hash": "", "hashing_algorithm": HASHING, "tags": ""}
+                  for u in users],
+        "permissions": [
+            *permissions,
+            {"user": app, "vhost": VHOST, "configure": NOTHING,
+             "write": one_of([EXCHANGE]), "read": NOTHING},
+            {"user": operator, "vhost": VHOST, "configure": NOTHING,
+             "write": one_of([EXCHANGE, "amq.default"]), "read": f"^{re.escape(NAMESPACE)}\\..*$"},
+        ],
+        "topic_permissions": [
+            *topics,
+            {"user": app, "vhost": VHOST, "exchange": EXCHANGE, "write": one_of(APPLICATION),
+             "read": NOTHING},
+            {"user": operator, "vhost": VHOST, "exchange": EXCHANGE, "write": ".*",
+             "read": NOTHING},
+        ],
+    }
+
+
+def password_hash(user: str, password: str) -> str:
+    """RabbitMQ's rabbit_password_hashing_sha256: base64(salt + sha256(salt + password)).
+    The salt is derived from the user and password, so the same input gives the same file
+    and setup re-imports only on a change."""
+    salt = hashlib.sha256(f"{user}\0{password}".encode()).digest()[:4]
+    return base64.b64encode(salt + hashlib.sha256(salt + password.encode()).digest()).decode()
+
+
+def credentials(folder: Path, users: list[str]) -> dict[str, str]:
+    """Each user's password, created at random once and kept in ``credentials.json``."""
+    path = folder / "credentials.json"
+    known: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+    missing = [u for u in users if u not in known]
+    if missing:
+        known |= {u: secrets.token_urlsafe(24) for u in missing}
+        write_private(path, json.dumps(known, indent=2) + "\n")
+    return known
+
+
+def local(folder: Path, host: str = "127.0.0.1:5672") -> None:
+    """Write the local definitions (passwords hashed, guest allowed) and service URLs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    document = definitions()
+    passwords = credentials(folder, [u["name"] for u in document["users"]])
+    for user in document["users"]:
+        user["password_hash"] = password_hash(user["name"], passwords[user["name"]])
+    # Local development only: the test suite and the demo log in as guest.
+    document["permissions"].append({"user": "guest", "vhost": VHOST, "configure": ".*",
+                                    "write": ".*", "read": ".*"})
+    write_private(folder / "definitions.local.json", json.dumps(document, indent=2) + "\n")
+    urls = [f"{u.upper().replace('-', '_')}_AMQP_URL=amqp://{u}:{p}@{host}/{VHOST}"
+            for u, p in passwords.items()]
+    write_private(folder / "urls.env", "\n".join(urls) + "\n")
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (it holds passwords)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text)
+    os.chmod(path, 0o600)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--local", type=Path, help="folder of the local passwords and copy")
+    args = parser.parse_args()
+    if args.local:
+        local(args.local)
+    else:
+        DEFINITIONS.write_text(json.dumps(definitions(), indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

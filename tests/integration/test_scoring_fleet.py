@@ -88,10 +88,10 @@ class ScoringProcess:
             return str(reply.read().decode())
 
     def worker_pids(self) -> set[int]:
-        """The supervisor's child processes (its workers)."""
-        pid = self.local.process.pid
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        return {int(child) for child in children}
+        """The supervisor's child processes (its workers), whichever thread forked them."""
+        tasks = Path(f"/proc/{self.local.process.pid}/task")
+        return {int(child) for task in tasks.iterdir()
+                for child in (task / "children").read_text().split()}
 
     def stop(self) -> None:
         with contextlib.suppress(Exception):

@@ -55,7 +55,9 @@ SERVICES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "online-preparation": (("RecordsObserved",), ("RecordsRefused",)),
     "training": (("FeaturesGenerated", "RetrainRequested"), ("CandidatesTrained",)),
     "evaluation": (("CandidatesTrained",), ("ModelReady", "ModelRejected")),
-    "scoring": (("ModelReady", "ModelDegraded"), ("ScoreServed", "RecordsObserved")),
+    # scoring may also run batch scoring itself (ScoringSettings): it may bind to that too
+    "scoring": (("ModelReady", "ModelDegraded", "BatchScoringRequested"),
+                ("ScoreServed", "RecordsObserved", "ScoringCompleted")),
     "batch-scoring": (("BatchScoringRequested",), ("ScoringCompleted",)),
     "monitoring": (("ScoreServed", "OutcomeObserved"),
                    ("DriftDetected", "ModelDegraded", "RetrainRequested")),

@@ -5,6 +5,7 @@ Examples::
     conveyor run eventlog
     conveyor publish SourceDataAvailable --json '{"dataset": "paysim", "uri": "tx.csv"}'
     conveyor publish outcome --entity C42 --outcome 1 --request-id 3f9a...
+    conveyor publish records --dataset paysim --file tx.jsonl
     conveyor events schema SourceDataAvailable
     conveyor dlq list eventlog
     conveyor status
@@ -125,6 +126,26 @@ def publish_event(event_type: str, payload: str) -> None:
     finally:
         bus.close()
     click.echo(f"published {event.event_type} {event.event_id} (confirmed by the broker)")
+
+
+@publish.command("records")
+@click.option("--dataset", required=True, help="The dataset the records belong to.")
+@click.option("--file", "path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="A .jsonl or .csv file of records, oldest first.")
+@click.option("--batch", default=500, show_default=True, help="Records per event.")
+def publish_records(dataset: str, path: str, batch: int) -> None:
+    """Publish records as they happen (RecordsObserved), for the online path."""
+    from ingestion.records import read_records_file, records_events
+
+    events = records_events(dataset, read_records_file(path), batch_size=batch, producer="cli")
+    bus = RabbitMQBus(Settings(), name="cli")
+    try:
+        bus.publish_many(events)
+    finally:
+        bus.close()
+    count = sum(len(e.records) for e in events)
+    click.echo(f"published {count} records of {dataset} in {len(events)} RecordsObserved "
+               "event(s) (confirmed by the broker)")
 
 
 @publish.command("outcome")

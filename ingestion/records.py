@@ -20,16 +20,19 @@ Example::
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
 
-from common.events import RecordProblem
+from common.errors import InvalidInput
+from common.events import MAX_RECORDS_PER_EVENT, RecordProblem, RecordsObserved
 from ingestion.contract import DatasetContract
 
 MAX_ID_LENGTH = 200
@@ -176,3 +179,28 @@ def _canonical(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
     return value
+
+
+def records_events(dataset: str, records: Sequence[Mapping[str, Any]], *,
+                   batch_size: int = 500, producer: str = "api") -> list[RecordsObserved]:
+    """``records`` as RecordsObserved events of at most ``batch_size`` records each, in
+    order (the Python API of the online path: publish them with ``bus.publish_many``)."""
+    if not 1 <= batch_size <= MAX_RECORDS_PER_EVENT:
+        raise ValueError(f"batch_size must be 1 to {MAX_RECORDS_PER_EVENT}, not {batch_size}")
+    return [RecordsObserved(dataset=dataset, records=[dict(r) for r in records[i:i + batch_size]],
+                            producer=producer)
+            for i in range(0, len(records), batch_size)]
+
+
+def read_records_file(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSON Lines (``.jsonl``) or CSV (``.csv``) file, in file order; CSV
+    values stay text (the contract types them), empty cells become null."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        with path.open("rb") as handle:
+            return [orjson.loads(line) for line in handle if line.strip()]
+    if path.suffix == ".csv":
+        with path.open(newline="") as handle:
+            return [{k: (v if v != "" else None) for k, v in row.items()}
+                    for row in csv.DictReader(handle)]
+    raise InvalidInput(f"{path}: records are read from .jsonl or .csv files")

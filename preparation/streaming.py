@@ -39,6 +39,7 @@ import pandas as pd
 from common.errors import InvalidInput
 from common.stores.entity_state import Entry, Retention, check_record_id
 from preparation.aggregates import EntityAggregate
+from preparation.online import NoFastForm, compile_online
 from preparation.pipeline import FittedFeatureSet
 from preparation.transformers import to_utc
 
@@ -84,8 +85,9 @@ class StreamPlan:
     def __init__(self, fitted: FittedFeatureSet, *, tolerance_s: float = 300.0,
                  count_ttl_s: int = 90 * DAY_S) -> None:
         self.fitted = fitted
-        self.entity_key, self.timestamp = fitted.entity_key, fitted.timestamp
         self.slots, self.windows = _plan(fitted)
+        self.entity_key: str = str(fitted.entity_key)  # _plan refuses a set without one
+        self.timestamp = fitted.timestamp
         self.retention = _retention(self.windows, tolerance_s, count_ttl_s)
 
     @property
@@ -110,24 +112,49 @@ class StreamPlan:
         """Streamed records (typed, in arrival order) as entries, by entity. Records whose
         aggregated columns are read as they come (no step before them) take a plain
         Python path; others run the pandas steps before their aggregates."""
-        if not isinstance(records, pd.DataFrame) and all(s.stop == 0 for s in self.slots):
-            return self._direct_entries(records, record_ids)
+        if not isinstance(records, pd.DataFrame):
+            direct = self._direct_entries(records, record_ids)
+            if direct is not None:
+                return direct
         frame = records if isinstance(records, pd.DataFrame) else pd.DataFrame(list(records))
         entries = self._entry_frame(frame, record_ids, "online")
         return group_entries(entries, self.entity_key, len(self.slots))
 
     def _direct_entries(self, records: Sequence[Mapping[str, Any]],
-                        record_ids: Sequence[str]) -> dict[str, list[Entry]]:
+                        record_ids: Sequence[str]) -> dict[str, list[Entry]] | None:
+        """The entries through the steps' compiled row forms (``preparation.online``);
+        None where those do not model the records exactly (the pandas path decides)."""
+        try:
+            values = self._slot_values(records)
+        except NoFastForm:
+            return None
         grouped: dict[str, list[Entry]] = defaultdict(list)
-        columns = [slot.column for slot in self.slots]
-        for record, record_id in zip(records, record_ids, strict=True):
+        for record, record_id, row in zip(records, record_ids, values, strict=True):
             entity = record.get(self.entity_key)
             at = self._record_time_us(record)
             if entity is None or at is None:
                 continue  # as offline: a row without a key or a time counts nowhere
-            values = tuple(_float(record.get(column)) for column in columns)
-            grouped[str(entity)].append(Entry(at, check_record_id(record_id), values))
+            grouped[str(entity)].append(Entry(at, check_record_id(record_id), row))
         return dict(grouped)
+
+    def _slot_values(self, records: Sequence[Mapping[str, Any]]) -> list[tuple[float, ...]]:
+        """Per record, each slot's column after the row forms of the steps before it."""
+        if all(slot.stop == 0 for slot in self.slots):
+            return [tuple(_float(r.get(s.column)) for s in self.slots) for r in records]
+        online = compile_online(self.fitted)
+        if online.steps is None:
+            raise NoFastForm
+        rows = online._conformed(records)
+        values: list[list[float]] = [[] for _ in records]
+        done = 0
+        for slot in sorted(self.slots, key=lambda s: s.stop):
+            for step in online.steps[done:slot.stop]:
+                step(rows)
+            done = slot.stop
+            for held, row in zip(values, rows, strict=True):
+                held.append(_float(row.get(slot.column)))
+        order = sorted(range(len(self.slots)), key=lambda i: self.slots[i].stop)
+        return [tuple(held[order.index(i)] for i in range(len(self.slots))) for held in values]
 
     def _record_time_us(self, record: Mapping[str, Any]) -> int | None:
         if self.timestamp is None:

@@ -10,6 +10,7 @@ import importlib
 from collections.abc import Callable
 
 from common.runtime import Service
+from common.safety import check_start
 from common.settings import Settings
 
 SERVICES: dict[str, str] = {
@@ -34,6 +35,7 @@ def build_service(name: str, settings: Settings) -> Service:
     """Build a service by name; ``KeyError`` lists the known names."""
     if name not in SERVICES:
         raise KeyError(f"unknown service {name!r}; known: {', '.join(service_names())}")
+    check_start(settings)  # outside local development: no guest, no published key
     module_name, _, attr = SERVICES[name].partition(":")
     factory: Callable[[Settings], Service] = getattr(importlib.import_module(module_name), attr)
     return factory(settings)

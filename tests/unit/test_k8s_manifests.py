@@ -289,7 +289,7 @@ def test_dev_definitions_are_the_repository_s_with_dev_passwords() -> None:
     dev = copy.deepcopy(definitions())
     dev["users"] = [{**u, "password_hash": ""} for u in dev["users"] if u["name"] != KEDA]
     dev["permissions"] = [p for p in dev["permissions"] if p["user"] != KEDA]
-    assert dev == shared, "run: python deploy/k8s/overlays/dev/rabbitmq/dev_definitions.py"
+    assert dev == shared, "run: python deploy/k8s/sync.py"
 
 
 def test_dev_broker_urls_log_in_as_defined_users() -> None:

@@ -32,6 +32,12 @@ observe:
 dashboards: setup
 	@$(PY) deploy/grafana/build.py
 
+# Benchmarks are local development: the services they start accept guest and the published
+# signing key, and read their sources from bench/.work (the checks of README's Security).
+BENCH_TARGETS := bench-bus bench-features bench-pipeline bench-monitoring bench-scoring
+$(BENCH_TARGETS): export CONVEYOR_LOCAL_DEV := true
+$(BENCH_TARGETS): export CONVEYOR_SOURCE_ROOTS := ["$(CURDIR)/bench/.work","var/demo"]
+
 bench-bus: setup
 	@$(PY) bench/bus.py
 

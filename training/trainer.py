@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import multiprocessing
-import os
 import platform
 import tempfile
 import time
@@ -38,6 +37,7 @@ from pebble import ProcessExpired, ProcessPool
 from pyarrow import feather
 from threadpoolctl import threadpool_limits
 
+from common.cpus import available_cpus
 from common.errors import InvalidInput
 from monitoring.reference import input_references, model_reference, reference_rows
 from training.config import Candidate, TrainingConfig, expand, resolve_estimator
@@ -175,7 +175,8 @@ def _run_pool(
     workers = min(config.workers, len(candidates))
     if pool is not None:
         workers = min(pool.workers, len(candidates))
-    threads = max(1, (os.cpu_count() or 1) // workers)  # no oversubscribed OpenMP pools
+    # no oversubscribed OpenMP pools: the CPUs of the container's limit, not the node's
+    threads = max(1, available_cpus() // workers)
     data = _Data(data_path, uuid.uuid4().hex, threads)
     if pool is not None:
         return _Scheduler(pool, config, progress, data).run(candidates)

@@ -235,6 +235,18 @@ def test_every_conveyor_pod_may_reach_the_broker_and_redis() -> None:
         assert labels["conveyor.io/broker-client"] == labels["conveyor.io/redis-client"] == "true"
 
 
+def test_conveyor_pods_may_reach_the_broker_and_redis_urls_they_are_given() -> None:
+    docs = render("overlays/dev")
+    egress = named(docs, "NetworkPolicy", "conveyor-egress")
+    allowed = {p["port"] for rule in egress["spec"]["egress"] for p in rule["ports"]}
+    for workload, container in conveyor_containers(docs):
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert egress["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+        for name in ("CONVEYOR_AMQP_URL", "CONVEYOR_REDIS_URL"):
+            assert urlsplit(effective(docs, container, name)).port in allowed, name
+    assert 53 in allowed
+
+
 # -- dev ------------------------------------------------------------------------------------
 
 DEV = K8S / "overlays" / "dev"

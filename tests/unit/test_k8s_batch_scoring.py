@@ -10,7 +10,7 @@ import pytest
 from common.events import BatchScoringRequested, ScoringCompleted
 from common.services import SERVICES, service_names
 from scoring.batch_service import BatchScoringService
-from scoring.service import BatchScoring, ScoringService, ScoringSettings
+from scoring.service import ScoringService, ScoringSettings
 
 
 @dataclass
@@ -60,4 +60,3 @@ def test_online_scoring_leaves_batches_to_it_when_told(monkeypatch: pytest.Monke
     with_batch = ScoringService.__new__(ScoringService)
     with_batch.batch = FakeBatch()  # type: ignore[assignment]
     assert "BatchScoringRequested" in with_batch.handler_specs()
-    assert BatchScoring  # the same dataclass scores in both roles

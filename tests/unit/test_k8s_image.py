@@ -69,9 +69,11 @@ def pins() -> dict[str, str]:
             (line.split("==") for line in lines if line and not line.startswith("#"))}
 
 
-def runtime_requirements() -> set[str]:
-    """Every distribution the installed project needs at run time, transitively."""
-    todo, seen = ["conveyor"], set()
+def runtime_requirements() -> dict[str, list[Requirement]]:
+    """Every distribution the installed project needs at run time, transitively, with the
+    requirements that ask for it."""
+    todo = ["conveyor"]
+    seen: dict[str, list[Requirement]] = {}
     while todo:
         for text in metadata.requires(todo.pop()) or []:
             requirement = Requirement(text)
@@ -79,16 +81,18 @@ def runtime_requirements() -> set[str]:
             if requirement.marker and not requirement.marker.evaluate({"extra": ""}):
                 continue
             if name not in seen:
-                seen.add(name)
                 todo.append(name)
+            seen.setdefault(name, []).append(requirement)
     return seen
 
 
-def test_constraints_pin_every_runtime_library_at_the_tested_version() -> None:
+def test_constraints_pin_every_runtime_library_within_its_requirements() -> None:
+    # What the image installs; the tests' .venv is installed by scripts/setup.sh without
+    # it, so a version there may differ (regenerate the file to move the image along).
     pinned = pins()
-    for name in sorted(runtime_requirements()):
-        assert name in pinned, f"{name} is not pinned in constraints.txt"
-        assert pinned[name] == metadata.version(name), (
-            f"{name}: constraints.txt says {pinned[name]}, the tested .venv has "
-            f"{metadata.version(name)}; regenerate constraints.txt (see its header)")
+    for name, requirements in sorted(runtime_requirements().items()):
+        assert name in pinned, f"{name} is not pinned in constraints.txt (see its header)"
+        for requirement in requirements:
+            assert requirement.specifier.contains(pinned[name], prereleases=True), (
+                f"constraints.txt pins {name}=={pinned[name]}, outside {requirement}")
     assert "conveyor" not in pinned

@@ -383,6 +383,15 @@ class ScoringCore:
         self._observe(queries)
         return results
 
+    def features_for(self, query: ScoreQuery) -> dict[str, float]:
+        """The feature row ``score`` would hand the model that answers first (the routed
+        version's), by feature name, without predicting: what a request is scored on."""
+        decision = self.router.route(query.model_version or None, request_key=query.entity_id)
+        model = self._loaded[decision.primary.version]
+        request = self._with_online(query, [model], time.monotonic() + self.settings.deadline_s)
+        row = model.features_of(request)
+        return dict(zip(model.feature_names, row.tolist(), strict=True))
+
     def retire(self, version: str) -> None:
         """Route to a version no more; once the requests in flight have finished, stop its
         batcher (rows it holds are still predicted) and drop it, releasing its memory."""

@@ -172,7 +172,10 @@ class ServiceRunner:
         if dispatcher.handlers:
             self.bus.consume(dispatcher, stop, self.connected)
         else:
-            stop.wait()
+            # Waking now and then: a signal that lands on another thread only runs its
+            # handler when the main thread next runs Python (a bare wait never returns).
+            while not stop.wait(0.5):
+                pass
         for thread in extra:
             thread.join()
 

@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ CGROUP_V2_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
 CGROUP_V1_PERIOD = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
 STOP_GRACE_S = 10.0
+YOUNG_S = 5.0  # a worker that dies younger than this is failing, not unlucky
+MAX_BACKOFF_S = 30.0
 SCRAPE_TIMEOUT_S = 2.0
 
 
@@ -96,6 +99,8 @@ class WorkerPool:
         self._ready = self._context.Array("b", count, lock=False)
         self._ports = self._context.Array("i", count, lock=False)
         self._processes: list[BaseProcess | None] = [None] * count
+        self._started = [0.0] * count  # when each slot's worker was forked (monotonic)
+        self._delays = [0.0] * count  # the back-off before each slot's next fork
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self.restarts = 0
@@ -112,6 +117,12 @@ class WorkerPool:
         """Whether a live worker has a warmed model."""
         with self._lock:
             return any(p is not None and p.is_alive() and self._ready[i]
+                       for i, p in enumerate(self._processes))
+
+    def all_ready(self) -> bool:
+        """Whether every worker is alive with a warmed model."""
+        with self._lock:
+            return all(p is not None and p.is_alive() and self._ready[i]
                        for i, p in enumerate(self._processes))
 
     def pids(self) -> list[int]:
@@ -144,8 +155,11 @@ class WorkerPool:
         slot = WorkerSlot(index, self._ready, self._ports)
         process = self._context.Process(target=_worker_main, args=(self.run_worker, slot),
                                         name=f"scoring-worker-{index}", daemon=False)
-        process.start()
-        with self._lock:
+        with self._lock:  # stop() takes its list under the lock: none forked after it
+            if self._stopping.is_set():
+                return
+            process.start()
+            self._started[index] = time.monotonic()
             self._processes[index] = process
         log.info("scoring worker %d started (pid %s)", index, process.pid)
 
@@ -166,9 +180,21 @@ class WorkerPool:
         if self._stopping.is_set():
             return
         code = None if process is None else process.exitcode
-        log.warning("scoring worker %d exited (code %s): forking a new one", index, code)
+        delay = self._backoff(index)
+        log.warning("scoring worker %d exited (code %s): forking a new one in %.1fs", index,
+                    code, delay)
+        if self._stopping.wait(delay):
+            return
         self.restarts += 1
         self._fork(index)
+
+    def _backoff(self, index: int) -> float:
+        """No wait after a worker that lived; doubling waits (to ``MAX_BACKOFF_S``) while
+        workers die young (a bad setting, a missing file: no fork loop)."""
+        lived = time.monotonic() - self._started[index]
+        self._delays[index] = 0.0 if lived > YOUNG_S else min(
+            MAX_BACKOFF_S, max(0.5, 2 * self._delays[index]))
+        return self._delays[index]
 
 
 def _worker_main(run_worker: RunWorker, slot: WorkerSlot) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pandas as pd
 import pytest
@@ -28,7 +29,11 @@ from common.stores.entity_state import MemoryEntityState
 from common.testing import BusNamespace, running_consumer, wait_for_handler
 from ingestion.records import check_records
 from preparation.service import OnlinePreparationService
+from protos.conveyor.scoring.v1 import scoring_pb2 as pb
+from protos.conveyor.scoring.v1 import scoring_pb2_grpc as pb_grpc
 from scoring.core import ScoringCore
+from scoring.observing import RecordObserver
+from scoring.server import GrpcSettings, ScoringServer, field_value
 from tests.fixtures.streaming import (
     StreamWorld,
     as_records,
@@ -162,3 +167,41 @@ def test_duplicates_and_a_bad_record_change_nothing_but_what_they_should(
     replay.apply("fs", plan.record_entries(ok.records, ok.ids), plan.retention)
     assert world.state.read(world.fitted.feature_set_id, entities) == replay.read("fs", entities)
     world.close()
+
+
+def test_score_then_record_never_counts_the_record_itself_and_the_next_score_does(
+        tmp_path: Path, ns: BusNamespace) -> None:
+    frame = stream_frame(400, accounts=4, spread_s=60.0)
+    world = stream_world(tmp_path, ns.namespace, frame)
+    records, expected = as_records(frame), world.offline_features()
+    service = world.service()
+    service.on_records_observed(RecordsObserved(dataset="paysim", records=records[:300]))
+    core = world.core()
+    observer = RecordObserver(ns.bus().publish_many, dataset="paysim",
+                              entity_key="nameOrig").start()
+    core.on_observed = observer.observe
+    entity = records[300]["nameOrig"]
+    a, b = [i for i in range(300, len(records)) if records[i]["nameOrig"] == entity][:2]
+    previous = max(i for i in range(300) if records[i]["nameOrig"] == entity)
+    server = ScoringServer(core, GrpcSettings(host="127.0.0.1", port=0)).start()
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel, \
+            consuming(ns, service) as dispatcher:
+        stub = pb_grpc.ScoringStub(channel)
+        with wait_for_handler(dispatcher, "RecordsObserved") as waited:
+            first = stub.Score(score_request(records[a], observe=True), timeout=5)
+        second = stub.Score(score_request(records[b]), timeout=5)
+    server.stop(0)
+    observer.close()
+    world.close()
+    assert waited.event.records[0]["amount"] == records[a]["amount"]
+    minutes = 60_000.0
+    assert first.feature_age_ms == (a - previous) * minutes  # the last record before a
+    assert second.feature_age_ms == (b - a) * minutes  # a itself, observed after its answer
+    for response, row in ((first, a), (second, b)):
+        offline = world.estimator_score(expected.iloc[[row]])
+        assert response.score == pytest.approx(offline, rel=1e-9, abs=1e-12)
+
+
+def score_request(record: dict[str, Any], **options: Any) -> pb.ScoreRequest:
+    fields = {k: field_value(v) for k, v in record.items() if k != "nameOrig" and v is not None}
+    return pb.ScoreRequest(entity_id=record["nameOrig"], fields=fields, **options)

@@ -58,9 +58,11 @@ class Outage:
             self.client.back()
 
 
-def ingestion(bus: InMemoryBus, processed: RedisProcessedEvents, handled: list[Event]) -> None:
+def ingestion(bus: InMemoryBus, processed: RedisProcessedEvents, handled: list[Event],
+              then: Callable[[], None] = lambda: None) -> None:
     def handle(event: SourceDataAvailable) -> RawDataExtracted:
         handled.append(event)
+        then()
         return event.caused(RawDataExtracted, producer="ingestion", dataset=event.dataset,
                             batch_id="b1", source_uri=event.uri, rows=1, columns=["a"])
 
@@ -121,3 +123,22 @@ def test_a_duplicate_after_the_outage_is_recognised(ns: BusNamespace) -> None:
     bus.publish_raw("SourceDataAvailable", event.to_json(), {ATTEMPT: 2})
     bus.run_until_idle()
     assert handled == [event] and len(outage.waits) == 2
+
+
+def test_redis_lost_after_the_work_is_done_still_acknowledges_it(ns: BusNamespace) -> None:
+    client = Switchable(ns.redis)
+    client.back()  # up for the check; down from inside the handler, so the mark fails
+    processed = RedisProcessedEvents(client, ns.namespace, 60,  # type: ignore[arg-type]
+                                     backoff=Backoff(0.35), sleep=lambda _: None)
+    bus, handled = InMemoryBus(), list[Event]()
+    bus.declare("observer", ["RawDataExtracted"])
+    ingestion(bus, processed, handled, then=lambda: down(client))
+    event = SourceDataAvailable(dataset="d", uri="u.csv", producer="test")
+    bus.publish(event)
+    bus.run_until_idle()
+    assert handled == [event] and bus.dlq["ingestion"] == []  # acknowledged, once
+    assert [e.event_type for e in bus.published] == ["SourceDataAvailable", "RawDataExtracted"]
+
+
+def down(client: Switchable) -> None:
+    client.current = redis.Redis(port=dead_port(), socket_connect_timeout=1)

@@ -18,7 +18,7 @@ test: setup
 lint: setup
 	@$(VENV)/bin/ruff check .
 	@$(VENV)/bin/mypy common ingestion preparation segregation training evaluation scoring monitoring \
-		deploy/grafana/build.py
+		deploy/grafana/build.py deploy/rabbitmq/definitions.py
 
 # Prometheus on 127.0.0.1:$(PROMETHEUS_PORT) with deploy/prometheus/prometheus.yml: scrapes
 # the services `conveyor up` or `make demo` start (their file_sd targets), loads the rules.

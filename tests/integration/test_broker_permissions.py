@@ -139,3 +139,32 @@ def test_the_application_cannot_declare_or_delete_anything(sink: Sink) -> None:
             connection.channel().exchange_delete(EXCHANGE)
     finally:
         connection.close()
+
+
+def queue_exists(channel: BlockingChannel, name: str) -> bool:
+    probe = channel.connection.channel()  # a failed passive declare closes its channel
+    try:
+        probe.queue_declare(name, passive=True)
+    except ChannelClosedByBroker:
+        return False
+    probe.close()
+    return True
+
+
+def test_a_service_user_declares_and_uses_its_own_topology(sink: Sink) -> None:
+    channel, _ = sink
+    service = "batch-scoring"
+    queues = [f"conveyor.{service}", f"conveyor.{service}.dlq",
+              *(f"conveyor.{service}.retry.{round(d * 1000)}ms"
+                for d in sorted(set(Settings().retry_delays_s)))]
+    if queue_exists(channel, queues[0]):
+        pytest.skip(f"{queues[0]} exists in vhost {VHOST}: someone's, not touched")
+    bus = bus_of(f"conveyor-{service}")
+    try:
+        bus.declare(service, ["BatchScoringRequested"])
+        bus.send_to_queue(f"conveyor.{service}.dlq", b"{}", {})  # a dead letter of its own
+        assert bus.queue_depths(service)["dead"] == 1
+    finally:
+        bus.close()
+        for name in queues:
+            channel.queue_delete(name)

@@ -1,6 +1,6 @@
 # The two commands: `make demo` and `make test`. Both set up what they need first.
 .PHONY: setup demo test lint observe dashboards bench-bus bench-features bench-pipeline \
-	bench-monitoring bench-scoring clean
+	bench-monitoring bench-scoring bench-streaming clean
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -52,6 +52,9 @@ bench-monitoring: setup
 
 bench-scoring: setup
 	@$(PY) bench/scoring.py
+
+bench-streaming: setup
+	@$(PY) bench/streaming.py
 
 clean:
 	rm -rf var/ .pytest_cache

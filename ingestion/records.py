@@ -58,10 +58,11 @@ def check_records(records: Sequence[Mapping[str, Any]],
                   contract: DatasetContract) -> CheckedRecords:
     """The valid records typed, with their ids; the others refused, naming the field."""
     out = CheckedRecords()
+    plan = _Plan.of(contract)
     for index, record in enumerate(records):
         try:
-            typed = typed_record(record, contract)
-            record_id = record_id_of(typed, contract)
+            typed = plan.typed(record)
+            record_id = plan.record_id(typed)
         except _Refused as refused:
             out.refused.append(RecordProblem(index=index, field=refused.field,
                                              reason=refused.reason))
@@ -78,37 +79,65 @@ class _Refused(Exception):
         self.field, self.reason = field, reason
 
 
+class _Plan:
+    """A contract's checks, prepared once per contract: the required columns, each
+    column's converter, and the columns a record's id hashes."""
+
+    _cache: dict[int, _Plan] = {}
+
+    def __init__(self, contract: DatasetContract) -> None:
+        self.contract = contract
+        self.required = [n for n in (contract.entity_key, contract.timestamp,
+                                     contract.record_id) if n is not None]
+        self.columns = [(name, kind, _CONVERTERS.get(kind, convert))
+                        for name, kind in contract.columns.items()]
+        self.hashed = sorted(c for c in contract.columns if c != contract.label)
+
+    @classmethod
+    def of(cls, contract: DatasetContract) -> _Plan:
+        plan = cls._cache.get(id(contract))
+        if plan is None or plan.contract is not contract:
+            plan = cls._cache[id(contract)] = cls(contract)
+        return plan
+
+    def typed(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        if not isinstance(record, Mapping):
+            raise _Refused(None, f"a record must be a JSON object, not {type(record).__name__}")
+        for name in self.required:
+            if _missing(record.get(name)):
+                raise _Refused(name, f"{name} is required in a streamed record")
+        typed = dict(record)
+        for name, kind, convert_one in self.columns:
+            value = record.get(name)
+            if value is None or value != value:  # missing, or NaN
+                typed[name] = None
+                continue
+            try:
+                typed[name] = convert_one(value, kind)
+            except BadValue as exc:
+                raise _Refused(name, f"{name}={value!r} is not {kind} ({exc})") from None
+        return typed
+
+    def record_id(self, record: Mapping[str, Any]) -> str:
+        id_column = self.contract.record_id
+        if id_column is not None:
+            value = str(record[id_column])
+            if len(value) > MAX_ID_LENGTH or any(c.isspace() for c in value):
+                raise _Refused(id_column, f"{id_column}={value[:40]!r} must be at most "
+                               f"{MAX_ID_LENGTH} characters without white space")
+            return value
+        hashed = orjson.dumps([record.get(c) for c in self.hashed])  # datetimes as RFC 3339
+        return hashlib.blake2b(hashed, digest_size=12).hexdigest()
+
+
 def typed_record(record: Mapping[str, Any], contract: DatasetContract) -> dict[str, Any]:
     """The record with each contract column typed (extra fields kept as they are)."""
-    if not isinstance(record, Mapping):
-        raise _Refused(None, f"a record must be a JSON object, not {type(record).__name__}")
-    typed = dict(record)
-    for name in (contract.entity_key, contract.timestamp, contract.record_id):
-        if name is not None and _missing(record.get(name)):
-            raise _Refused(name, f"{name} is required in a streamed record")
-    for name, kind in contract.columns.items():
-        value = record.get(name)
-        if _missing(value):
-            typed[name] = None
-            continue
-        try:
-            typed[name] = convert(value, kind)
-        except BadValue as exc:
-            raise _Refused(name, f"{name}={value!r} is not {kind} ({exc})") from None
-    return typed
+    return _Plan.of(contract).typed(record)
 
 
 def record_id_of(record: Mapping[str, Any], contract: DatasetContract) -> str:
     """The record's id: its ``record_id`` column, else a hash of its contract columns."""
-    if contract.record_id is not None:
-        value = str(record[contract.record_id])
-        if len(value) > MAX_ID_LENGTH or any(c.isspace() for c in value):
-            raise _Refused(contract.record_id, f"{contract.record_id}={value[:40]!r} must be "
-                           f"at most {MAX_ID_LENGTH} characters without white space")
-        return value
-    columns = {c: _canonical(record.get(c)) for c in sorted(contract.columns)
-               if c != contract.label}
-    return hashlib.blake2b(orjson.dumps(columns), digest_size=12).hexdigest()
+    return _Plan.of(contract).record_id(record)
 
 
 def convert(value: Any, kind: str) -> Any:
@@ -127,6 +156,23 @@ def convert(value: Any, kind: str) -> Any:
             raise BadValue("expected a whole number")
         return int(number)
     return float(number)
+
+
+def _float(value: Any, kind: str) -> float:
+    if type(value) is float:  # the common case, first
+        if value - value != 0:  # infinity (NaN was taken as missing)
+            raise BadValue("expected a finite number")
+        return value
+    return float(_number(value))
+
+
+def _text(value: Any, kind: str) -> str:
+    if type(value) is str:
+        return value
+    return convert(value, kind)  # type: ignore[no-any-return]
+
+
+_CONVERTERS = {"float": _float, "string": _text, "category": _text}
 
 
 def _missing(value: Any) -> bool:
@@ -173,12 +219,6 @@ def _timestamp(value: Any) -> datetime:
     else:
         raise BadValue("expected an ISO 8601 timestamp")
     return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
-
-
-def _canonical(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return value
 
 
 def records_events(dataset: str, records: Sequence[Mapping[str, Any]], *,

@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import bisect
 import math
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import orjson
 import redis
 from redis.exceptions import NoScriptError
 
@@ -90,25 +92,30 @@ def state_key(namespace: str, feature_set_id: str, entity_id: object) -> bytes:
 
 
 def encode_entry(entry: Entry) -> bytes:
-    """``time id v1 v2 ...``: ``repr`` of each float, so every value reads back exactly."""
-    values = " ".join(repr(float(v)) for v in entry.values)
-    return f"{entry.time_us} {entry.record_id} {values}".rstrip().encode()
+    """``time id [v1,v2,...]``: the values as a JSON array of shortest round-trip floats
+    (every value reads back exactly), null for a missing one."""
+    values = orjson.dumps([None if v != v else v for v in entry.values])
+    return b"%d %s %s" % (entry.time_us, entry.record_id.encode(), values)
 
 
 def decode_entries(raw: bytes) -> list[Entry]:
     """The entries of a stored state, in stored order."""
     entries = []
-    for line in raw.decode().split("\n"):
-        time_us, record_id, *values = line.split(" ")
-        entries.append(Entry(int(time_us), record_id, tuple(float(v) for v in values)))
+    for line in raw.split(b"\n"):
+        time_us, record_id, values = line.split(b" ", 2)
+        entries.append(Entry(int(time_us), record_id.decode(),
+                             tuple(math.nan if v is None else v for v in orjson.loads(values))))
     return entries
 
 
 def check_record_id(record_id: str) -> str:
     """A record id as the state can hold it, else ``InvalidInput``."""
-    if not record_id or any(c.isspace() for c in record_id):
+    if not _ONE_WORD.fullmatch(record_id):
         raise InvalidInput(f"record id {record_id!r} is empty or holds white space")
     return record_id
+
+
+_ONE_WORD = re.compile(r"\S+")
 
 
 class EntityStateStore(ABC):
@@ -215,7 +222,8 @@ class RedisEntityState(EntityStateStore):
         if not entity_ids:
             return []
         keys = [state_key(self._namespace, feature_set_id, e) for e in entity_ids]
-        return [None if raw is None else decode_entries(raw) for raw in self._redis.mget(keys)]
+        raws: list[bytes | None] = self._redis.mget(keys)  # type: ignore[assignment]
+        return [None if raw is None else decode_entries(raw) for raw in raws]
 
     def _run(self, calls: list[tuple[Any, ...]]) -> list[Any]:
         try:
@@ -320,8 +328,8 @@ class StreamTargets:
 
     def of(self, dataset: str) -> list[str]:
         """The feature sets kept from ``dataset``'s records, oldest first."""
-        return [m.decode() if isinstance(m, bytes) else str(m)
-                for m in self._redis.zrange(self._key(dataset), 0, -1)]
+        members: list[bytes] = self._redis.zrange(self._key(dataset), 0, -1)  # type: ignore[assignment]
+        return [m.decode() if isinstance(m, bytes) else str(m) for m in members]
 
     def remove(self, dataset: str, feature_set_ids: Sequence[str]) -> None:
         """Stop keeping these feature sets (their state then expires with its TTL)."""

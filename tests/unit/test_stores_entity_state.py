@@ -33,7 +33,7 @@ def entry(t: int, rid: str, value: float = 1.0) -> Entry:
 def test_keys_and_lines_have_pinned_bytes_and_values_read_back_exactly() -> None:
     assert state_key("ns", "fs1", "C42") == b"ns:st:fs1:C42"
     line = encode_entry(Entry(1_700_000_000_000_001, "r-1", (0.1 + 0.2, math.nan, 1e300)))
-    assert line == b"1700000000000001 r-1 0.30000000000000004 nan 1e+300"
+    assert line == b"1700000000000001 r-1 [0.30000000000000004,null,1e+300]"
     [back] = decode_entries(line)
     assert back.time_us == 1_700_000_000_000_001 and back.values[0] == 0.1 + 0.2
     assert math.isnan(back.values[1]) and back.values[2] == 1e300

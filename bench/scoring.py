@@ -941,7 +941,7 @@ def machine(settings: Settings) -> dict[str, Any]:
 
 def print_summary(results: dict[str, Any]) -> None:
     print(f"{'':24}{'c':>4}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
-          f"{'CPU ms/call: client':>21}{'server':>8}")
+          f"{'CPU ms/call: client':>21}{'server':>8}{'vs no-op':>10}{'batch':>7}")
     for name in ("mlserver_batching_off", "mlserver_batching_on", "conveyor_modelinfer",
                  "conveyor_score", *(f"ceiling_noop_{kind}" for kind in NOOP_KINDS)):
         for concurrency in CONCURRENCY:
@@ -949,7 +949,8 @@ def print_summary(results: dict[str, Any]) -> None:
             print(f"{name:24}{concurrency:>4}{row['rps']:>10,.0f}{row['p50_ms'] or 0:>9.2f}"
                   f"{row['p99_ms'] or 0:>9.2f}{row['errors']:>8}"
                   f"{row.get('client_cpu_ms_per_call') or 0:>21.3f}"
-                  f"{row.get('server_cpu_ms_per_call') or 0:>8.3f}")
+                  f"{row.get('server_cpu_ms_per_call') or 0:>8.3f}"
+                  f"{row.get('cpu_vs_noop') or 0:>10.2f}{row.get('mean_batch_size') or 0:>7.2f}")
     fallback = results["fallback"]
     for row in (fallback, fallback["at_light_load"]):
         print(f"fallback at c{row['concurrency']}: {row['within_deadline_share']:.2%} within "

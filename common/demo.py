@@ -4,9 +4,11 @@ It starts the services that are not running yet as local processes, writes a see
 PaySim-style data set, publishes ``SourceDataAvailable`` and follows the run stage by
 stage through the event log until a model is promoted (or rejected), then prints the
 champion, its metrics and its lineage. A second run on fresh data trains a challenger
-that is gated against the champion. Then monitoring at work (``common.demo_monitoring``):
-normal traffic with outcomes, a drift that retrains, a slowed champion reverted. Last,
-an invalid event shows the dead-letter path, and the per-model status view.
+that is gated against the champion. Then the online path: a new account's transactions
+scored then recorded, each answer counting the ones before. Then monitoring at work
+(``common.demo_monitoring``): normal traffic with outcomes, a drift that retrains, a
+slowed champion reverted. Last, an invalid event shows the dead-letter path, and the
+per-model status view.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
+from uuid import uuid4
 
 import pandas as pd
 import redis
@@ -35,7 +39,10 @@ from common.events import Event, SourceDataAvailable
 from common.local import start_missing_services, wait_until
 from common.settings import Settings
 from common.stores import ModelRegistry, ModelStore
+from common.stores.entity_state import RedisEntityState
+from common.wiring import Stores
 from monitoring.state import MonitoringState
+from scoring.service import ScoringSettings
 
 FINAL_EVENTS = {"ModelReady", "ModelRejected", "IngestionFailed"}
 
@@ -72,11 +79,12 @@ def run_demo(settings: Settings, *, rows: int, seed: int | None, timeout: float)
         serving = bool(registry.chain())
         if serving:
             data = _live_scoring(settings, config, registry, source, timeout)
+            _online_path(settings, config, registry, data, timeout)
             scoring = next((s for s in started if s.name == "scoring"), None)
             show_monitoring(MonitoringDemo(settings, bus, config, registry, data, scoring,
-                                           _follow, min(timeout, 180.0)), say, first_step=6)
+                                           _follow, min(timeout, 180.0)), say, first_step=7)
         _dead_letter_path(settings, bus, timeout)
-        say("\n10. queues (0 ready everywhere: every event was acknowledged)")
+        say("\n11. queues (0 ready everywhere: every event was acknowledged)")
         say(queue_table(bus))
         _dashboards_and_status(settings)
         say("\nstopping the services this demo started:")
@@ -162,7 +170,7 @@ def _dead_letter_path(settings: Settings, bus: RabbitMQBus, timeout: float) -> N
     before = bus.queue_depths("ingestion")["dead"]
     bad = {"event_type": "SourceDataAvailable", "uri": "s3://bucket/missing-dataset.csv"}
     bus.publish_raw("SourceDataAvailable", json.dumps(bad).encode())
-    say("\n9. published an invalid SourceDataAvailable (no 'dataset' field)")
+    say("\n10. published an invalid SourceDataAvailable (no 'dataset' field)")
     wait_until(lambda: bus.queue_depths("ingestion")["dead"] > before, timeout,
                message="the dead letter")
     letter = bus.dead_letters("ingestion", limit=before + 1)[-1]
@@ -177,8 +185,6 @@ def _live_scoring(
     """A few Score calls over gRPC (with the settings' client token and TLS CA), once the
     scoring service serves the champion; returns the transactions (the monitoring steps
     send more of them)."""
-    from scoring.service import ScoringSettings
-
     champion = registry.champion().version
     key, label = config.features.entity_key or "", config.features.label
     data = pd.read_csv(source)
@@ -201,10 +207,54 @@ def _live_scoring(
     return data
 
 
+def _online_path(settings: Settings, config: PipelineConfig, registry: ModelRegistry,
+                 data: pd.DataFrame, timeout: float, transactions: int = 6) -> None:
+    """A new account's transactions, two hours apart, each scored then recorded (Score
+    with ``observe``): the online preparation service adds each to the account's state
+    in Redis, so the next answer counts it, and its 24 h count and sum grow."""
+    from preparation.streaming import StreamPlan, timestamp_us
+
+    stores = Stores.from_settings(settings)
+    fsid = stores.models.metadata(registry.champion().model_id).metadata["feature_set_id"]
+    plan = StreamPlan(stores.feature_pipelines.load(fsid))
+    state = RedisEntityState(stores.redis, settings.namespace)
+    key, ts = config.features.entity_key or "", config.features.timestamp or ""
+    account = f"C-DEMO-{uuid4().hex[:6]}"
+    start = pd.to_datetime(data[ts], format="ISO8601").max() + pd.Timedelta(1, "h")
+    rows = data.sample(transactions, random_state=1).assign(**{key: account}).to_dict("records")
+    say(f"\n6. the online path: {transactions} transactions of a new account {account}, each "
+        "scored, then recorded (Score with observe); the next answer counts it")
+    with scoring_client(settings, config, ScoringSettings().grpc_port) as client:
+        for i, row in enumerate(rows):
+            row[ts] = (start + pd.Timedelta(2 * i, "h")).isoformat()
+            request = client.request(row)
+            request.observe = True
+            reply = client.stub.Score(request, timeout=5, metadata=client.metadata)
+            held = _wait_held(state, fsid, account, i + 1, timeout)
+            at = timestamp_us(row[ts]) or 0
+            seen = plan.aggregates_at(held, at)  # what this Score read: the window ends at it
+            age = "none" if not reply.HasField("feature_age_ms") else \
+                f"{reply.feature_age_ms / 3.6e6:.0f} h"
+            say(f"   {row[ts][:16]} amount {row['amount']:>11,.2f}: score {reply.score:.4f} by "
+                f"{reply.model_version}; before it: " + ", ".join(
+                    f"{name.removeprefix(key + '_')} {value:,.2f}"
+                    for name, value in seen.items()) + f"; last record {age} before")
+
+
+def _wait_held(state: RedisEntityState, fsid: str, account: str, count: int,
+               timeout: float) -> list[Any]:
+    """The account's entries, once the state holds ``count`` of them."""
+    def held() -> list[Any]:
+        entries = state.read(fsid, [account])[0] or []
+        return entries if len(entries) >= count else []
+
+    return wait_until(held, timeout, message=f"transaction {count} in {account}'s state")
+
+
 def _dashboards_and_status(settings: Settings) -> None:
     """Where the dashboards are, and each model as monitoring sees it (conveyor status)."""
     state = MonitoringState(redis.Redis.from_url(settings.redis_url), settings.namespace)
-    say("\n11. each model as monitoring sees it (`conveyor status`):")
+    say("\n12. each model as monitoring sees it (`conveyor status`):")
     say(model_table(state.live_all()))
     say("   dashboards: deploy/grafana/dashboards/ (Scoring, Pipeline, Models; provisioning in "
         "deploy/grafana/provisioning/); `make observe` runs Prometheus on :9090 against "

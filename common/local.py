@@ -32,7 +32,8 @@ from common.settings import Settings
 
 T = TypeVar("T")
 PIPELINE_SERVICES = (
-    "eventlog", "ingestion", "preparation", "training", "evaluation", "scoring", "monitoring",
+    "eventlog", "ingestion", "preparation", "online-preparation", "training", "evaluation",
+    "scoring", "monitoring",
 )
 # Ready only once a model is loaded, so at start-up "alive" is what can be waited for.
 STARTS_UNREADY = {"scoring"}

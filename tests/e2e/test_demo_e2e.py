@@ -90,6 +90,10 @@ def test_the_demo_shows_drift_retraining_and_a_slowed_champion_reverted(
     assert registry.champion().version == "v1"
     last = registry.history()[-1]
     assert (last.action, last.from_version, last.to_version) == ("demote", "v2", "v1")
+    # The online path: each transaction of the new account scored before it is counted.
+    assert "the online path" in out and "amount_count_24h 0.00" in out, out
+    assert "amount_count_24h 5.00" in out  # the sixth, two hours after the fifth
+    assert kinds.count("RecordsObserved") >= 1 and "RecordsRefused" not in kinds
     # The status view and the dashboards, every service stopped cleanly, nothing lost.
     assert "degraded: latency" in out and "deploy/grafana/dashboards/" in out
     assert out.count("stopped on SIGTERM (exit status 0)") == len(PIPELINE_SERVICES)

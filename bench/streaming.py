@@ -316,11 +316,12 @@ def serve(world: World, fitted: Any, frame: pd.DataFrame) -> tuple[ScoringCore, 
 
     X = fitted.transform(frame)[list(fitted.feature_names)].to_numpy()
     model = LogisticRegression(max_iter=500).fit(X, frame["isFraud"])
-    world.stores.models.save("m-bench", model, {"feature_set_id": fitted.feature_set_id,
-                                                "features": list(fitted.feature_names)})
+    model_id = f"m-bench-{fitted.feature_set_id}"  # a model of its own per feature set
+    world.stores.models.save(model_id, model, {"feature_set_id": fitted.feature_set_id,
+                                              "features": list(fitted.feature_names)})
     registry = world.stores.registry(world.settings, world.config["name"])
-    registry.register("m-bench")
-    registry.promote("m-bench")
+    registry.register(model_id)
+    registry.promote(model_id)
     core = ScoringCore(world.stores.models, world.stores.feature_pipelines, registry,
                        world.stores.online, CoreSettings(deadline_s=1.0), state=world.state)
     core.load_chain()

@@ -140,7 +140,9 @@ class StreamPlan:
     def _slot_values(self, records: Sequence[Mapping[str, Any]]) -> list[tuple[float, ...]]:
         """Per record, each slot's column after the row forms of the steps before it."""
         if all(slot.stop == 0 for slot in self.slots):
-            return [tuple(_float(r.get(s.column)) for s in self.slots) for r in records]
+            columns = [s.column for s in self.slots]
+            return [tuple([math.nan if v is None else float(v) for v in map(r.get, columns)])
+                    for r in records]
         online = compile_online(self.fitted)
         if online.steps is None:
             raise NoFastForm

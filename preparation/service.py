@@ -14,7 +14,13 @@ complete there; so Redis takes the writes while the candidates train, not while 
 transform runs. Evaluation waits for that mark before it promotes a model of the set,
 so a promoted model never meets an incomplete online store. The event is acknowledged
 only after the mark: a crash in between redelivers it and the writes, idempotent (last
-write wins, equal times overwrite), run again.
+write wins, equal times overwrite), run again. Before the mark it also writes the set's
+entity state from its batch (``preparation.streaming``) and registers the set with the
+stream, so streamed records keep its aggregates fresh from then on.
+
+``OnlinePreparationService`` (``conveyor run online-preparation``) is the online path:
+RecordsObserved, checked record by record, applied to the entity state of every feature
+set the stream keeps for the dataset (see its docstring and the README's online path).
 """
 
 from __future__ import annotations

@@ -125,7 +125,7 @@ def to_query(request: pb.ScoreRequest) -> ScoreQuery:
         raise InvalidInput("entity_id is missing")
     fields = {name: _value(name, value) for name, value in request.fields.items()}
     return ScoreQuery(request.entity_id, fields, request.model_version or None,
-                      request.request_id)
+                      request.request_id, observe=request.observe)
 
 
 def to_response(result: ScoreResult) -> pb.ScoreResponse:
@@ -135,6 +135,7 @@ def to_response(result: ScoreResult) -> pb.ScoreResponse:
         model_version=result.version, fallback=result.fallback,
         fallback_reason=result.fallback_reason or "", latency_ms=result.latency_ms,
         request_id=result.request_id, degraded=result.degraded,
+        feature_age_ms=None if result.feature_age_s is None else result.feature_age_s * 1e3,
     )
 
 

@@ -20,7 +20,7 @@ import json
 import logging
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pandas as pd
@@ -32,7 +32,7 @@ from redis.retry import Retry
 
 from common.bus.dispatch import HandlerSpec
 from common.bus.rabbitmq import RabbitMQBus
-from common.config import load_pipeline_config
+from common.config import PipelineConfig, load_pipeline_config
 from common.errors import InvalidInput, NotFound
 from common.events import BatchScoringRequested, ModelDegraded, ModelReady, ScoringCompleted
 from common.runtime import Service, handles
@@ -46,11 +46,13 @@ from common.stores import (
     RawBatchStore,
     RedisOnlineStore,
 )
+from common.stores.entity_state import RedisEntityState
 from common.wiring import Stores
 from ingestion.contract import DatasetContract, read_typed
 from scoring.batch import DEFAULT_CHUNK_ROWS, BatchModel, score_features, score_raw
 from scoring.core import CoreSettings, ScoringCore
 from scoring.metrics import ScoringMetrics
+from scoring.observing import RecordObserver
 from scoring.reporting import (
     ReportsDroppedCollector,
     ReportSettings,
@@ -240,8 +242,10 @@ class ScoringService(Service):
     def __init__(
         self, core: ScoringCore, server: ScoringServer, *,
         reporter: ScoreReporter | None = None, batch: BatchScoring | None = None,
+        observer: RecordObserver | None = None,
     ) -> None:
         self.core, self.server, self.reporter, self.batch = core, server, reporter, batch
+        self.observer = observer
         self._swap = threading.Lock()  # handlers and reconciles run on different threads
 
     @handles(ModelReady)
@@ -310,6 +314,8 @@ class ScoringService(Service):
         self.server.stop()
         if self.reporter is not None:
             self.reporter.close()
+        if self.observer is not None:
+            self.observer.close()
         self.core.close()
 
 
@@ -350,11 +356,15 @@ def build_instance(
     registry = stores.registry(settings, config.name)
     client = fail_fast_redis(settings.redis_url, own.scoring_redis_timeout_s)
     reporter = _reporter(settings, own)
+    observer = _observer(settings, config)
     core = ScoringCore(
         models or stores.models, pipelines or stores.feature_pipelines, registry,
         RedisOnlineStore(client, settings.namespace, settings.online_ttl_s),
-        own.core(), on_served=reporter.report, on_batch=metrics.observe_batch,
+        replace(own.core(), max_feature_age_s=settings.max_feature_age_s),
+        on_served=reporter.report, on_batch=metrics.observe_batch,
+        state=RedisEntityState(client, settings.namespace), on_observed=observer.observe,
     )
+    observer.start()
     core.load_chain()
     batch = BatchScoring(registry, stores.models, stores.feature_pipelines, stores.raw,
                          stores.offline, BatchScoreStore(settings.data_root), config.datasets,
@@ -364,7 +374,8 @@ def build_instance(
                                  reuse_port=reuse_port,
                                  max_connection_age_s=own.grpc_max_connection_age_s)
     server = ScoringServer(core, grpc_settings, metrics=metrics, security=security).start()
-    return ScoringService(core, server, reporter=reporter.start(), batch=batch)
+    return ScoringService(core, server, reporter=reporter.start(), batch=batch,
+                          observer=observer)
 
 
 class ScoringSupervisor(Service):
@@ -460,6 +471,15 @@ def preloaded(stores: Stores, registry: ModelRegistry, depth: int
             pipelines[feature_set_id] = stores.feature_pipelines.load(feature_set_id)
     return (PreloadedModelStore(stores.models, models),
             PreloadedModelStore(stores.feature_pipelines, pipelines))
+
+
+def _observer(settings: Settings, config: PipelineConfig) -> RecordObserver:
+    """Score-then-record: observed records published as RecordsObserved of the feature
+    set's dataset, on a connection of their own."""
+    bus = RabbitMQBus(settings, name=f"{settings.namespace}-scoring-records")
+    return RecordObserver(bus.publish_many, dataset=config.features.inputs[0],
+                          entity_key=config.features.entity_key or "entity_id",
+                          on_close=bus.close)
 
 
 def _reporter(settings: Settings, own: ScoringSettings) -> ScoreReporter:

@@ -154,6 +154,9 @@ class ScoreResult:
     feature_age_s: float | None = None
     """Age, at the request's time, of the entity's last record its features count (None:
     no history, or features not read from the entity state)."""
+    feature_ages_s: Mapping[str, float] = field(default_factory=dict)
+    """Per aggregate feature, the age of the newest record its window counts (absent: an
+    empty window, or not read from the entity state)."""
 
 
 @dataclass(frozen=True)
@@ -179,7 +182,7 @@ class _Request:
     online: Mapping[str, Mapping[str, Any] | None]
     deadline: float | None
     degraded: bool = False
-    feature_age_s: float | None = None
+    freshness: Freshness | None = None
 
 
 @dataclass(eq=False)
@@ -506,7 +509,7 @@ class ScoringCore:
 
         reply = self._ask_links(decision, start, deadline_s)
         return _result(query, models[reply.version], rows[reply.version], reply.value, reply,
-                       request.degraded, began, request.feature_age_s)
+                       request.degraded, began, request.freshness)
 
     def _ask_links(self, decision: RouteDecision, start: Callable[[DeployedModel], Future[Any]],
                    deadline_s: float) -> Answer:
@@ -535,24 +538,25 @@ class ScoringCore:
         self, query: ScoreQuery, loaded: Sequence[LoadedModel], deadline: float
     ) -> _Request:
         online: dict[str, Mapping[str, Any] | None] = {}
-        degraded, age = False, None
+        degraded, freshness = False, None
         for model in loaded:
             fsid = model.feature_set_id
             if fsid in online or not model.schema.aggregate_columns:
                 continue
-            online[fsid], down, model_age = self._read_online(query, model)
+            online[fsid], down, fresh = self._read_online(query, model)
             degraded = degraded or down
-            age = model_age if fsid == loaded[0].feature_set_id else age
+            freshness = fresh if fsid == loaded[0].feature_set_id else freshness
         limit = self.settings.max_feature_age_s
+        age = None if freshness is None else freshness.age_s
         stale = bool(limit) and age is not None and age > limit
-        return _Request(query, online, deadline, degraded or stale, age)
+        return _Request(query, online, deadline, degraded or stale, freshness)
 
     def _read_online(
         self, query: ScoreQuery, model: LoadedModel
-    ) -> tuple[Mapping[str, Any] | None, bool, float | None]:
-        """The entity's aggregates (None: no past), whether Redis was down, and the age of
-        its last record: from the entity state at the request's time where the stream
-        keeps one, else from the latest row the batch wrote."""
+    ) -> tuple[Mapping[str, Any] | None, bool, Freshness | None]:
+        """The entity's aggregates (None: no past), whether Redis was down, and how fresh
+        they are: from the entity state at the request's time where the stream keeps one,
+        else from the latest row the batch wrote (freshness unknown)."""
         try:
             if model.stream is not None and self.state is not None:
                 held = self.state.read(model.feature_set_id, [query.entity_id])[0]
@@ -600,10 +604,20 @@ class ScoringCore:
             logger.exception("reporting %d scores failed", len(results))
 
 
+@dataclass(frozen=True)
+class Freshness:
+    """How old an entity's online features are at a request's time, in seconds."""
+
+    age_s: float | None
+    """Of the entity's last record (None: none at or before the request's time)."""
+    ages_s: Mapping[str, float]
+    """Per aggregate, of the newest record its window counts (an empty window: absent)."""
+
+
 def _stream_values(plan: StreamPlan, held: Sequence[Entry],
-                   query: ScoreQuery) -> tuple[dict[str, float], bool, float | None]:
-    """The aggregates at the request's time (its timestamp field, else now), and the age
-    then of the entity's last record."""
+                   query: ScoreQuery) -> tuple[dict[str, float], bool, Freshness]:
+    """The aggregates at the request's time (its timestamp field, else now), and their
+    freshness then."""
     try:
         at = None if plan.timestamp is None else timestamp_us(query.fields.get(plan.timestamp))
     except (ValueError, TypeError) as exc:
@@ -612,7 +626,8 @@ def _stream_values(plan: StreamPlan, held: Sequence[Entry],
     last = last_record_us(held, at)
     values = {c: v for c, v in plan.aggregates_at(held, at).items()
               if c not in query.fields}  # a value the request carries wins, as before
-    return values, False, None if last is None else (at - last) / 1e6
+    ages = {c: age for c, age in plan.ages_s(held, at).items() if age is not None}
+    return values, False, Freshness(None if last is None else (at - last) / 1e6, ages)
 
 
 def fallback_reserve(decision: RouteDecision) -> float | None:
@@ -738,7 +753,7 @@ class InFlight:
 
 def _result(
     query: ScoreQuery, model: LoadedModel, row: np.ndarray, proba: np.ndarray, reply: Any,
-    degraded: bool, began: float, feature_age_s: float | None = None,
+    degraded: bool, began: float, freshness: Freshness | None = None,
 ) -> ScoreResult:
     classes = model.classes
     probabilities = {label: float(p) for label, p in zip(classes, proba, strict=True)}
@@ -748,6 +763,7 @@ def _result(
         fallback_reason=reply.fallback_reason, fallback_kind=reply.fallback_kind, role=reply.role,
         latency_ms=(time.perf_counter() - began) * 1e3,
         request_id=query.request_id or uuid.uuid4().hex, degraded=degraded,
-        feature_age_s=feature_age_s,
+        feature_age_s=None if freshness is None else freshness.age_s,
+        feature_ages_s={} if freshness is None else freshness.ages_s,
         features=dict(zip(model.feature_names, row.tolist(), strict=True)),
     )

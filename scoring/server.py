@@ -136,6 +136,7 @@ def to_response(result: ScoreResult) -> pb.ScoreResponse:
         fallback_reason=result.fallback_reason or "", latency_ms=result.latency_ms,
         request_id=result.request_id, degraded=result.degraded,
         feature_age_ms=None if result.feature_age_s is None else result.feature_age_s * 1e3,
+        feature_ages_ms={name: age * 1e3 for name, age in result.feature_ages_s.items()},
     )
 
 

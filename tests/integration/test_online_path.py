@@ -197,6 +197,8 @@ def test_score_then_record_never_counts_the_record_itself_and_the_next_score_doe
     minutes = 60_000.0
     assert first.feature_age_ms == (a - previous) * minutes  # the last record before a
     assert second.feature_age_ms == (b - a) * minutes  # a itself, observed after its answer
+    assert dict(second.feature_ages_ms) == dict.fromkeys(  # every window's newest is a
+        world.fitted.aggregate_columns, (b - a) * minutes)
     for response, row in ((first, a), (second, b)):
         offline = world.estimator_score(expected.iloc[[row]])
         assert response.score == pytest.approx(offline, rel=1e-9, abs=1e-12)

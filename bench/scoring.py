@@ -95,9 +95,11 @@ SEED = 11
 FEATURES, REQUEST_FEATURES = 20, 12
 TRAIN_ROWS, POOL_ROWS, ENTITIES = 20_000, 1_024, 10_000
 CONCURRENCY = (1, 32)
-CHANNELS = 4
+CHANNELS = 16
 """Connections the load generator spreads its calls over (round robin), for every system:
-a server of several processes on one port gets a share of the connections each."""
+a server of several processes on one port gets a share of the connections each (the
+kernel hashes each connection to a worker: with 4, all of them landed on one worker of
+two in one run in eight)."""
 FALLBACK = {"concurrency": 32, "deadline_ms": 20.0, "champion_delay_ms": 100.0}
 FALLBACK_LIGHT_CONCURRENCY = 8
 MLSERVER_BATCHING = {"max_batch_size": 32, "max_batch_time": 0.002}

@@ -109,6 +109,8 @@ class _Plan:
         typed = dict(record)
         for name, kind, convert_one in self.columns:
             value = record.get(name)
+            if type(value) is float and kind == "float" and value - value == 0:
+                continue  # already what it must be (the common case: no call)
             if value is None or value != value:  # missing, or NaN
                 typed[name] = None
                 continue

@@ -14,6 +14,7 @@ COPY constraints.txt ./
 RUN python -m venv /opt/conveyor \
  && pip install --constraint constraints.txt grpcio-tools
 COPY pyproject.toml README.md ./
+COPY app app
 COPY common common
 COPY ingestion ingestion
 COPY preparation preparation

@@ -17,7 +17,7 @@ test: setup
 
 lint: setup
 	@$(VENV)/bin/ruff check .
-	@$(VENV)/bin/mypy common ingestion preparation segregation training evaluation scoring monitoring \
+	@$(VENV)/bin/mypy app common ingestion preparation segregation training evaluation scoring monitoring \
 		deploy/grafana/build.py deploy/rabbitmq/definitions.py
 
 # Prometheus on 127.0.0.1:$(PROMETHEUS_PORT) with deploy/prometheus/prometheus.yml: scrapes

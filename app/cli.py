@@ -20,26 +20,29 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
-import pika
 import redis
 
-from common.bus.rabbitmq import RabbitMQBus, connection_parameters
+from app.console import (
+    bearer_metadata,
+    broker_reachable,
+    model_table,
+    queue_table,
+    redis_reachable,
+    rpc_error_text,
+    scoring_channel,
+)
+from app.services import build_service
+from common.bus.rabbitmq import RabbitMQBus
 from common.errors import ConveyorError
 from common.eventlog import EventLog, summary
 from common.events import event_class, json_schemas, parse_event
 from common.lineage import trace
 from common.logs import configure_logging
 from common.runtime import ServiceRunner, redis_processed, stop_on_signals
-from common.services import build_service, service_names
 from common.settings import Settings
-
-if TYPE_CHECKING:
-    import grpc
-
-BROKER_CHECK_TIMEOUT_S = 5.0  # `conveyor status` calls a broker that has not answered by then down
 
 
 class ConveyorGroup(click.Group):
@@ -78,9 +81,8 @@ def run(service: str) -> None:
 def up() -> None:
     """Start every service not running yet as a local process; Ctrl-C stops them."""
     from contextlib import ExitStack
-    from pathlib import Path
 
-    from common.local import start_missing_services
+    from app.local import start_missing_services
 
     settings = Settings()
     if not (broker_reachable(settings) and redis_reachable(settings)):
@@ -265,37 +267,6 @@ def score(entity: str, fields: tuple[str, ...], model_version: str, target: str,
     click.echo(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
 
 
-def scoring_channel(target: str, tls_ca: str = "") -> grpc.Channel:
-    """A channel to the scoring service: TLS trusting the PEM CA file ``tls_ca`` when one
-    is named (``CONVEYOR_GRPC_TLS_CA``), else plain text."""
-    import grpc
-
-    if not tls_ca:
-        return grpc.insecure_channel(target)
-    try:
-        ca = Path(tls_ca).read_bytes()
-    except OSError as exc:
-        raise click.ClickException(
-            f"the TLS CA {tls_ca} (CONVEYOR_GRPC_TLS_CA) cannot be read ({exc.strerror})"
-        ) from exc
-    return grpc.secure_channel(target, grpc.ssl_channel_credentials(ca))
-
-
-def bearer_metadata(token: str) -> list[tuple[str, str]] | None:
-    """The call metadata that carries ``token`` (``CONVEYOR_GRPC_TOKEN``); none without one."""
-    return [("authorization", f"Bearer {token}")] if token else None
-
-
-def rpc_error_text(exc: grpc.RpcError) -> str:
-    """``CODE: details``, with what to set when the service wants a (valid) token."""
-    import grpc
-
-    text = f"{exc.code().name}: {exc.details()}"
-    if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
-        text += " (set CONVEYOR_GRPC_TOKEN, or give --token, to one of the service's tokens)"
-    return text
-
-
 def parse_field(text: str) -> tuple[str, bool | int | float | str]:
     """``name=value`` with the value read as a bool, an int, a float, or else text."""
     name, sep, raw = text.partition("=")
@@ -367,73 +338,13 @@ def status() -> None:
     sys.exit(0 if broker_ok and redis_ok else 1)
 
 
-def broker_reachable(settings: Settings) -> bool:
-    """Whether RabbitMQ accepts a connection with the configured credentials."""
-    try:
-        params = connection_parameters(settings, "cli", timeout_s=BROKER_CHECK_TIMEOUT_S)
-        pika.BlockingConnection(params).close()
-        return True
-    except Exception:  # noqa: BLE001 - any failure means unreachable here
-        return False
-
-
-def redis_reachable(settings: Settings) -> bool:
-    """Whether Redis answers PING."""
-    try:
-        return bool(redis.Redis.from_url(settings.redis_url, socket_timeout=2).ping())
-    except redis.RedisError:
-        return False
-
-
-def queue_table(bus: RabbitMQBus) -> str:
-    """Queue depths per service, one line each."""
-    lines = [f"{'service':<14} {'ready':>7} {'retrying':>9} {'dead':>6}"]
-    for name in service_names():
-        depths = bus.queue_depths(name)
-        if depths["ready"] < 0:
-            lines.append(f"{name:<14} {'(queue not declared yet)':>24}")
-            continue
-        retrying = sum(v for k, v in depths.items() if k.startswith("retry") and v > 0)
-        lines.append(f"{name:<14} {depths['ready']:>7} {retrying:>9} {depths['dead']:>6}")
-    return "\n".join(lines)
-
-
-def model_table(live: dict[str, dict[str, Any]]) -> str:
-    """Per model version, as monitoring sees it: served, latency, fallbacks, quality, drift."""
-    if not live:
-        return "models: nothing served yet (or the monitoring service is not running)"
-    header = (f"{'model':<8} {'served':>9} {'p50/p95/p99 ms':>18} {'fallback':>9} "
-              f"{'accuracy (eval)':>16} {'outcomes':>9}  drift")
-    return "\n".join([header, *(_model_line(v, view) for v, view in live.items())])
-
-
-def _model_line(version: str, view: dict[str, Any]) -> str:
-    percentiles = (view.get(f"latency_{p}_ms") for p in ("p50", "p95", "p99"))
-    latency = "/".join(_figure(value, ".1f") for value in percentiles)
-    live = _figure((view.get("quality") or {}).get("accuracy"), ".3f")
-    expected = _figure((view.get("quality_expected") or {}).get("accuracy"), ".3f")
-    drift = str(view.get("drift_level", "-"))
-    if view.get("degraded"):
-        drift += f", degraded: {view['degraded']}"
-    return (f"{version:<8} {view.get('served', 0):>9} {latency:>18} "
-            f"{_figure(view.get('fallback_share'), '.1%'):>9} {f'{live} ({expected})':>16} "
-            f"{view.get('outcomes', 0):>9}  {drift}")
-
-
-def _figure(value: Any, spec: str) -> str:
-    """A number formatted, or "-" when there is none."""
-    if not isinstance(value, int | float) or math.isnan(value):
-        return "-"
-    return format(value, spec)
-
-
 @main.command()
 @click.option("--rows", default=200_000, show_default=True, help="Transactions to generate.")
 @click.option("--seed", type=int, default=None, help="Data seed (default: a fresh one).")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for the run.")
 def demo(rows: int, seed: int | None, timeout: float) -> None:
     """The whole story on a generated PaySim-style data set, through the real services."""
-    from common.demo import run_demo
+    from app.demo import run_demo
 
     # The demo is local development (its services inherit this): the published signing
     # key is allowed here, and only here, unless CONVEYOR_LOCAL_DEV says otherwise.

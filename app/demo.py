@@ -6,7 +6,7 @@ stage through the event log until a model is promoted (or rejected), then prints
 champion, its metrics and its lineage. A second run on fresh data trains a challenger
 that is gated against the champion. Then the online path: a new account's transactions
 scored then recorded, each answer counting the ones before. Then monitoring at work
-(``common.demo_monitoring``): normal traffic with outcomes, a drift that retrains, a
+(``app.demo_monitoring``): normal traffic with outcomes, a drift that retrains, a
 slowed champion reverted. Last, an invalid event shows the dead-letter path, and the
 per-model status view.
 """
@@ -24,19 +24,19 @@ from uuid import uuid4
 import pandas as pd
 import redis
 
-from common.bus.rabbitmq import RabbitMQBus
-from common.cli import broker_reachable, model_table, queue_table, redis_reachable
-from common.config import PipelineConfig, load_pipeline_config
-from common.datasets import paysim
-from common.demo_monitoring import (
+from app.console import broker_reachable, model_table, queue_table, redis_reachable
+from app.demo_monitoring import (
     MONITORING_ENV,
     MonitoringDemo,
     scoring_client,
     show_monitoring,
 )
+from app.local import start_missing_services, wait_until
+from common.bus.rabbitmq import RabbitMQBus
+from common.config import PipelineConfig, load_pipeline_config
+from common.datasets import paysim
 from common.eventlog import EventLog
 from common.events import Event, SourceDataAvailable
-from common.local import start_missing_services, wait_until
 from common.settings import Settings
 from common.stores import ModelRegistry, ModelStore
 from common.stores.entity_state import RedisEntityState

@@ -33,13 +33,13 @@ import grpc
 import pandas as pd
 import redis
 
+from app.console import bearer_metadata, scoring_channel
+from app.local import LocalService, wait_until
 from common.bus.rabbitmq import RabbitMQBus
-from common.cli import bearer_metadata, scoring_channel
 from common.config import PipelineConfig
 from common.errors import ConveyorError, ModelNotFound
 from common.eventlog import EventLog
 from common.events import Event
-from common.local import LocalService, wait_until
 from common.settings import Settings
 from common.stores import ModelRegistry
 from monitoring.outcomes import report_outcome

@@ -1,7 +1,7 @@
 """Local processes of the services: what ``conveyor up`` and ``conveyor demo`` start.
 
 A service counts as running when its queue has a consumer, wherever that consumer runs;
-only the missing ones are started, each as ``python -m common.cli run NAME`` with its
+only the missing ones are started, each as ``python -m app.cli run NAME`` with its
 JSON log captured to a file and a Prometheus target file (``targets/NAME.json`` beside the
 logs, for the file_sd of deploy/prometheus/prometheus.yml) while it runs.
 
@@ -74,7 +74,7 @@ class LocalService:
     def _spawn(self, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
         full = {**os.environ, "CONVEYOR_HTTP_PORT": str(self.port),
                 "CONVEYOR_NAMESPACE": self.namespace, **env}
-        cmd = [sys.executable, "-m", "common.cli", "run", self.name]
+        cmd = [sys.executable, "-m", "app.cli", "run", self.name]
         # A session of its own: a Ctrl-C meant for the parent must not hit it mid-shutdown.
         return subprocess.Popen(cmd, env=full, stdout=self._log, stderr=self._log,
                                 start_new_session=True)

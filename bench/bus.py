@@ -36,12 +36,16 @@ from uuid import uuid4
 import pika
 import redis
 
-from common.bus.dispatch import Dispatcher, HandlerSpec
-from common.bus.idempotency import ProcessedEvents, RedisProcessedEvents
-from common.bus.rabbitmq import RabbitMQBus, connection_parameters, properties
-from common.events import SourceDataAvailable
-from common.settings import Settings
-from common.testing import delete_namespace, policy_for
+# The repository root on the path: the bench namespace is cleaned up by the test harness
+# (tests/support), which is not an installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.bus.dispatch import Dispatcher, HandlerSpec  # noqa: E402
+from common.bus.idempotency import ProcessedEvents, RedisProcessedEvents  # noqa: E402
+from common.bus.rabbitmq import RabbitMQBus, connection_parameters, properties  # noqa: E402
+from common.events import SourceDataAvailable  # noqa: E402
+from common.settings import Settings  # noqa: E402
+from tests.support.harness import delete_namespace, policy_for  # noqa: E402
 
 SERVICE = "bench"
 EVENT_TYPE = "SourceDataAvailable"

@@ -37,6 +37,9 @@ from pathlib import Path
 # monitoring.py, would hide the monitoring package it measures.
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
+# The repository root on the path: the bench namespace is cleaned up by the test harness
+# (tests/support), which is not an installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
 import json
@@ -61,14 +64,13 @@ import pandas as pd
 from prometheus_client.parser import text_string_to_metric_families
 from sklearn.linear_model import LogisticRegression
 
+from app.local import LocalService, wait_until
 from common.bus.publisher import Message
 from common.bus.rabbitmq import RabbitMQBus, properties
 from common.config import load_pipeline_config
 from common.events import ScoreServed, ServedScore
-from common.local import LocalService, wait_until
 from common.settings import Settings
 from common.stores import ModelRegistry
-from common.testing import delete_namespace
 from common.wiring import Stores
 from monitoring.core import CoreConfig, ModelInfo, MonitoringCore
 from monitoring.drift import PREDICTION, DriftThresholds, drift_report
@@ -79,6 +81,7 @@ from monitoring.reference import (
     references_from,
 )
 from scoring.reporting import ReportSettings
+from tests.support.harness import delete_namespace
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "monitoring.json"

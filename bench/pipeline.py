@@ -10,7 +10,7 @@ for a quick run). It takes about 5 minutes at the default 1,000,000 rows:
    of its own (same steps, same libraries, same config; see its docstring), and the
    services;
 3. services: the five of them (eventlog, ingestion, preparation, training, evaluation)
-   start as separate local processes, ``python -m common.cli run NAME``, in a fresh
+   start as separate local processes, ``python -m app.cli run NAME``, in a fresh
    namespace ``bench-<id>`` with a data root under ``bench/.work/``, HTTP probes on free
    ports of 127.0.0.1 and logs in the round's work folder; once every ``/readyz``
    answers, a ``SourceDataAvailable`` is published and timed until ``ModelReady`` (or
@@ -160,7 +160,7 @@ class Fleet:
 
     def command(self, name: str) -> list[str]:
         if self.profile is None:
-            return [str(PYTHON), "-m", "common.cli", "run", name]
+            return [str(PYTHON), "-m", "app.cli", "run", name]
         out = self.profile / f"{name}.prof"
         return [str(PYTHON), str(Path(__file__).resolve()), "--serve", name, "--serve-profile",
                 str(out)]
@@ -420,8 +420,8 @@ def cleanup(settings: Any, data_root: Path) -> None:
 def serve(name: str, profile_path: Path) -> None:
     """``conveyor run NAME`` with every handler call profiled (cProfile is per thread, and
     handlers run on the consumer's worker thread, so the handler itself is wrapped)."""
+    from app.cli import main as cli_main
     from common.bus.dispatch import HandlerSpec
-    from common.cli import main as cli_main
     from common.runtime import Service
 
     profiler = cProfile.Profile()

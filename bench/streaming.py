@@ -61,7 +61,6 @@ from common.bus.rabbitmq import RabbitMQBus  # noqa: E402
 from common.events import RecordsObserved  # noqa: E402
 from common.settings import Settings  # noqa: E402
 from common.stores.entity_state import RedisEntityState, StreamTargets  # noqa: E402
-from common.testing import delete_namespace, delete_redis_keys  # noqa: E402
 from common.wiring import Stores  # noqa: E402
 from preparation import build_pipeline  # noqa: E402
 from protos.conveyor.scoring.v1 import scoring_pb2 as pb  # noqa: E402
@@ -74,6 +73,7 @@ from tests.fixtures.streaming import (  # noqa: E402
     stream_config,
     stream_frame,
 )
+from tests.support.harness import delete_namespace, delete_redis_keys  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "streaming.json"
 FLOATS, PER_EVENT, ENTITIES = 20, 500, 10_000

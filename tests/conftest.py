@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from common.settings import Settings
-from common.testing import BusNamespace, ServicesUnavailable, check_services
+from tests.support.harness import BusNamespace, ServicesUnavailable, check_services
 
 # The suite is local development (set before any Settings is read, and inherited by the
 # service processes tests start): the published signing key is allowed, and sources may

@@ -19,15 +19,15 @@ from typing import Any
 import pytest
 import redis
 
+from app.demo import run_demo
+from app.local import PIPELINE_SERVICES, free_port
 from common.bus.rabbitmq import RabbitMQBus
-from common.demo import run_demo
 from common.eventlog import EventLog
 from common.events import Event
-from common.local import PIPELINE_SERVICES, free_port
 from common.settings import Settings
 from common.stores import ModelRegistry
-from common.testing import delete_namespace, isolated_settings
 from tests.fixtures.pipeline import paysim_config, write_config
+from tests.support.harness import delete_namespace, isolated_settings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -22,7 +22,7 @@ import pytest
 import redis
 from click.testing import CliRunner
 
-from common.cli import main
+from app.cli import main
 from common.events import (
     DriftDetected,
     Event,
@@ -30,7 +30,6 @@ from common.events import (
     RetrainRequested,
     ScoreServed,
 )
-from common.testing import BusNamespace, running_consumer, running_services, wait_until
 from monitoring.outcomes import report_outcome
 from monitoring.reference import input_references, model_reference, reference_rows
 from monitoring.state import MonitoringState
@@ -41,6 +40,7 @@ from scoring.service import ScoringService
 from tests.fixtures.monitoring import batches, monitored_models, served
 from tests.fixtures.pipeline import paysim_config, pipeline_namespace
 from tests.fixtures.scoring_service import ServiceWorld, scoring_settings, service_world
+from tests.support.harness import BusNamespace, running_consumer, running_services, wait_until
 
 pytestmark = pytest.mark.e2e
 EMITTED = ("DriftDetected", "RetrainRequested", "ModelDegraded")

@@ -30,12 +30,12 @@ import pandas as pd
 import pytest
 import yaml
 
+from app.local import PIPELINE_SERVICES, LocalService, free_port
+from app.services import service_names
 from common.events import ModelDegraded, OutcomeObserved, SourceDataAvailable
-from common.local import PIPELINE_SERVICES, LocalService, free_port
-from common.services import service_names
-from common.testing import BusNamespace, running_consumer, wait_for_handler, wait_until
 from tests.fixtures.grafana import REPO, PanelQuery, panel_queries, prometheus_expr
 from tests.fixtures.pipeline import paysim_config, pipeline_namespace, watcher, write_paysim
+from tests.support.harness import BusNamespace, running_consumer, wait_for_handler, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 

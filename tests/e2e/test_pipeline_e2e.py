@@ -20,6 +20,7 @@ from sklearn import metrics as skm
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from app.services import build_service
 from common.bus.idempotency import MemoryProcessedEvents
 from common.bus.memory import InMemoryBus
 from common.config import load_pipeline_config
@@ -33,17 +34,7 @@ from common.events import (
     SourceDataAvailable,
 )
 from common.runtime import ServiceRunner
-from common.services import build_service
 from common.settings import Settings
-from common.testing import (
-    BusNamespace,
-    delete_redis_keys,
-    isolated_settings,
-    running_consumer,
-    running_services,
-    wait_for_handler,
-    wait_until,
-)
 from common.wiring import Stores
 from segregation import split
 from segregation.split import Split
@@ -58,6 +49,15 @@ from tests.fixtures.pipeline import (
     write_paysim,
 )
 from tests.fixtures.warm import warm_training_workers
+from tests.support.harness import (
+    BusNamespace,
+    delete_redis_keys,
+    isolated_settings,
+    running_consumer,
+    running_services,
+    wait_for_handler,
+    wait_until,
+)
 from training.config import resolve_estimator
 
 pytestmark = pytest.mark.e2e

@@ -20,7 +20,12 @@ import pytest
 
 from common.errors import PublishError
 from common.events import Event, SourceDataAvailable
-from common.testing import BusNamespace, close_connections, running_consumer, wait_for_handler
+from tests.support.harness import (
+    BusNamespace,
+    close_connections,
+    running_consumer,
+    wait_for_handler,
+)
 
 pytestmark = [
     pytest.mark.faults,

@@ -13,7 +13,7 @@ import pytest
 
 from common.bus.idempotency import processed_key
 from common.events import SourceDataAvailable
-from common.testing import BusNamespace, wait_until
+from tests.support.harness import BusNamespace, wait_until
 
 pytestmark = pytest.mark.faults
 

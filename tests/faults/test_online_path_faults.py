@@ -13,13 +13,18 @@ from typing import Any
 import pytest
 import redis
 
+from app.local import wait_until
 from common.events import RecordsObserved
-from common.local import wait_until
 from common.runtime import ServiceRunner
 from common.stores.entity_state import MemoryEntityState
-from common.testing import BusNamespace, isolated_settings, running_consumer, wait_for_handler
 from ingestion.records import check_records
 from tests.fixtures.streaming import as_records, stream_frame, stream_world
+from tests.support.harness import (
+    BusNamespace,
+    isolated_settings,
+    running_consumer,
+    wait_for_handler,
+)
 
 pytestmark = pytest.mark.faults
 EVENTS, PER_EVENT = 40, 25

@@ -20,13 +20,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.events import ScoreServed
 from common.settings import Settings
-from common.testing import BusNamespace, running_consumer, running_services, wait_until
 from protos.conveyor.scoring.v1 import scoring_pb2 as pb
 from protos.conveyor.scoring.v1 import scoring_pb2_grpc as pb_grpc
 from scoring.server import field_value
 from scoring.service import ScoringService
 from tests.fixtures.scoring_service import ServiceWorld, scoring_settings, service_world
 from tests.fixtures.tcp_proxy import TcpProxy
+from tests.support.harness import BusNamespace, running_consumer, running_services, wait_until
 
 pytestmark = pytest.mark.faults
 

@@ -34,7 +34,6 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.events import ModelReady
-from common.testing import BusNamespace, wait_until
 from protos.conveyor.scoring.v1 import scoring_pb2 as pb
 from protos.conveyor.scoring.v1 import scoring_pb2_grpc as pb_grpc
 from scoring.core import CoreSettings, ScoringCore
@@ -47,6 +46,7 @@ from tests.fixtures.scoring_service import (
     scoring_settings,
     service_world,
 )
+from tests.support.harness import BusNamespace, wait_until
 
 pytestmark = pytest.mark.faults
 ENTITY_ROW = 11  # a row whose entity has a past in the online store

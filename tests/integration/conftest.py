@@ -14,10 +14,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from common.testing import BusNamespace
 from scoring.core import ScoringCore
 from scoring.server import GrpcSettings, ScoringServer
 from tests.fixtures.scoring import ScoringWorld, scoring_world
+from tests.support.harness import BusNamespace
 
 
 @pytest.fixture

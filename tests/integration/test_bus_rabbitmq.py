@@ -29,7 +29,7 @@ from common.bus.rabbitmq import DELIVERY_LIMIT, delay_queue
 from common.errors import Unroutable
 from common.events import Event, ModelReady, RawDataExtracted, SourceDataAvailable
 from common.metrics import QueueDepthCollector
-from common.testing import (
+from tests.support.harness import (
     BusNamespace,
     ServicesUnavailable,
     close_connections,

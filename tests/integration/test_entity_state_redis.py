@@ -14,7 +14,7 @@ from common.stores.entity_state import (
     StreamTargets,
     state_key,
 )
-from common.testing import BusNamespace
+from tests.support.harness import BusNamespace
 
 pytestmark = pytest.mark.integration
 S = 1_000_000

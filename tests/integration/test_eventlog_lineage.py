@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from app.local import free_port
 from common.eventlog import EventLog, artifact_ids
 from common.events import (
     CandidatesTrained,
@@ -21,8 +22,7 @@ from common.events import (
     SourceDataAvailable,
 )
 from common.lineage import trace
-from common.local import free_port
-from common.testing import BusNamespace, wait_until
+from tests.support.harness import BusNamespace, wait_until
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,7 +93,7 @@ def test_eventlog_service_process_records_events_and_stops_cleanly_on_sigterm(
            "CONVEYOR_DATA_ROOT": str(tmp_path),
            "CONVEYOR_RETRY_DELAYS_S": json.dumps(list(ns.settings.retry_delays_s))}
     ns.services.add("eventlog")
-    process = subprocess.Popen([sys.executable, "-m", "common.cli", "run", "eventlog"],
+    process = subprocess.Popen([sys.executable, "-m", "app.cli", "run", "eventlog"],
                                cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: get(f"http://127.0.0.1:{port}/readyz") == 200, timeout=30)

@@ -11,13 +11,13 @@ import pytest
 from click.testing import CliRunner
 from prometheus_client import CollectorRegistry
 
-from common.cli import main
+from app.cli import main
 from common.eventlog import EventLog, EventLogService
 from common.events import Event, RawDataExtracted, ScoreServed, ServedScore, SourceDataAvailable
 from common.lineage import trace
 from common.redis_memory import RedisMemory
 from common.settings import Settings
-from common.testing import BusNamespace
+from tests.support.harness import BusNamespace
 
 pytestmark = pytest.mark.integration
 DAY = 86_400

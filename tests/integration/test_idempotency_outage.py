@@ -18,7 +18,7 @@ from common.bus.dispatch import ATTEMPT, Dispatcher, HandlerSpec, RetryPolicy
 from common.bus.idempotency import Backoff, RedisProcessedEvents, processed_key
 from common.bus.memory import InMemoryBus
 from common.events import Event, RawDataExtracted, SourceDataAvailable
-from common.testing import BusNamespace
+from tests.support.harness import BusNamespace
 
 pytestmark = pytest.mark.integration
 POLICY = RetryPolicy(max_attempts=3, delays_s=(1.0, 5.0))

@@ -26,7 +26,6 @@ from common.bus.dispatch import Dispatcher
 from common.events import RecordsObserved, RecordsRefused
 from common.runtime import ServiceRunner
 from common.stores.entity_state import MemoryEntityState
-from common.testing import BusNamespace, running_consumer, wait_for_handler
 from ingestion.records import check_records
 from preparation.service import OnlinePreparationService
 from protos.conveyor.scoring.v1 import scoring_pb2 as pb
@@ -41,6 +40,7 @@ from tests.fixtures.streaming import (
     stream_frame,
     stream_world,
 )
+from tests.support.harness import BusNamespace, running_consumer, wait_for_handler
 
 pytestmark = pytest.mark.integration
 TOLERANCE = 1e-9

@@ -23,13 +23,6 @@ from common.events import (
     SourceDataAvailable,
     parse_event,
 )
-from common.testing import (
-    BusNamespace,
-    running_consumer,
-    running_services,
-    wait_for_handler,
-    wait_until,
-)
 from common.wiring import Stores
 from tests.fixtures.pipeline import (
     as_event,
@@ -39,6 +32,13 @@ from tests.fixtures.pipeline import (
     write_paysim,
 )
 from tests.fixtures.warm import warm_training_workers
+from tests.support.harness import (
+    BusNamespace,
+    running_consumer,
+    running_services,
+    wait_for_handler,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 warm_training_workers()

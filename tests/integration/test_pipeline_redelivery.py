@@ -25,7 +25,6 @@ from common.events import (
     SourceDataAvailable,
 )
 from common.settings import Settings
-from common.testing import BusNamespace, running_consumer, running_services, wait_for_handler
 from common.wiring import Stores
 from tests.fixtures.pipeline import (
     as_event,
@@ -35,6 +34,7 @@ from tests.fixtures.pipeline import (
     write_paysim,
 )
 from tests.fixtures.warm import warm_training_workers
+from tests.support.harness import BusNamespace, running_consumer, running_services, wait_for_handler
 
 pytestmark = pytest.mark.integration
 warm_training_workers()

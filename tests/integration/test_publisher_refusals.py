@@ -7,7 +7,7 @@ import pytest
 from common.bus.rabbitmq import RabbitMQBus
 from common.errors import PublishError
 from common.events import ModelReady, SourceDataAvailable
-from common.testing import BusNamespace
+from tests.support.harness import BusNamespace
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,7 @@ import pytest
 
 from common.events import SourceDataAvailable
 from common.runtime import Service, ServiceRunner, handles
-from common.testing import BusNamespace
+from tests.support.harness import BusNamespace
 
 pytestmark = pytest.mark.integration
 

@@ -24,13 +24,6 @@ import pytest
 from common.bus.dispatch import ERROR_MESSAGE, ERROR_TYPE, Dispatcher
 from common.events import BatchScoringRequested, Event, ScoringCompleted
 from common.stores import BatchScoreStore
-from common.testing import (
-    BusNamespace,
-    running_consumer,
-    running_services,
-    wait_for_handler,
-    wait_until,
-)
 from protos.conveyor.scoring.v1 import scoring_pb2 as pb
 from protos.conveyor.scoring.v1 import scoring_pb2_grpc as pb_grpc
 from scoring.server import field_value
@@ -42,6 +35,13 @@ from tests.fixtures.scoring_service import (
     gate_is_waiting,
     scoring_settings,
     service_world,
+)
+from tests.support.harness import (
+    BusNamespace,
+    running_consumer,
+    running_services,
+    wait_for_handler,
+    wait_until,
 )
 
 pytestmark = pytest.mark.integration
@@ -268,7 +268,7 @@ def test_batch_scoring_is_requested_from_the_command_line(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from click.testing import CliRunner
 
-    from common.cli import main
+    from app.cli import main
 
     monkeypatch.setenv("CONVEYOR_NAMESPACE", ns.namespace)
     payload = json.dumps({"batch_id": world.batch_id, "model_version": "previous"})

@@ -32,14 +32,14 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from app.local import LocalService, free_port
 from common.events import ModelDegraded, ModelReady
-from common.local import LocalService, free_port
-from common.testing import BusNamespace, wait_until
 from protos.conveyor.scoring.v1 import scoring_pb2 as pb
 from protos.conveyor.scoring.v1 import scoring_pb2_grpc as pb_grpc
 from scoring.server import field_value
 from tests.fixtures.scoring import KEY
 from tests.fixtures.scoring_service import ServiceWorld, scoring_settings, service_world
+from tests.support.harness import BusNamespace, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
 STARTUP_S = 90.0

@@ -224,7 +224,7 @@ def test_the_service_is_ready_and_serving_only_once_a_model_arrives(
 def test_the_score_command_prints_the_answer(world: ScoringWorld, server: ScoringServer) -> None:
     from click.testing import CliRunner
 
-    from common.cli import main
+    from app.cli import main
 
     row = world.frame.iloc[3]
     fields = fields_of(row, InputSchema.of(world.fitted))
@@ -242,7 +242,7 @@ def test_the_score_command_names_an_unknown_version(
         world: ScoringWorld, server: ScoringServer) -> None:
     from click.testing import CliRunner
 
-    from common.cli import main
+    from app.cli import main
 
     result = CliRunner().invoke(main, ["score", "--entity", "C1", "--model-version", "v9",
                                        "--target", f"127.0.0.1:{server.port}"])

@@ -15,10 +15,10 @@ import pytest
 
 from common.errors import Status
 from common.events import ModelReady
-from common.testing import delete_redis_keys, isolated_settings
 from scoring.core import ScoreQuery, ScoringCore
 from scoring.inputs import InputSchema
 from tests.fixtures.scoring import ScoringWorld, fields_of, scoring_world
+from tests.support.harness import delete_redis_keys, isolated_settings
 
 pytestmark = pytest.mark.integration
 

@@ -17,12 +17,12 @@ from prometheus_client import CollectorRegistry
 
 from common.events import ScoreServed, ServedScore
 from common.stores import OnlineScoreStore
-from common.testing import BusNamespace, running_consumer, running_services, wait_until
 from protos.conveyor.scoring.v1 import scoring_pb2 as pb
 from protos.conveyor.scoring.v1 import scoring_pb2_grpc as pb_grpc
 from scoring.server import field_value
 from scoring.service import ScoringService
 from tests.fixtures.scoring_service import ServiceWorld, scoring_settings, service_world
+from tests.support.harness import BusNamespace, running_consumer, running_services, wait_until
 
 pytestmark = pytest.mark.integration
 CALLS = 12

@@ -215,7 +215,7 @@ def test_the_score_command_sends_the_token_over_tls(
         world: ScoringWorld, secure_server: ScoringServer, pems: dict[str, Pem]) -> None:
     from click.testing import CliRunner
 
-    from common.cli import main
+    from app.cli import main
 
     args = [*score_command(world, secure_server), "--tls-ca", str(pems["server"].cert)]
     answered = CliRunner().invoke(main, [*args, "--token", TOKEN])
@@ -231,7 +231,7 @@ def test_the_score_command_takes_the_client_token_and_ca_from_the_settings(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from click.testing import CliRunner
 
-    from common.cli import main
+    from app.cli import main
 
     args = score_command(world, secure_server)
     monkeypatch.setenv("CONVEYOR_GRPC_TLS_CA", str(pems["server"].cert))
@@ -248,7 +248,7 @@ def test_the_score_command_takes_the_client_token_and_ca_from_the_settings(
 
 def test_the_demo_client_sends_the_settings_token_over_tls(
         world: ScoringWorld, secure_server: ScoringServer, pems: dict[str, Pem]) -> None:
-    from common.demo_monitoring import NotAuthenticated, scoring_client
+    from app.demo_monitoring import NotAuthenticated, scoring_client
 
     row = {**fields_of(world.frame.iloc[3], InputSchema.of(world.fitted)),
            "nameOrig": world.frame.iloc[3]["nameOrig"]}

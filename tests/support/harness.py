@@ -31,6 +31,7 @@ from uuid import uuid4
 import pika
 import redis
 
+from app.local import wait_until  # noqa: F401 - the tests import it from here
 from common.bus.dispatch import (
     Delivery,
     Dispatcher,
@@ -49,7 +50,6 @@ from common.bus.rabbitmq import (
     delay_queue,
 )
 from common.events import Event
-from common.local import wait_until  # noqa: F401 - the tests import it from here
 from common.settings import Settings
 
 Handler = Callable[[Any], HandlerResult]
@@ -494,8 +494,8 @@ def running_services(
 
 def _service(ns: BusNamespace, name: str) -> RunningService:
     # Imported here: the bus helpers above must not need the stage packages.
+    from app.services import build_service
     from common.runtime import ServiceRunner, redis_processed
-    from common.services import build_service
 
     ns.services.add(name)
     bus = RabbitMQBus(ns.settings, name=f"{ns.namespace}-{name}")

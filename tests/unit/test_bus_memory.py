@@ -19,7 +19,7 @@ from common.bus.dispatch import (
 from common.bus.memory import InMemoryBus
 from common.errors import Unroutable
 from common.events import Event, ModelReady, RawDataExtracted, SourceDataAvailable
-from common.testing import wait_for_handler
+from tests.support.harness import wait_for_handler
 
 POLICY = RetryPolicy(max_attempts=3, delays_s=(1.0, 5.0))
 

@@ -6,7 +6,7 @@ import json
 
 from click.testing import CliRunner
 
-from common.cli import main
+from app.cli import main
 from common.events import EVENT_TYPES
 
 

@@ -17,7 +17,7 @@ from common.bus.dispatch import Dispatcher, HandlerSpec, RetryPolicy
 from common.bus.rabbitmq import _Worker
 from common.events import SourceDataAvailable
 from common.settings import Settings
-from common.testing import wait_until
+from tests.support.harness import wait_until
 
 SOURCE = "SourceDataAvailable"
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from common.demo_monitoring import Answer, fallbacks, gist, slow_scoring_env, tally
+from app.demo_monitoring import Answer, fallbacks, gist, slow_scoring_env, tally
 from common.events import ModelDegraded
 from scoring.service import ScoringSettings
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from app.services import SERVICES, service_names
 from common.events import BatchScoringRequested, ScoringCompleted
-from common.services import SERVICES, service_names
 from scoring.batch_service import BatchScoringService
 from scoring.service import ScoringService, ScoringSettings
 

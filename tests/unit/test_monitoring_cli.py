@@ -8,7 +8,8 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from common.cli import main, model_table, outcome_value
+from app.cli import main, outcome_value
+from app.console import model_table
 from monitoring.outcomes import outcome_event
 
 

@@ -29,11 +29,11 @@ from common.events import (
 )
 from common.runtime import ServiceRunner
 from common.settings import Settings
-from common.testing import delete_redis_keys, isolated_settings
 from monitoring.reports import Reports
 from monitoring.service import ModelCatalogue, MonitoringService, MonitoringSettings
 from monitoring.state import MonitoringState
 from tests.fixtures.monitoring import MonitoredModels, batches, monitored_models, served
+from tests.support.harness import delete_redis_keys, isolated_settings
 
 EMITTED = ["DriftDetected", "RetrainRequested", "ModelDegraded"]
 FAST = {"monitoring_drift_every": 500, "monitoring_drift_window": 1_000,

@@ -9,9 +9,9 @@ import redis
 
 from common.events import DriftDetected, RetrainRequested, ServedScore
 from common.settings import Settings
-from common.testing import delete_redis_keys, isolated_settings
 from monitoring.core import Counters
 from monitoring.state import MonitoringState, Served
+from tests.support.harness import delete_redis_keys, isolated_settings
 
 T0 = 1_700_000_000.0
 

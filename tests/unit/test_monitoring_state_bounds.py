@@ -9,9 +9,9 @@ import pytest
 import redis
 
 from common.events import ServedScore
-from common.testing import delete_redis_keys, isolated_settings
 from monitoring.service import MonitoringSettings
 from monitoring.state import SERVED_MAX_ENTRIES, MonitoringState
+from tests.support.harness import delete_redis_keys, isolated_settings
 
 T0 = 1_700_000_000.0
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
+from app.services import SERVICES
 from common.events import EVENT_TYPES
 from common.runtime import Service
-from common.services import SERVICES
 
 ROOT = Path(__file__).resolve().parents[2]
 FOLDER = ROOT / "deploy" / "rabbitmq"

@@ -153,7 +153,7 @@ def test_runner_metrics_count_handled_and_dead_lettered() -> None:
 
 @pytest.mark.parametrize("name", ["eventlog"])
 def test_catalogue_builds_services(name: str) -> None:
-    from common.services import build_service
+    from app.services import build_service
 
     assert build_service(name, Settings()).name == name
     with pytest.raises(KeyError, match="unknown service .nope.; known: .*eventlog"):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from app.services import build_service
 from common.safety import UnsafeSettings, check_start
-from common.services import build_service
 from common.settings import Settings
 from common.signing import WeakSigningKey
 

@@ -11,7 +11,6 @@ from prometheus_client import CollectorRegistry
 
 from common.bus.memory import InMemoryBus
 from common.events import ScoreServed, ServedScore
-from common.testing import wait_until
 from scoring.core import ScoreQuery, ScoreResult
 from scoring.reporting import (
     NamedSink,
@@ -21,6 +20,7 @@ from scoring.reporting import (
     event_sink,
     served_event,
 )
+from tests.support.harness import wait_until
 
 
 def answer(i: int) -> tuple[ScoreQuery, ScoreResult]:

@@ -48,9 +48,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
+import re
 import secrets
 import shutil
 import signal
@@ -603,8 +605,17 @@ def conveyor_server(world: World, registry: str, settings: Settings, workers: in
         wait_for_file(marker, process)
         wait_ready(target, MODEL, process)
         yield target, process.pid
-    world.batches[label] = [json.loads(line) for line in log.read_text().splitlines()
-                            if line.startswith('{"version"')]
+    world.batches[label] = predict_calls(log.read_text())
+
+
+def predict_calls(log: str) -> list[dict[str, Any]]:
+    """The workers' predict-call lines of a server's log (found anywhere in a line)."""
+    decoder = json.JSONDecoder()
+    found = []
+    for match in re.finditer(r'\{"version"', log):
+        with contextlib.suppress(ValueError):
+            found.append(decoder.raw_decode(log, match.start())[0])
+    return found
 
 
 def wait_for_file(path: Path, process: subprocess.Popen[bytes], timeout_s: float = 180.0
@@ -721,9 +732,9 @@ def serve_worker(config: dict[str, Any], slot: Any) -> None:
     server.stop(grace_s=1.0)
     for model in core.health():
         stats = core.loaded(model.version).batcher.stats()
-        print(json.dumps({"version": model.version, "batches": stats.batches,
-                          "rows": stats.predicted, "mean_batch": round(stats.mean_batch_size, 2)}),
-              flush=True)
+        line = json.dumps({"version": model.version, "batches": stats.batches,
+                           "rows": stats.predicted, "mean_batch": round(stats.mean_batch_size, 2)})
+        os.write(1, f"{line}\n".encode())  # one write: the other workers share the log
     core.close()
 
 

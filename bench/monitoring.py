@@ -69,17 +69,17 @@ from common.bus.publisher import Message
 from common.bus.rabbitmq import RabbitMQBus, properties
 from common.config import load_pipeline_config
 from common.events import ScoreServed, ServedScore
-from common.settings import Settings
-from common.stores import ModelRegistry
-from common.wiring import Stores
-from monitoring.core import CoreConfig, ModelInfo, MonitoringCore
-from monitoring.drift import PREDICTION, DriftThresholds, drift_report
-from monitoring.reference import (
+from common.reference import (
     input_references,
     model_reference,
     reference_rows,
     references_from,
 )
+from common.settings import Settings
+from common.stores import ModelRegistry
+from common.wiring import Stores
+from monitoring.core import CoreConfig, ModelInfo, MonitoringCore
+from monitoring.drift import PREDICTION, DriftThresholds, drift_report
 from scoring.reporting import ReportSettings
 from tests.support.harness import delete_namespace
 

@@ -30,7 +30,7 @@ from common.stores import (
 )
 from common.wiring import Stores
 from evaluation.report import EvaluationReport, evaluate_candidates
-from preparation.service import joined_frame
+from preparation.join import joined_frame
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class EvaluationService(Service):
         """The new feature set's input rows, transformed by the champion's pipeline."""
         fitted = self.pipelines.load(champion_fsid)
         batches = self.offline.metadata(fsid).metadata["batch_ids"]
-        frame = joined_frame(self.raw_store, self.config, batches)
+        frame = joined_frame(self.raw_store, self.config.datasets, self.config.features, batches)
         return fitted.transform(frame)[list(fitted.feature_names)]
 
     def _promote(self, event: CandidatesTrained, report: EvaluationReport) -> ModelReady:

@@ -45,6 +45,7 @@ from common.events import (
     ScoreServed,
     ServedScore,
 )
+from common.reference import classes_from, references_from
 from common.runtime import Service, handles
 from common.settings import Settings
 from common.stores import ModelRegistry, ModelStore
@@ -61,7 +62,6 @@ from monitoring.core import (
 from monitoring.drift import PREDICTION, DriftReport, DriftThresholds
 from monitoring.metrics import MonitoringMetrics
 from monitoring.quality import QualityRule, confusion, degradation, label_of, quality_of
-from monitoring.reference import classes_from, references_from
 from monitoring.reports import Reports
 from monitoring.state import SERVED_MAX_ENTRIES, MonitoringState
 

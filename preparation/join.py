@@ -4,6 +4,7 @@ Example::
 
     missing_inputs(spec, {"transactions"})            # [] once every input has arrived
     frame = join_inputs({"transactions": tx, "accounts": accounts}, spec)
+    frame = joined_frame(raw_store, config.datasets, spec, {"transactions": batch_id})
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Iterable, Mapping
 import pandas as pd
 
 from common.errors import InvalidInput
+from common.stores import RawBatchStore
+from ingestion.contract import DatasetContract, read_batch
 from preparation.spec import FeatureSpec, JoinSpec
 
 
@@ -37,6 +40,26 @@ def join_inputs(frames: Mapping[str, pd.DataFrame], spec: FeatureSpec) -> pd.Dat
         assert spec.join is not None  # FeatureSpec requires a join for several inputs
         joined = _merge(joined, frames[name], name, spec.join)
     return joined
+
+
+def joined_frame(
+    raw_store: RawBatchStore, datasets: Mapping[str, DatasetContract], spec: FeatureSpec,
+    batches: Mapping[str, str],
+) -> pd.DataFrame:
+    """The input rows of a feature set: each batch typed by its dataset's contract, then
+    joined (the preparation and evaluation services both read a set's rows this way)."""
+    frames = {dataset: _typed(raw_store, datasets, batch_id)
+              for dataset, batch_id in batches.items()}
+    if spec.join is None:
+        return frames[spec.inputs[0]]
+    return join_inputs(frames, spec)
+
+
+def _typed(
+    raw_store: RawBatchStore, datasets: Mapping[str, DatasetContract], batch_id: str
+) -> pd.DataFrame:
+    contract = datasets[raw_store.manifest(batch_id).dataset]
+    return read_batch(raw_store, batch_id, contract)
 
 
 def _merge(left: pd.DataFrame, right: pd.DataFrame, name: str, join: JoinSpec) -> pd.DataFrame:

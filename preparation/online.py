@@ -56,6 +56,7 @@ from sklearn.impute import SimpleImputer
 from sklearn.preprocessing import FunctionTransformer, MinMaxScaler, OneHotEncoder, StandardScaler
 
 from preparation.aggregates import EntityAggregate
+from preparation.conform import conform
 from preparation.transformers import (
     DateParts,
     Difference,
@@ -153,13 +154,11 @@ class OnlinePlan:
         return rows
 
     def _carried(self, records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-        from preparation.pipeline import _conform  # the pandas path's own conversions
-
         present = {c for record in records for c in record}
         carried = [c for c in self.carried if c in present]
         frame = pd.DataFrame({c: [record.get(c, NAN) for record in records] for c in carried})
         dtypes = {c: self.input_dtypes[c] for c in carried if c in self.input_dtypes}
-        return _conform(frame, dtypes)[carried]
+        return conform(frame, dtypes)[carried]  # the pandas path's own conversions
 
 
 _PLANS: weakref.WeakKeyDictionary[Any, OnlinePlan] = weakref.WeakKeyDictionary()
@@ -234,7 +233,7 @@ def _get(row: Row, column: str) -> Any:
 
 
 def _conformer(dtype_name: str) -> Callable[[Any], Any]:
-    """How ``pipeline._conform`` converts one value of a fit-time column of this dtype."""
+    """How ``conform.conform`` converts one value of a fit-time column of this dtype."""
     dtype = pd.api.types.pandas_dtype(dtype_name)
     if is_datetime64_any_dtype(dtype):
         return _to_time

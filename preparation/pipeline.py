@@ -36,13 +36,13 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
 import pandas as pd
-from pandas.api.types import is_datetime64_any_dtype, is_float_dtype, is_numeric_dtype
 from sklearn.base import clone
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer
 
 from common.errors import InvalidInput
 from preparation.aggregates import EntityAggregate
+from preparation.conform import conform
 from preparation.online import fast_frame
 from preparation.registry import StepContext, build_step, naming_step, step_label
 from preparation.spec import FeatureSpec, parse_spec
@@ -217,7 +217,7 @@ class FittedFeatureSet:
     def _online_frame(self, records: Records) -> tuple[pd.DataFrame, list[str]]:
         frame = records if isinstance(records, pd.DataFrame) else pd.DataFrame(list(records))
         carried = [c for c in self.carried if c in frame.columns]
-        return _conform(_unique_index(frame), self.input_dtypes), carried
+        return conform(_unique_index(frame), self.input_dtypes), carried
 
     def _run_online(self, frame: pd.DataFrame, past: pd.DataFrame | None,
                     stop: int | None = None) -> pd.DataFrame:
@@ -237,7 +237,7 @@ class FittedFeatureSet:
         if timestamp:
             latest = to_utc(past[timestamp]).max() + pd.Timedelta(1, "ns")
             probes[timestamp] = latest if at is None else pd.Timestamp(at)
-        return _conform(probes, self.input_dtypes)
+        return conform(probes, self.input_dtypes)
 
     def _output(self, out: pd.DataFrame, source: pd.DataFrame,
                 carried: Sequence[str]) -> pd.DataFrame:
@@ -305,34 +305,6 @@ def _feature_names(out: pd.DataFrame, spec: FeatureSpec) -> tuple[str, ...]:
             raise InvalidInput("no feature columns are left after the steps")
         require_numeric(out[names], "features must be numbers: one_hot or drop them")
     return tuple(names)
-
-
-def _conform(frame: pd.DataFrame, dtypes: Mapping[str, str]) -> pd.DataFrame:
-    """Add the fit-time input columns ``frame`` lacks, and convert to the fit-time dtypes."""
-    missing = [c for c in dtypes if c not in frame.columns]
-    frame = frame.reindex(columns=[*frame.columns, *missing])
-    return frame.assign(**{c: _coerce(frame[c], dtype) for c, dtype in dtypes.items()})
-
-
-def _coerce(values: pd.Series, dtype_name: str) -> pd.Series:
-    dtype = pd.api.types.pandas_dtype(dtype_name)
-    if values.dtype == dtype:
-        return values
-    if is_datetime64_any_dtype(dtype):
-        tz = getattr(dtype, "tz", None)
-        utc = to_utc(values)
-        return utc.dt.tz_convert(tz) if tz else utc.dt.tz_localize(None)
-    if is_numeric_dtype(dtype):
-        return _numbers(values, dtype)
-    return values
-
-
-def _numbers(values: pd.Series, dtype: Any) -> pd.Series:
-    try:
-        numbers = pd.to_numeric(values)
-    except (ValueError, TypeError) as err:
-        raise InvalidInput(f"column '{values.name}' holds values that are not numbers") from err
-    return numbers.astype(dtype) if is_float_dtype(dtype) else numbers
 
 
 def _warn_on_skew(spec: FeatureSpec) -> None:

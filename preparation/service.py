@@ -53,30 +53,15 @@ from common.stores.entity_state import (
 from common.stores.features import latest_rows
 from common.stores.models import ModelRegistry
 from common.wiring import Stores
-from ingestion.contract import DatasetContract, read_batch
+from ingestion.contract import DatasetContract
 from ingestion.records import CheckedRecords, check_records
-from preparation import FittedFeatureSet, build_pipeline, feature_set_id, join_inputs
-from preparation.join import missing_inputs
+from preparation import FittedFeatureSet, build_pipeline, feature_set_id
+from preparation.join import joined_frame, missing_inputs
 from preparation.streaming import NotStreamable, StreamPlan, group_entries
 
 log = logging.getLogger(__name__)
 STATE_CHUNK = 5_000
 """Entities per pipeline when a batch's entity state is written."""
-
-
-def joined_frame(
-    raw_store: RawBatchStore, config: PipelineConfig, batches: dict[str, str]
-) -> pd.DataFrame:
-    """The input rows of a feature set: each batch typed by its contract, then joined."""
-    frames = {dataset: _typed(raw_store, config, batch_id) for dataset, batch_id in batches.items()}
-    if config.features.join is None:
-        return frames[config.features.inputs[0]]
-    return join_inputs(frames, config.features)
-
-
-def _typed(raw_store: RawBatchStore, config: PipelineConfig, batch_id: str) -> pd.DataFrame:
-    contract = config.datasets[raw_store.manifest(batch_id).dataset]
-    return read_batch(raw_store, batch_id, contract)
 
 
 class PreparationService(Service):
@@ -163,7 +148,7 @@ class PreparationService(Service):
         dataset = self.config.features.inputs[0]
         self.targets.add(dataset, fsid)  # first: no record after this is missed
         batches = self.offline.metadata(fsid).metadata["batch_ids"]
-        frame = joined_frame(self.raw_store, self.config, batches)
+        frame = joined_frame(self.raw_store, self.config.datasets, self.config.features, batches)
         ids = batch_record_ids(frame, self.config.datasets[dataset], batches[dataset])
         updates = group_entries(plan.batch_entries(frame, ids), plan.entity_key,
                                 len(plan.slots))
@@ -175,7 +160,7 @@ class PreparationService(Service):
                  fsid, len(entities), dataset)
 
     def _prepare(self, fsid: str, batches: dict[str, str]) -> None:
-        frame = joined_frame(self.raw_store, self.config, batches)
+        frame = joined_frame(self.raw_store, self.config.datasets, self.config.features, batches)
         label = self.config.features.label
         train = self.config.split.apply(frame, label).train
         fitted = build_pipeline(self.config.features).fit(train, batches.values())

@@ -2,7 +2,7 @@
 
 Pure core of the Model Training Service: frames in, fitted models and metadata out. One
 failing candidate never sinks the others; it is reported in ``failures``. Each model's
-metadata carries its drift ``reference`` (monitoring/reference.py). Without a
+metadata carries its drift ``reference`` (common/reference.py). Without a
 ``WorkerPool`` each run starts (and stops) worker processes of its own; a service keeps
 one ``WorkerPool`` warm across runs instead (worker start-up and imports are seconds).
 
@@ -39,7 +39,7 @@ from threadpoolctl import threadpool_limits
 
 from common.cpus import available_cpus
 from common.errors import InvalidInput
-from monitoring.reference import input_references, model_reference, reference_rows
+from common.reference import input_references, model_reference, reference_rows
 from training.config import Candidate, TrainingConfig, expand, resolve_estimator
 
 log = logging.getLogger(__name__)

@@ -30,8 +30,8 @@ from common.events import (
     RetrainRequested,
     ScoreServed,
 )
+from common.reference import input_references, model_reference, reference_rows
 from monitoring.outcomes import report_outcome
-from monitoring.reference import input_references, model_reference, reference_rows
 from monitoring.state import MonitoringState
 from protos.conveyor.scoring.v1 import scoring_pb2 as pb
 from protos.conveyor.scoring.v1 import scoring_pb2_grpc as pb_grpc

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from common.events import ServedScore
+from common.reference import classes_from, references_from
 from monitoring.core import (
     LATENCY_BUCKETS_MS,
     CoreConfig,
@@ -20,7 +21,6 @@ from monitoring.core import (
     Ring,
     summary,
 )
-from monitoring.reference import classes_from, references_from
 from tests.fixtures.monitoring import MonitoredModels, monitored_models, served
 
 CONFIG = CoreConfig(drift_every=500, drift_window=1_000, drift_min_scores=300,

@@ -9,6 +9,12 @@ import pandas as pd
 import pytest
 from sklearn.linear_model import LogisticRegression
 
+from common.reference import (
+    input_references,
+    model_reference,
+    reference_rows,
+    references_from,
+)
 from monitoring.drift import (
     PREDICTION,
     DriftThresholds,
@@ -20,12 +26,6 @@ from monitoring.drift import (
     proportions,
     psi,
     reference_of,
-)
-from monitoring.reference import (
-    input_references,
-    model_reference,
-    reference_rows,
-    references_from,
 )
 
 RNG = np.random.default_rng(42)

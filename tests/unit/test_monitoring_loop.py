@@ -16,9 +16,9 @@ from common.events import (
     ModelRejected,
     RetrainRequested,
 )
+from common.reference import references_from
 from common.stores import ModelRegistry
 from monitoring.drift import PREDICTION
-from monitoring.reference import references_from
 from scoring.latency import CircuitBreaker
 from scoring.router import DeployedModel, ModelRouter
 from tests.fixtures.pipeline import one_of, parsed, paysim_config, write_paysim

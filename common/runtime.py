@@ -72,6 +72,9 @@ class Service:
     """Event types every instance must hear (scoring's ModelReady, ModelDegraded), not one
     of several competing consumers: on RabbitMQ each instance reads them from a queue of
     its own (exclusive, auto-delete), and ``reconcile`` runs each time it is attached."""
+    exports_bus_metrics: ClassVar[bool] = True
+    """Whether /metrics shows the runner's own bus metrics; a supervisor of worker
+    processes (which consume) shows the workers' instead, so each name appears once."""
     ready_needs_broker: ClassVar[bool] = True
     """Whether readiness includes a live consumer connection; a service that does its work
     without the broker (scoring answers calls) stays ready through a broker outage."""
@@ -119,9 +122,12 @@ class ServiceRunner:
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.service, self.bus, self.settings = service, bus, settings
-        self.metrics = BusMetrics(registry or CollectorRegistry())
+        self.registry = registry or CollectorRegistry()
+        """What /metrics serves: the bus metrics, unless the service exports its workers'."""
+        bus_registry = self.registry if service.exports_bus_metrics else CollectorRegistry()
+        self.metrics = BusMetrics(bus_registry)
         self.metrics.registry.register(QueueDepthCollector(service.name, bus.queue_depths))
-        service.register_metrics(self.metrics.registry)
+        service.register_metrics(self.registry)
         self.processed = processed
         self.connected = threading.Event()
         self.http: HealthServer | None = None
@@ -188,7 +194,7 @@ class ServiceRunner:
     def run(self, stop: threading.Event) -> None:
         """Serve probes and consume until ``stop`` is set; the message in hand finishes."""
         self.http = HealthServer(
-            self.metrics.registry, self.ready, self.settings.http_host, self.settings.http_port
+            self.registry, self.ready, self.settings.http_host, self.settings.http_port
         ).start()
         log.info("service %s started; http on port %d", self.service.name, self.http.port)
         try:

@@ -380,10 +380,12 @@ def build_instance(
 
 class ScoringSupervisor(Service):
     """The parent of the scoring workers: no handlers of its own (each worker consumes),
-    ready while a worker is, its /metrics the workers' under a ``worker`` label."""
+    ready while a worker is, its /metrics the workers' (all of them) under a ``worker``
+    label."""
 
     name = "scoring"
     ready_needs_broker = False
+    exports_bus_metrics = False  # the workers' are re-exposed, labelled by worker
 
     def __init__(self, pool: WorkerPool) -> None:
         self.pool = pool
@@ -393,7 +395,7 @@ class ScoringSupervisor(Service):
         return self.pool.ready()
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
-        """The workers' conveyor_scoring_* metrics, labelled by worker."""
+        """The workers' metrics, labelled by worker."""
         registry.register(WorkerMetrics(self.pool))
 
     def close(self) -> None:

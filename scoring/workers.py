@@ -208,12 +208,10 @@ def _worker_main(run_worker: RunWorker, slot: WorkerSlot) -> None:
 
 
 class WorkerMetrics:
-    """A collector that re-exposes every worker's scoring metrics (``conveyor_scoring_*``)
-    with a ``worker`` label, read from each worker's own /metrics at scrape time (a
-    worker that does not answer in time is left out of that scrape). The workers' bus
-    metrics stay on their own ports: their names are the supervisor's own."""
-
-    prefix = "conveyor_scoring_"
+    """A collector that re-exposes every worker's metrics (scoring's and the bus's) with a
+    ``worker`` label, read from each worker's own /metrics at scrape time (a worker that
+    does not answer in time is left out of that scrape). The supervisor exports none of
+    its own bus metrics (``Service.exports_bus_metrics``), so each name appears once."""
 
     def __init__(self, pool: WorkerPool) -> None:
         self.pool = pool
@@ -226,8 +224,6 @@ class WorkerMetrics:
         merged: dict[str, Metric] = {}
         for index, port in self.pool.metrics_ports().items():
             for family in _scrape(port):
-                if not family.name.startswith(self.prefix):
-                    continue
                 target = merged.setdefault(
                     family.name, Metric(family.name, family.documentation, family.type))
                 for sample in family.samples:

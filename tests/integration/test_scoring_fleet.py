@@ -232,6 +232,9 @@ def test_workers_share_the_port_answer_alike_and_a_killed_one_is_replaced(
 
     wait_until(both_workers_answered, 60, message="calls reaching both workers")
     assert len(answers) == 1  # the same answer, whichever worker gave it
+    families = [f.name for f in text_string_to_metric_families(process.metrics())]
+    assert len(families) == len(set(families))  # each name once: Prometheus refuses repeats
+    assert {"conveyor_events_handled", "conveyor_scoring_requests"} <= set(families)
     before = process.worker_pids()
     with Load(world, [process.target], threads_each=4, wait_for_ready=True) as load:
         wait_until(lambda: load.answered() >= 50, 30)

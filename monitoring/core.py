@@ -8,13 +8,19 @@ percentiles, and a sliding window of each input feature and of the predictions. 
 reference (``monitoring.drift``) and returns a ``DriftFinding``; when the version's p99
 serving time (its own answers, not fallbacks) breaks the budget, or, given the champion's
 version, when more than ``max_fallback_share`` of the champion's requests were answered
-by a fallback, it returns a ``LatencyFinding``. It never talks to Redis or the broker;
-the service turns findings into events and the live view. Example::
+by a fallback, it returns a ``LatencyFinding``. It never talks to Redis or the broker.
+
+``DecisionRules`` turns findings (and live quality) into ``Decision``: the event to emit
+and the claim that keeps it to one per cooldown. The service only asks Redis for each
+claim and emits the events whose claim it gets. Example::
 
     core = MonitoringCore(CoreConfig(drift_every=1_000), describe=lambda v: ModelInfo(v))
     findings = core.observe(event.scores, champion="v3")
     core.stats("v3").served, core.stats("v3").latency_percentiles()
     [f.report.level for f in findings if isinstance(f, DriftFinding)]   # ["alert"]
+    rules = DecisionRules(Cooldowns(drift_s=600), QualityRule("accuracy", 0.05, 100))
+    [d.claim for d in rules.on_finding(findings[0], dataset="paysim")]
+    # ["v3:drift:alert", "retrain"]: DriftDetected, then RetrainRequested
 """
 
 from __future__ import annotations
@@ -29,8 +35,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from common.events import ServedScore
-from monitoring.drift import PREDICTION, DriftReport, DriftThresholds, Reference, drift_report
+from common.events import DriftDetected, Event, ModelDegraded, RetrainRequested, ServedScore
+from common.reference import PREDICTION, Reference
+from monitoring.drift import DriftReport, DriftThresholds, drift_report
+from monitoring.quality import QualityRule, degradation
 
 log = logging.getLogger(__name__)
 
@@ -314,3 +322,101 @@ def summary(stats: VersionStats) -> dict[str, Any]:
         "latency_avg_ms": counters.latency_avg_ms, "latency_max_ms": counters.latency_max_ms,
         **{f"latency_{k}_ms": v for k, v in percentiles.items()},
     }
+
+
+# -- decisions ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cooldowns:
+    """How long one decision holds before the same one can be made again (seconds)."""
+
+    drift_s: int = 600
+    """At most one DriftDetected per version and level."""
+    retrain_s: int = 3_600
+    """At most one RetrainRequested, whatever the version."""
+    degraded_s: int = 3_600
+    """At most one ModelDegraded per version and reason."""
+
+    @property
+    def decisions_kept_s(self) -> int:
+        """How long the events a cause emitted are kept, so a redelivery re-emits them."""
+        return max(self.retrain_s, self.degraded_s)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """An event to emit, unless decision ``claim`` was already made within ``cooldown_s``
+    (by another event: the same event asking again still holds it)."""
+
+    claim: str
+    cooldown_s: int
+    event: type[Event]
+    fields: Mapping[str, Any]
+    """The event's payload (the envelope comes from the event that caused it)."""
+
+
+class DecisionRules:
+    """When drift, slowness or lost quality become events, and how often."""
+
+    def __init__(self, cooldowns: Cooldowns, quality: QualityRule) -> None:
+        self.cooldowns, self.quality = cooldowns, quality
+
+    def on_finding(self, finding: Finding, dataset: str | None = None) -> list[Decision]:
+        """The decisions of a core finding (``dataset``: the version's, for retraining)."""
+        if isinstance(finding, LatencyFinding):
+            return [self._latency(finding)]
+        return self._drift(finding.version, finding.report, dataset)
+
+    def on_quality(
+        self, version: str, live: Mapping[str, float], expected: Mapping[str, float],
+        outcomes: int,
+    ) -> list[Decision]:
+        """A ModelDegraded when enough outcomes show the live figure fell too far."""
+        found = degradation(live, expected, count=outcomes, rule=self.quality)
+        if found is None:
+            return []
+        return [self._degraded(version, "accuracy", found.observed, found.expected)]
+
+    def _drift(self, version: str, report: DriftReport, dataset: str | None) -> list[Decision]:
+        level = report.level
+        if level == "none":
+            return []
+        decisions = [Decision(f"{version}:drift:{level}", self.cooldowns.drift_s, DriftDetected,
+                              {"model_version": version, "level": level, "psi": report.psi})]
+        if level == "alert":
+            decisions.append(Decision("retrain", self.cooldowns.retrain_s, RetrainRequested, {
+                "reason": drift_reason(version, report), "dataset": dataset,
+                "model_version": version}))
+        return decisions
+
+    def _latency(self, finding: LatencyFinding) -> Decision:
+        scale = 1e-3 if finding.measure == "p99_ms" else 1.0  # the event's p99 is in seconds
+        return self._degraded(finding.version, "latency", finding.observed * scale,
+                              finding.allowed * scale)
+
+    def _degraded(
+        self, version: str, reason: Literal["accuracy", "latency"], observed: float,
+        expected: float,
+    ) -> Decision:
+        return Decision(f"{version}:degraded:{reason}", self.cooldowns.degraded_s,
+                        ModelDegraded, {"model_version": version, "reason": reason,
+                                        "observed": observed, "expected": expected})
+
+
+def drift_reason(version: str, report: DriftReport) -> str:
+    """RetrainRequested's reason: the (up to) three inputs that drifted most."""
+    worst = sorted(report.inputs.items(), key=lambda item: -item[1].psi)[:3]
+    names = ", ".join(f"{'predictions' if n == PREDICTION else n} (PSI {d.psi:.2f})"
+                      for n, d in worst)
+    return f"drift alert on model {version}: {names}"
+
+
+def report_due(
+    finding: DriftFinding, last: tuple[float, str] | None, now: float, every_s: float
+) -> bool:
+    """Whether a drift measurement gets a report: one with inputs that is the version's
+    first, or at a new level, or the first ``every_s`` after the ``last`` (when, level)."""
+    if not finding.report.inputs:
+        return False
+    return last is None or last[1] != finding.report.level or now - last[0] >= every_s

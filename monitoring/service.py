@@ -4,7 +4,8 @@ Feeds each ScoreServed batch to the ``MonitoringCore`` (serving figures and drif
 model version), remembers each answer for the outcome join, and writes the live view to
 Redis and a Parquet report per drift measurement. Joins each OutcomeObserved to the score
 it judges (by request id, else the entity's latest score) and scores the version's
-sliding window of outcomes against its evaluation figures. Then it decides:
+sliding window of outcomes against its evaluation figures. The core's rules
+(``monitoring.core.DecisionRules``) then decide:
 
 - drift at warn or alert → ``DriftDetected`` (once per version and level per cooldown);
 - drift alert → ``RetrainRequested`` (once per retrain cooldown, whatever the version);
@@ -12,8 +13,8 @@ sliding window of outcomes against its evaluation figures. Then it decides:
   budget → ``ModelDegraded`` (once per version and reason per cooldown); the scoring
   service demotes that version and the previous one serves.
 
-Decisions are claimed in Redis by the event that made them, and the events they emitted
-are kept by that event's id, so a redelivered event re-emits the same events (with the
+The service claims each decision in Redis for the event that made it, and keeps the events
+it emitted by that event's id, so a redelivered event re-emits the same events (with the
 same derived ids) and never a second decision. An outcome that matches no served score
 (its score expired, was never reported, or the id is wrong) is counted
 (``conveyor_outcomes_total{result="unmatched"}``) and logged, and acknowledged: no retry
@@ -41,7 +42,6 @@ from common.events import (
     Event,
     ModelDegraded,
     OutcomeObserved,
-    RetrainRequested,
     ScoreServed,
     ServedScore,
 )
@@ -51,17 +51,20 @@ from common.settings import Settings
 from common.stores import ModelRegistry, ModelStore
 from common.wiring import Stores
 from monitoring.core import (
+    Cooldowns,
     CoreConfig,
+    Decision,
+    DecisionRules,
     DriftFinding,
     Finding,
-    LatencyFinding,
     ModelInfo,
     MonitoringCore,
+    report_due,
     summary,
 )
-from monitoring.drift import PREDICTION, DriftReport, DriftThresholds
+from monitoring.drift import DriftThresholds
 from monitoring.metrics import MonitoringMetrics
-from monitoring.quality import QualityRule, confusion, degradation, label_of, quality_of
+from monitoring.quality import QualityRule, confusion, label_of, quality_of
 from monitoring.reports import Reports
 from monitoring.state import SERVED_MAX_ENTRIES, MonitoringState
 
@@ -138,6 +141,12 @@ class MonitoringSettings(BaseSettings):
             max_fallback_share=self.monitoring_max_fallback_share,
         )
 
+    def cooldowns(self) -> Cooldowns:
+        """How long each kind of decision holds."""
+        return Cooldowns(drift_s=self.monitoring_drift_cooldown_s,
+                         retrain_s=self.monitoring_retrain_cooldown_s,
+                         degraded_s=self.monitoring_degraded_cooldown_s)
+
     def quality_rule(self) -> QualityRule:
         """When live quality counts as degraded."""
         return QualityRule(self.monitoring_quality_metric, self.monitoring_quality_margin,
@@ -209,6 +218,7 @@ class MonitoringService(Service):
         self.catalogue, self.state, self.settings, self.reports = (
             catalogue, state, settings, reports)
         self.core = MonitoringCore(settings.core(), catalogue.describe, state.counters)
+        self.rules = DecisionRules(settings.cooldowns(), settings.quality_rule())
         self.metrics = MonitoringMetrics(CollectorRegistry())
         self._seen: OrderedDict[str, list[Finding]] = OrderedDict()
         self._reported: dict[str, tuple[float, str]] = {}  # version: (when, level)
@@ -231,8 +241,8 @@ class MonitoringService(Service):
         for finding in findings:
             if isinstance(finding, DriftFinding):
                 self._publish_drift(finding)
-        events = [e for finding in findings for e in self._decide(event, finding)]
-        return self._recorded(event, events)
+        decisions = [d for finding in findings for d in self._decisions(finding)]
+        return self._recorded(event, self._emit(event, decisions))
 
     @handles(OutcomeObserved)
     def on_outcome_observed(self, event: OutcomeObserved) -> list[Event]:
@@ -251,13 +261,8 @@ class MonitoringService(Service):
         self.state.write_live(served.version, {
             "quality": live, "outcomes": len(pairs), "quality_expected": dict(info.expected),
             "confusion": confusion(pairs)})
-        found = degradation(live, info.expected, count=len(pairs),
-                            rule=self.settings.quality_rule())
-        events: list[Event] = []
-        if found is not None:
-            events = self._degraded(event, served.version, "accuracy", found.observed,
-                                    found.expected)
-        return self._recorded(event, events)
+        decisions = self.rules.on_quality(served.version, live, info.expected, len(pairs))
+        return self._recorded(event, self._emit(event, decisions))
 
     # -- scores ----------------------------------------------------------------------
 
@@ -307,54 +312,39 @@ class MonitoringService(Service):
             log.info("drift of %s: %s (report %s)", version, report.level, path)
 
     def _report_due(self, finding: DriftFinding) -> bool:
-        """Whether to write this measurement: the version's first, a new level, or the
-        first since ``monitoring_report_every_s``."""
-        if self.reports is None or not finding.report.inputs:
+        if self.reports is None:
             return False
-        last = self._reported.get(finding.version)
-        return last is None or last[1] != finding.report.level or \
-            time.monotonic() - last[0] >= self.settings.monitoring_report_every_s
+        return report_due(finding, self._reported.get(finding.version), time.monotonic(),
+                          self.settings.monitoring_report_every_s)
 
     def _reference_shares(self, version: str, name: str) -> list[float]:
         return self.catalogue.describe(version).references[name].proportions.tolist()
 
-    def _decide(self, cause: ScoreServed, finding: Finding) -> list[Event]:
-        if isinstance(finding, LatencyFinding):
-            scale = 1e-3 if finding.measure == "p99_ms" else 1.0  # p99 in seconds
-            return self._degraded(cause, finding.version, "latency", finding.observed * scale,
-                                  finding.allowed * scale)
-        return self._drifted(cause, finding.version, finding.report)
+    def _decisions(self, finding: Finding) -> list[Decision]:
+        return self.rules.on_finding(finding, self.catalogue.describe(finding.version).dataset)
 
-    def _drifted(self, cause: ScoreServed, version: str, report: DriftReport) -> list[Event]:
-        level = report.level
-        if level == "none":
-            return []
-        events: list[Event] = []
-        if self.state.claim(f"{version}:drift:{level}", cause.event_id,
-                            self.settings.monitoring_drift_cooldown_s):
-            self.metrics.drift_detected.labels(version, level).inc()
-            events.append(cause.caused(DriftDetected, producer=self.name, model_version=version,
-                                       level=level, psi=report.psi))
-        if level == "alert" and self.state.claim("retrain", cause.event_id,
-                                                 self.settings.monitoring_retrain_cooldown_s):
-            events.append(cause.caused(
-                RetrainRequested, producer=self.name, reason=_drift_reason(version, report),
-                dataset=self.catalogue.describe(version).dataset, model_version=version))
-        return events
+    # -- emitting and bookkeeping ------------------------------------------------------
 
-    # -- degradation and bookkeeping ---------------------------------------------------
+    def _emit(self, cause: Event, decisions: list[Decision]) -> list[Event]:
+        """The events of the decisions whose claim ``cause`` gets, in order."""
+        return [self._emitted(cause, d) for d in decisions
+                if self.state.claim(d.claim, cause.event_id, d.cooldown_s)]
 
-    def _degraded(self, cause: Event, version: str, reason: Literal["accuracy", "latency"],
-                  observed: float, expected: float) -> list[Event]:
-        if not self.state.claim(f"{version}:degraded:{reason}", cause.event_id,
-                                self.settings.monitoring_degraded_cooldown_s):
-            return []
+    def _emitted(self, cause: Event, decision: Decision) -> Event:
+        event = cause.caused(decision.event, producer=self.name, **decision.fields)
+        if isinstance(event, DriftDetected):
+            self.metrics.drift_detected.labels(event.model_version, event.level).inc()
+        elif isinstance(event, ModelDegraded):
+            self._mark_degraded(cause, event)
+        return event
+
+    def _mark_degraded(self, cause: Event, event: ModelDegraded) -> None:
+        version, reason = event.model_version, event.reason
         log.warning("model %s degraded (%s): %.4g against %.4g (event %s, correlation %s)",
-                    version, reason, observed, expected, cause.event_id, cause.correlation_id)
+                    version, reason, event.observed, event.expected, cause.event_id,
+                    cause.correlation_id)
         self.metrics.degraded.labels(version, reason).inc()
         self.state.write_live(version, {"degraded": reason})
-        return [cause.caused(ModelDegraded, producer=self.name, model_version=version,
-                             reason=reason, observed=observed, expected=expected)]
 
     def _unmatched(self, event: OutcomeObserved) -> list[Event]:
         total = self.state.count_unmatched()
@@ -366,17 +356,9 @@ class MonitoringService(Service):
 
     def _recorded(self, cause: Event, events: list[Event]) -> list[Event]:
         if events:
-            ttl = max(self.settings.monitoring_retrain_cooldown_s,
-                      self.settings.monitoring_degraded_cooldown_s)
-            self.state.record_decisions(cause.event_id, events, ttl)
+            self.state.record_decisions(cause.event_id, events,
+                                        self.rules.cooldowns.decisions_kept_s)
         return events
-
-
-def _drift_reason(version: str, report: DriftReport) -> str:
-    worst = sorted(report.inputs.items(), key=lambda item: -item[1].psi)[:3]
-    names = ", ".join(f"{'predictions' if n == PREDICTION else n} (PSI {d.psi:.2f})"
-                      for n, d in worst)
-    return f"drift alert on model {version}: {names}"
 
 
 def build(settings: Settings) -> MonitoringService:

@@ -183,6 +183,7 @@ class World:
         fitted = build_pipeline(spec).fit(frame, batch_ids=[uuid4().hex])  # a set of its own
         self.stores.feature_pipelines.save(fitted.feature_set_id, fitted)
         self.targets.add(dataset, fitted.feature_set_id)
+        self.state.mark_ready(fitted.feature_set_id)  # no batch state: the stream starts it
         return fitted
 
     def close(self) -> None:

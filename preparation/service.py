@@ -14,9 +14,10 @@ complete there; so Redis takes the writes while the candidates train, not while 
 transform runs. Evaluation waits for that mark before it promotes a model of the set,
 so a promoted model never meets an incomplete online store. The event is acknowledged
 only after the mark: a crash in between redelivers it and the writes, idempotent (last
-write wins, equal times overwrite), run again. Before the mark it also writes the set's
-entity state from its batch (``preparation.streaming``) and registers the set with the
-stream, so streamed records keep its aggregates fresh from then on.
+write wins, equal times overwrite), run again. After the mark it registers the set with
+the stream and writes its entity state from the batch (``preparation.streaming``), then
+marks that ready: scoring reads the latest rows until then, the state after, which
+streamed records keep fresh. A redelivery redoes only what is not marked.
 
 ``OnlinePreparationService`` (``conveyor run online-preparation``) is the online path:
 RecordsObserved, checked record by record, applied to the entity state of every feature
@@ -57,11 +58,9 @@ from ingestion.contract import DatasetContract
 from ingestion.records import CheckedRecords, check_records
 from preparation import FittedFeatureSet, build_pipeline, feature_set_id
 from preparation.join import joined_frame, missing_inputs
-from preparation.streaming import NotStreamable, StreamPlan, group_entries
+from preparation.streaming import NotStreamable, StreamPlan
 
 log = logging.getLogger(__name__)
-STATE_CHUNK = 5_000
-"""Entities per pipeline when a batch's entity state is written."""
 
 
 class PreparationService(Service):
@@ -119,17 +118,22 @@ class PreparationService(Service):
         Runs while training trains (evaluation waits for it before promoting); a set this
         service did not write, or one already marked complete, is left alone."""
         fsid = event.feature_set_id
-        if event.entity_key is None or self.online.is_complete(fsid):
+        if event.entity_key is None:
             return
+        if not self.online.is_complete(fsid):
+            self._materialise_rows(fsid, event.entity_key)
+        self._materialise_state(fsid)
+
+    def _materialise_rows(self, fsid: str, entity_key: str) -> None:
+        """Each entity's latest values, then the mark evaluation waits for: scoring reads
+        them until the set's entity state is ready."""
         try:
             latest = self.offline.read_online(fsid)
         except NotFound:
             log.info("feature set %s keeps no online rows; nothing to materialise", fsid)
             return
         timestamp = self.offline.metadata(fsid).metadata.get("online_timestamp")
-        written = self.online.write_batch(fsid, latest, event.entity_key,
-                                          timestamp_column=timestamp)
-        self._materialise_state(fsid)
+        written = self.online.write_batch(fsid, latest, entity_key, timestamp_column=timestamp)
         self.online.mark_complete(fsid, len(latest))
         log.info("feature set %s: %d entities online (%d rows written)", fsid, len(latest),
                  written)
@@ -140,6 +144,8 @@ class PreparationService(Service):
         have written since the set was registered; then the stream keeps the set."""
         if self.state is None or self.targets is None or len(self.config.features.inputs) != 1:
             return  # no online path here, or a joined set (its records come in parts)
+        if self.state.is_ready(fsid):
+            return
         try:
             plan = StreamPlan(self.pipelines.load(fsid), tolerance_s=self.tolerance_s,
                               count_ttl_s=self.count_ttl_s)
@@ -150,12 +156,9 @@ class PreparationService(Service):
         batches = self.offline.metadata(fsid).metadata["batch_ids"]
         frame = joined_frame(self.raw_store, self.config.datasets, self.config.features, batches)
         ids = batch_record_ids(frame, self.config.datasets[dataset], batches[dataset])
-        updates = group_entries(plan.batch_entries(frame, ids), plan.entity_key,
-                                len(plan.slots))
-        entities = list(updates)
-        for first in range(0, len(entities), STATE_CHUNK):
-            chunk = {e: updates[e] for e in entities[first:first + STATE_CHUNK]}
-            self.state.apply(fsid, chunk, plan.retention, late_tolerance_us=-1)
+        entities, states = plan.batch_states(frame, ids)
+        self.state.write_batch_states(fsid, entities, states, plan.retention)
+        self.state.mark_ready(fsid)  # from now on scoring reads the state, not the rows
         log.info("feature set %s: entity state of %d entities online, kept from %s records",
                  fsid, len(entities), dataset)
 

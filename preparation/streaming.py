@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from common.errors import InvalidInput
-from common.stores.entity_state import Entry, Retention, check_record_id
+from common.stores.entity_state import STATE_SEPARATOR, Entry, Retention, check_record_id
 from preparation.aggregates import EntityAggregate
 from preparation.online import NoFastForm, compile_online
 from preparation.pipeline import FittedFeatureSet
@@ -104,8 +104,19 @@ class StreamPlan:
         entity, ``time_us``, ``record_id`` and a ``v{slot}`` column per slot; each entity's
         entries in order, only those the retention keeps after the batch's last row."""
         entries = self._entry_frame(frame, record_ids, "offline")
-        entries = entries.sort_values([self.entity_key, "time_us"], kind="stable")
-        return entries[_retained(entries, self.entity_key, self.retention)]
+        codes = pd.factorize(entries[self.entity_key])[0]
+        times = entries["time_us"].to_numpy(dtype=np.int64)
+        order = np.lexsort((times, codes))  # stable: ties keep the batch's order
+        kept = _retained(codes[order], times[order], self.retention)
+        return entries.iloc[order[kept]]
+
+    def batch_states(self, frame: pd.DataFrame,
+                     record_ids: Sequence[str]) -> tuple[list[str], list[bytes]]:
+        """``batch_entries`` as the entity state stores them: the entities (in order of
+        their first entry) and each one's entries as ``encode_entry`` lines, newline-joined
+        (what ``RedisEntityState.write_batch_states`` takes)."""
+        entries = self.batch_entries(frame, record_ids)
+        return encode_states(entries, self.entity_key, len(self.slots))
 
     def record_entries(self, records: Sequence[Mapping[str, Any]] | pd.DataFrame,
                        record_ids: Sequence[str]) -> dict[str, list[Entry]]:
@@ -186,12 +197,19 @@ class StreamPlan:
                      mode: str) -> pd.DataFrame:
         if len(record_ids) != len(frame):
             raise InvalidInput(f"{len(record_ids)} record ids for {len(frame)} rows")
-        conformed = self.fitted.conform(frame.reset_index(drop=True))
+        frame = frame.reset_index(drop=True)
+        needed = [self.entity_key, *([self.timestamp] if self.timestamp else []),
+                  *{slot.column for slot in self.slots}]
+        direct = all(slot.stop == 0 for slot in self.slots) and set(needed) <= set(frame)
+        # Values read as they are: only the columns the entries need are converted, as
+        # the fit-time conversion converts them (numbers as float64, times to UTC).
+        conformed = frame if direct else self.fitted.conform(frame)
         out = pd.DataFrame({self.entity_key: conformed[self.entity_key],
                             "time_us": self._times_us(conformed),
                             "record_id": list(record_ids)})
         for index, slot in enumerate(self.slots):
-            out[f"v{index}"] = _column_at(self.fitted, conformed, slot, mode)
+            out[f"v{index}"] = _numbers(conformed[slot.column]) if direct else _column_at(
+                self.fitted, conformed, slot, mode)
         missing = out[self.entity_key].isna() | out["time_us"].isna()
         return out[~missing.to_numpy()]  # offline, rows without a key or time count nowhere
 
@@ -201,6 +219,36 @@ class StreamPlan:
             return pd.Series(np.arange(start, start + len(frame)), index=frame.index)
         times = to_utc(frame[self.timestamp])
         return pd.Series(times.astype("int64") // 1_000, index=frame.index).where(times.notna())
+
+
+def encode_states(entries: pd.DataFrame, entity_key: str,
+                  slots: int) -> tuple[list[str], list[bytes]]:
+    """Entries sorted by entity (``batch_entries``) as each entity's encoded state: the
+    ``encode_entry`` lines built column-wise (numpy's shortest round-trip float text,
+    ``null`` for a missing value), newline-joined per entity."""
+    if entries.empty:
+        return [], []
+    ids = entries["record_id"].tolist()
+    for record_id in set(ids):
+        check_record_id(record_id)
+    line = np.char.add(entries["time_us"].to_numpy(dtype=np.int64).astype("S20"), b" ")
+    line = np.char.add(np.char.add(line, np.array(ids, dtype="S")), b" [")
+    for slot in range(slots):
+        values = entries[f"v{slot}"].to_numpy(dtype=np.float64)
+        text = np.where(np.isnan(values), b"null", values.astype("S32"))
+        line = np.char.add(np.char.add(line, text), b"," if slot < slots - 1 else b"]")
+    codes = pd.factorize(entries[entity_key])[0]
+    last_of_entity = np.r_[codes[1:] != codes[:-1], True]
+    ends = np.where(last_of_entity, STATE_SEPARATOR, b"\n")
+    states = b"".join(np.char.add(line, ends).tolist())[:-1].split(STATE_SEPARATOR)
+    entities = entries[entity_key].astype(str).to_numpy()[
+        np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])].tolist()
+    return entities, states
+
+
+def _numbers(values: pd.Series) -> np.ndarray:
+    """A column as float64, as the fit-time conversion reads a numeric column."""
+    return pd.to_numeric(values).to_numpy(dtype=np.float64)
 
 
 def group_entries(entries: pd.DataFrame, entity_key: str,
@@ -260,18 +308,23 @@ def _column_at(fitted: FittedFeatureSet, frame: pd.DataFrame, slot: Slot,
     return pd.to_numeric(frame[slot.column], errors="coerce").to_numpy(dtype=np.float64)
 
 
-def _retained(entries: pd.DataFrame, key: str, retention: Retention) -> np.ndarray:
-    """Which rows of entity-and-time-sorted entries ``prune_entries`` would keep."""
-    groups = entries.groupby(key, sort=False)["time_us"]
-    cut = groups.transform("max") - retention.tolerance_us
-    recent = entries["time_us"] >= cut
-    # Rank among the entity's entries before the cut, counted from its newest.
-    before_cut = (~recent).astype(int)
-    rank_from_end = before_cut[::-1].groupby(entries[key][::-1], sort=False).cumsum()[::-1]
-    keep = recent | (rank_from_end <= retention.max_count)
+def _retained(codes: np.ndarray, times: np.ndarray, retention: Retention) -> np.ndarray:
+    """Which entries ``prune_entries`` would keep, given entity codes and times sorted by
+    entity, then time."""
+    if not len(codes):
+        return np.zeros(0, dtype=bool)
+    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+    sizes = np.diff(np.r_[starts, len(codes)])
+    cut = np.repeat(np.maximum.reduceat(times, starts), sizes) - retention.tolerance_us
+    before = times < cut
+    # Among the entity's entries before the cut, the rank counted from its newest.
+    running = np.cumsum(before)
+    through_entity = np.repeat(running[np.r_[starts[1:], len(codes)] - 1], sizes)
+    rank_from_end = through_entity - running + 1
+    keep = ~before | (rank_from_end <= retention.max_count)
     if retention.max_span_us is not None:
-        keep |= entries["time_us"] >= cut - retention.max_span_us
-    return keep.to_numpy()
+        keep |= times >= cut - retention.max_span_us
+    return keep
 
 
 def _in_window(entries: Sequence[Entry], window: Window, at_us: int) -> Sequence[Entry]:

@@ -314,6 +314,8 @@ class ScoringCore:
         """The entity state streamed aggregates are read from (None: latest rows only)."""
         self.on_observed = on_observed
         """Called with each ``observe`` query after its answer; must return at once."""
+        self._ready_sets: set[str] = set()
+        self._ready_asked: dict[str, float] = {}
         self.on_batch = on_batch
         """Called with (version, rows) after each predict call of a model (metrics)."""
         self._in_flight = InFlight()
@@ -558,7 +560,8 @@ class ScoringCore:
         they are: from the entity state at the request's time where the stream keeps one,
         else from the latest row the batch wrote (freshness unknown)."""
         try:
-            if model.stream is not None and self.state is not None:
+            if model.stream is not None and self._state_ready(model.feature_set_id):
+                assert self.state is not None
                 held = self.state.read(model.feature_set_id, [query.entity_id])[0]
                 if held is not None:
                     return _stream_values(model.stream, held, query)
@@ -570,6 +573,20 @@ class ScoringCore:
                 return None, True, None
             missing = [c for c in schema.aggregate_columns if c not in query.fields]
             raise FeaturesUnavailable(model.feature_set_id, missing) from exc
+
+    def _state_ready(self, feature_set_id: str) -> bool:
+        """Whether the set's entity state has its batch written (until then the latest
+        rows answer): asked of the store at most once a second, remembered once true."""
+        if feature_set_id in self._ready_sets or self.state is None:
+            return self.state is not None
+        now = time.monotonic()
+        if now - self._ready_asked.get(feature_set_id, -1.0) < 1.0:
+            return False
+        self._ready_asked[feature_set_id] = now
+        if self.state.is_ready(feature_set_id):
+            self._ready_sets.add(feature_set_id)
+            return True
+        return False
 
     def _read_latest(
         self, query: ScoreQuery, model: LoadedModel

@@ -36,6 +36,7 @@ import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -92,6 +93,11 @@ def state_key(namespace: str, feature_set_id: str, entity_id: object) -> bytes:
     return f"{namespace}:st:{feature_set_id}:{entity_id}".encode()
 
 
+def state_ready_key(namespace: str, feature_set_id: str) -> bytes:
+    """The Redis key that marks a feature set's batch state written."""
+    return f"{namespace}:stready:{feature_set_id}".encode()
+
+
 def encode_entry(entry: Entry) -> bytes:
     """``time id [v1,v2,...]``: the values as a JSON array of shortest round-trip floats
     (every value reads back exactly), null for a missing one."""
@@ -132,12 +138,27 @@ class EntityStateStore(ABC):
     def read(self, feature_set_id: str, entity_ids: Sequence[str]) -> list[list[Entry] | None]:
         """Each entity's entries in order (None: no state, or expired); one round trip."""
 
+    def write_batch_states(self, feature_set_id: str, entities: Sequence[str],
+                           states: Sequence[bytes], retention: Retention) -> Applied:
+        """Batch materialisation: each entity's encoded state (``encode_entry`` lines,
+        newline-joined), merged with what the stream wrote, any time accepted."""
+        updates = {entity: decode_entries(state) for entity, state in zip(
+            entities, states, strict=True)}
+        return self.apply(feature_set_id, updates, retention, late_tolerance_us=-1)
 
-_APPLY_LUA = """
--- KEYS: entities' states. ARGV: ttl_s, late_tolerance_us (-1: accept any time),
--- tolerance_us, span_us (-1: no time window), max_count, then per key how many new
--- entries it gets, then those entries, one "time id values" line each, key by key.
--- Returns {applied, duplicates, late ids...} summed over the keys.
+    @abstractmethod
+    def mark_ready(self, feature_set_id: str) -> None:
+        """Record that the feature set's batch state is written: reads may use it."""
+
+    @abstractmethod
+    def is_ready(self, feature_set_id: str) -> bool:
+        """Whether the feature set's batch state is written."""
+
+
+_MERGE_LUA = """
+-- ARGV[1..5]: ttl_s, late_tolerance_us (-1: accept any time), tolerance_us, span_us
+-- (-1: no time window), max_count. merge(key, lines) merges new "time id values" lines
+-- into one entity's state; the counts are summed into applied, duplicates and late.
 local ttl, late_tol, tol = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local span, keep_n = tonumber(ARGV[4]), tonumber(ARGV[5])
 local applied, duplicates, late = 0, 0, {}
@@ -146,7 +167,14 @@ local function parse(line)
   local second = string.find(line, ' ', first + 1, true) or (#line + 1)
   return tonumber(string.sub(line, 1, first - 1)), string.sub(line, first + 1, second - 1)
 end
-local function merge(key, from, to)
+local function store(key, value)
+  if ttl > 0 then
+    redis.call('SET', key, value, 'EX', ttl)
+  else
+    redis.call('SET', key, value)
+  end
+end
+local function merge(key, new_lines)
   local lines, times, ids = {}, {}, {}
   local old = redis.call('GET', key)
   if old then
@@ -155,8 +183,7 @@ local function merge(key, from, to)
       lines[#lines + 1], times[#times + 1], ids[id] = line, t, true
     end
   end
-  for i = from, to do
-    local line = ARGV[i]
+  for _, line in ipairs(new_lines) do
     local t, id = parse(line)
     if ids[id] then
       duplicates = duplicates + 1
@@ -181,21 +208,51 @@ local function merge(key, from, to)
     while since <= #times and times[since] < cut - span do since = since + 1 end
     start = math.min(start, since)
   end
-  local kept = table.concat(lines, '\\n', start, #lines)
-  if ttl > 0 then
-    redis.call('SET', key, kept, 'EX', ttl)
-  else
-    redis.call('SET', key, kept)
-  end
+  store(key, table.concat(lines, '\\n', start, #lines))
 end
+"""
+
+_APPLY_LUA = _MERGE_LUA + """
+-- KEYS: entities' states. ARGV[6..5+#KEYS]: how many new entries each key gets, then
+-- those entries, one line each, key by key. Returns {applied, duplicates, late ids...}.
 local next_entry = 6 + #KEYS
 for k = 1, #KEYS do
   local count = tonumber(ARGV[5 + k])
-  merge(KEYS[k], next_entry, next_entry + count - 1)
+  local new_lines = {}
+  for i = next_entry, next_entry + count - 1 do new_lines[#new_lines + 1] = ARGV[i] end
+  merge(KEYS[k], new_lines)
   next_entry = next_entry + count
 end
 return {applied, duplicates, unpack(late)}
 """
+
+_BATCH_LUA = _MERGE_LUA + """
+-- KEYS: entities' states. ARGV[6]: their new states (already pruned), newline-joined
+-- lines, one state per key, separated by a 0x1e byte. A key the stream has not written
+-- yet is set at once; one it has is merged (late_tolerance_us should be -1 here).
+-- Returns {applied, duplicates, late ids...}: applied counts a key set at once as one,
+-- and a merged key's applied entries.
+local packed, at = ARGV[6], 1
+local any_written = redis.call('EXISTS', unpack(KEYS)) > 0  -- most often none: a new set
+for k = 1, #KEYS do
+  local stop = string.find(packed, '\\30', at, true) or (#packed + 1)
+  local state = string.sub(packed, at, stop - 1)
+  at = stop + 1
+  if not any_written or redis.call('EXISTS', KEYS[k]) == 0 then
+    store(KEYS[k], state)
+    applied = applied + 1
+  else
+    local new_lines = {}
+    for line in string.gmatch(state, '[^\\n]+') do new_lines[#new_lines + 1] = line end
+    merge(KEYS[k], new_lines)
+  end
+end
+return {applied, duplicates, unpack(late)}
+"""
+BATCH_KEYS_PER_CALL = 500
+"""Keys of one batch-write script call (Lua's ``unpack`` takes a few thousand)."""
+STATE_SEPARATOR = b"\x1e"
+"""Between entities' states in a batch write (never in a state: ids and JSON hold none)."""
 
 
 class RedisEntityState(EntityStateStore):
@@ -212,7 +269,8 @@ class RedisEntityState(EntityStateStore):
             raise InvalidInput("RedisEntityState needs a Redis client with decode_responses=False")
         self._redis, self._namespace = redis_client, namespace
         self._per_call = max(1, entities_per_call)
-        self._script = redis_client.register_script(_APPLY_LUA)
+        self._shas = {script: redis_client.register_script(script).sha
+                      for script in (_APPLY_LUA, _BATCH_LUA)}
 
     def apply(self, feature_set_id: str, updates: Mapping[str, Sequence[Entry]],
               retention: Retention, *, late_tolerance_us: int | None = None) -> Applied:
@@ -220,9 +278,7 @@ class RedisEntityState(EntityStateStore):
         each merging ``entities_per_call`` entities."""
         check_id("feature set id", feature_set_id)
         late = retention.tolerance_us if late_tolerance_us is None else late_tolerance_us
-        head = (retention.ttl_s, late, retention.tolerance_us,
-                -1 if retention.max_span_us is None else retention.max_span_us,
-                retention.max_count)
+        head = _head(retention, late)
         work = [(state_key(self._namespace, feature_set_id, entity), entries)
                 for entity, entries in updates.items() if entries]
         if not work:
@@ -230,6 +286,36 @@ class RedisEntityState(EntityStateStore):
         calls = [_script_call(work[first:first + self._per_call], head)
                  for first in range(0, len(work), self._per_call)]
         return sum((_applied(reply) for reply in self._run(calls)), Applied())
+
+    def write_batch_states(self, feature_set_id: str, entities: Sequence[str],
+                           states: Sequence[bytes], retention: Retention) -> Applied:
+        """Batch materialisation: each entity's encoded, pruned state (``encode_entry``
+        lines joined by newlines), set at once where the stream has written nothing yet,
+        merged (any time accepted) where it has. ``BATCH_KEYS_PER_CALL`` keys a call (1
+        when ``entities_per_call`` is 1), one argument holding their states. ``applied``
+        counts a state set at once as one, and a merged one's new entries."""
+        check_id("feature set id", feature_set_id)
+        head = _head(retention, -1)
+        self._redis.script_load(_BATCH_LUA)  # once, before the pipelines race to load it
+        per_call = BATCH_KEYS_PER_CALL if self._per_call > 1 else 1
+        prefix = state_key(self._namespace, feature_set_id, "").decode()
+        calls = [([f"{prefix}{e}" for e in entities[first:first + per_call]],
+                  [*head, STATE_SEPARATOR.join(states[first:first + per_call])])
+                 for first in range(0, len(entities), per_call)]
+        batches = [calls[i:i + 20] for i in range(0, len(calls), 20)]  # ~10,000 entities
+        # Two pipelines in flight: the next is encoded and sent while Redis runs the last.
+        with ThreadPoolExecutor(2) as pool:
+            replies = [r for done in pool.map(lambda b: self._run(b, _BATCH_LUA), batches)
+                       for r in done]
+        return sum((_applied(r) for r in replies), Applied())
+
+    def mark_ready(self, feature_set_id: str) -> None:
+        """See ``EntityStateStore.mark_ready``: a key beside the states, no TTL."""
+        self._redis.set(state_ready_key(self._namespace, feature_set_id), 1)
+
+    def is_ready(self, feature_set_id: str) -> bool:
+        """See ``EntityStateStore.is_ready``."""
+        return bool(self._redis.exists(state_ready_key(self._namespace, feature_set_id)))
 
     def read(self, feature_set_id: str, entity_ids: Sequence[str]) -> list[list[Entry] | None]:
         """See ``EntityStateStore.read``: one MGET."""
@@ -239,20 +325,29 @@ class RedisEntityState(EntityStateStore):
         raws: list[bytes | None] = self._redis.mget(keys)  # type: ignore[assignment]
         return [None if raw is None else decode_entries(raw) for raw in raws]
 
-    def _run(self, calls: list[tuple[list[bytes], list[Any]]]) -> list[Any]:
+    def _run(self, calls: list[tuple[list[bytes], list[Any]]],
+             script: str = _APPLY_LUA) -> list[Any]:
+        sha = self._shas[script]
         try:
-            return self._pipeline(calls).execute()
+            return self._pipeline(calls, sha).execute()
         except NoScriptError:
             # The server lost its scripts (a restart): load it, then run again. Safe: a
             # repeated entry is a duplicate by its record id.
-            self._redis.script_load(_APPLY_LUA)
-            return self._pipeline(calls).execute()
+            self._redis.script_load(script)
+            return self._pipeline(calls, sha).execute()
 
-    def _pipeline(self, calls: list[tuple[list[bytes], list[Any]]]) -> Any:
+    def _pipeline(self, calls: list[tuple[list[bytes], list[Any]]], sha: str) -> Any:
         pipe = self._redis.pipeline(transaction=False)  # each script call is atomic alone
         for keys, args in calls:
-            pipe.execute_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
+            pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
         return pipe
+
+
+def _head(retention: Retention, late_tolerance_us: int) -> tuple[int, ...]:
+    """The scripts' first five arguments."""
+    return (retention.ttl_s, late_tolerance_us, retention.tolerance_us,
+            -1 if retention.max_span_us is None else retention.max_span_us,
+            retention.max_count)
 
 
 def _script_call(work: list[tuple[bytes, Sequence[Entry]]],
@@ -275,6 +370,15 @@ class MemoryEntityState(EntityStateStore):
     def __init__(self, clock: Any = time.monotonic) -> None:
         self._states: dict[tuple[str, str], tuple[list[Entry], float]] = {}
         self._clock = clock
+        self._ready: set[str] = set()
+
+    def mark_ready(self, feature_set_id: str) -> None:
+        """See ``EntityStateStore.mark_ready``."""
+        self._ready.add(feature_set_id)
+
+    def is_ready(self, feature_set_id: str) -> bool:
+        """See ``EntityStateStore.is_ready``."""
+        return feature_set_id in self._ready
 
     def apply(self, feature_set_id: str, updates: Mapping[str, Sequence[Entry]],
               retention: Retention, *, late_tolerance_us: int | None = None) -> Applied:

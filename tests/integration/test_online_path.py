@@ -25,7 +25,7 @@ import pytest
 from common.bus.dispatch import Dispatcher
 from common.events import RecordsObserved, RecordsRefused
 from common.runtime import ServiceRunner
-from common.stores.entity_state import MemoryEntityState
+from common.stores.entity_state import MemoryEntityState, state_ready_key
 from ingestion.records import check_records
 from preparation.service import OnlinePreparationService
 from protos.conveyor.scoring.v1 import scoring_pb2 as pb
@@ -207,3 +207,18 @@ def test_score_then_record_never_counts_the_record_itself_and_the_next_score_doe
 def score_request(record: dict[str, Any], **options: Any) -> pb.ScoreRequest:
     fields = {k: field_value(v) for k, v in record.items() if k != "nameOrig" and v is not None}
     return pb.ScoreRequest(entity_id=record["nameOrig"], fields=fields, **options)
+
+
+def test_scoring_reads_the_entity_state_only_once_its_batch_is_written(
+        tmp_path: Path, ns: BusNamespace) -> None:
+    world = stream_world(tmp_path, ns.namespace, stream_frame(300, accounts=3, spread_s=60.0))
+    records = as_records(world.frame)
+    world.service().on_records_observed(RecordsObserved(dataset="paysim", records=records[:-1]))
+    fsid, name = world.fitted.feature_set_id, "nameOrig_amount_count_24h"
+    ns.redis.delete(state_ready_key(ns.namespace, fsid))  # as while preparation writes it
+    before = world.core().features_for(world.query(records[-1]))
+    world.state.mark_ready(fsid)
+    after = world.core().features_for(world.query(records[-1]))
+    world.close()
+    assert before[name] == 0.0  # the batch's latest rows (none here), not a partial state
+    assert after[name] == world.offline_features().iloc[-1][name] > 0

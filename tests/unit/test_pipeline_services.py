@@ -31,6 +31,7 @@ from common.events import (
 from common.runtime import Service, ServiceRunner
 from common.settings import Settings
 from common.stores import ModelRegistry, ModelStore, OfflineFeatureStore, RawBatchStore
+from common.stores.entity_state import MemoryEntityState, MemoryStreamTargets
 from common.wiring import feature_pipeline_root
 from evaluation.service import EvaluationService
 from ingestion.service import IngestionService
@@ -63,6 +64,8 @@ class Pipeline:
     root: Path
     bus: InMemoryBus = dataclasses.field(default_factory=InMemoryBus)
     online: MemoryOnlineStore = dataclasses.field(default_factory=MemoryOnlineStore)
+    state: MemoryEntityState = dataclasses.field(default_factory=MemoryEntityState)
+    targets: MemoryStreamTargets = dataclasses.field(default_factory=MemoryStreamTargets)
 
     def __post_init__(self) -> None:
         root = str(self.root)
@@ -84,7 +87,8 @@ class Pipeline:
         return IngestionService(self.config, self.raw)
 
     def preparation(self) -> Service:
-        return PreparationService(self.config, self.raw, self.offline, self.online, self.pipelines)
+        return PreparationService(self.config, self.raw, self.offline, self.online, self.pipelines,
+                                  state=self.state, targets=self.targets)
 
     def training(self) -> Service:
         return TrainingService(self.config, self.offline, self.models)
@@ -139,6 +143,12 @@ def test_happy_path_events_follow_each_other_in_one_run(tmp_path: Path, source: 
     assert pipeline.registry.champion().model_id == ready.model_id
     entity = pd.read_csv(source)["nameOrig"].iloc[-1]
     assert pipeline.online.read(features.feature_set_id, [entity])[0]
+    # The entity state the stream continues from: written from the batch, kept, ready.
+    assert pipeline.state.is_ready(features.feature_set_id)
+    assert pipeline.targets.of("paysim") == [features.feature_set_id]
+    [held] = pipeline.state.read(features.feature_set_id, [entity])
+    last = pd.read_csv(source).query("nameOrig == @entity").iloc[-1]
+    assert held and held[-1].values == (last["amount"],)
     no_dead_letters(pipeline.bus)
 
 

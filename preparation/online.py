@@ -3,7 +3,9 @@
 ``FittedFeatureSet.transform_online`` through the pandas steps costs ~10 ms a call, most of
 it DataFrame and scikit-learn bookkeeping, whatever the number of rows; scoring sends one
 row. ``compile_online`` turns each fitted step into its row form, a function over a list of
-``{column: value}`` dicts, from the step's fitted parameters:
+``{column: value}`` dicts, from the step's fitted parameters. Each step kind's
+registration (``preparation.registry``) names its row form, one of the ``*_row_form``
+functions below:
 
 ==================  ==================================================================
 kind                row form
@@ -19,8 +21,8 @@ filter              nothing (online rows are never filtered)
 drop, select_k_best the columns dropped, or not selected, are removed
 ==================  ==================================================================
 
-The pandas path stays the reference. A step without a row form (a kind registered
-elsewhere) makes the plan slow: every call takes the pandas path. A call whose rows hold
+The pandas path stays the reference. A step without a row form (its kind's registration
+declares none) makes the plan slow: every call takes the pandas path. A call whose rows hold
 anything the row forms do not model exactly (a value of another type, a missing category,
 a negative log input, two rows of one entity whose aggregates need each other, ...) takes
 it too, so it gets the pandas answer, errors included. Parity (same columns, same values)
@@ -168,7 +170,7 @@ def compile_online(fitted: Any) -> OnlinePlan:
     """The row plan of a ``FittedFeatureSet`` (built once, then cached while it lives)."""
     plan = _PLANS.get(fitted)
     if plan is None:
-        steps = [_row_form(step) for _, step in fitted.pipeline.steps]
+        steps = fitted.row_forms()  # each step kind's own, from the registry
         plan = OnlinePlan(fitted, None if any(s is None for s in steps) else
                           [s for s in steps if s is not None])
         _PLANS[fitted] = plan
@@ -311,40 +313,57 @@ _INT32_PARTS = _int32_parts()
 # --- row forms ------------------------------------------------------------------------
 
 
-def _row_form(step: Any) -> RowStep | None:
-    """The row form of one fitted step; None when it has none (the plan is then slow)."""
-    if isinstance(step, OnColumns):
-        return _on_columns(step.estimator_, list(step.columns))
-    forms: dict[type, Callable[[Any], RowStep | None]] = {
-        Ratio: _ratio, Difference: _difference, DateParts: _date_parts,
-        EntityAggregate: _aggregate, RowFilter: lambda step: _nothing,
-        DropColumns: _drop, KBestColumns: _k_best, FunctionTransformer: _identity,
-    }
-    form = forms.get(type(step))
-    return None if form is None else form(step)
+# Each function below is the row form of one step kind, named by that kind's registration
+# (``preparation.registry``): it takes the fitted step and gives a ``RowStep``, or None
+# when the step holds something the row forms do not model (the plan is then slow).
 
 
-def _nothing(rows: list[Row]) -> None:
-    """Row filters apply offline only."""
-
-
-def _identity(step: FunctionTransformer) -> RowStep | None:
+def identity_row_form(step: Any) -> RowStep | None:
+    """The placeholder step of a spec without steps: a plain ``FunctionTransformer``."""
+    if type(step) is not FunctionTransformer:
+        return None
     plain = step.func is None and not step.validate and step.kw_args is None
     return _nothing if plain else None
 
 
-def _on_columns(estimator: Any, columns: list[str]) -> RowStep | None:
-    if type(estimator) is SimpleImputer:
-        return _impute(estimator, columns)
-    if type(estimator) is OneHotEncoder:
-        return _one_hot(estimator, columns)
-    if type(estimator) is StandardScaler:
-        return _standard(estimator, columns)
-    if type(estimator) is MinMaxScaler:
-        return _minmax(estimator, columns)
-    if type(estimator) is FunctionTransformer and estimator.func is log1p_non_negative:
-        return _log(columns)
+def filter_row_form(step: Any) -> RowStep | None:
+    """Row filters apply offline only: online rows are never dropped."""
+    return _nothing if type(step) is RowFilter else None
+
+
+def impute_row_form(step: Any) -> RowStep | None:
+    imputer = _estimator(step, SimpleImputer)
+    return None if imputer is None else _impute(imputer, list(step.columns))
+
+
+def one_hot_row_form(step: Any) -> RowStep | None:
+    encoder = _estimator(step, OneHotEncoder)
+    return None if encoder is None else _one_hot(encoder, list(step.columns))
+
+
+def scale_row_form(step: Any) -> RowStep | None:
+    if (scaler := _estimator(step, StandardScaler)) is not None:
+        return _standard(scaler, list(step.columns))
+    if (scaler := _estimator(step, MinMaxScaler)) is not None:
+        return _minmax(scaler, list(step.columns))
     return None
+
+
+def log_row_form(step: Any) -> RowStep | None:
+    function = _estimator(step, FunctionTransformer)
+    if function is None or function.func is not log1p_non_negative:
+        return None
+    return _log(list(step.columns))
+
+
+def _estimator(step: Any, kind: type) -> Any:
+    """The fitted estimator of an ``OnColumns`` step when it is exactly of ``kind``."""
+    estimator = step.estimator_ if isinstance(step, OnColumns) else None
+    return estimator if type(estimator) is kind else None
+
+
+def _nothing(rows: list[Row]) -> None:
+    """Rows pass unchanged."""
 
 
 def _impute(imputer: SimpleImputer, columns: list[str]) -> RowStep | None:
@@ -449,7 +468,9 @@ def _log(columns: list[str]) -> RowStep:
     return log
 
 
-def _ratio(step: Ratio) -> RowStep:
+def ratio_row_form(step: Any) -> RowStep | None:
+    if type(step) is not Ratio:
+        return None  # not the kind's own transformer: no row form is known for it
     a, b, name, fill = step.a, step.b, step.name, float(step.fill)
 
     def ratio(rows: list[Row]) -> None:
@@ -465,7 +486,9 @@ def _ratio(step: Ratio) -> RowStep:
     return ratio
 
 
-def _difference(step: Difference) -> RowStep:
+def difference_row_form(step: Any) -> RowStep | None:
+    if type(step) is not Difference:
+        return None  # not the kind's own transformer: no row form is known for it
     a, b, name = _as_list(step.a), _as_list(step.b), step.name
 
     def total(row: Row, columns: list[str]) -> Any:
@@ -478,7 +501,9 @@ def _difference(step: Difference) -> RowStep:
     return difference
 
 
-def _date_parts(step: DateParts) -> RowStep:
+def date_parts_row_form(step: Any) -> RowStep | None:
+    if type(step) is not DateParts:
+        return None  # not the kind's own transformer: no row form is known for it
     column, parts, keep = step.column, list(step.parts), step.keep
     names = [f"{column}_{part}" for part in parts]
 
@@ -505,7 +530,9 @@ def _part(when: datetime, part: str) -> int:
     return int(getattr(when, part))
 
 
-def _aggregate(step: EntityAggregate) -> RowStep:
+def entity_aggregate_row_form(step: Any) -> RowStep | None:
+    if type(step) is not EntityAggregate:
+        return None  # not the kind's own transformer: no row form is known for it
     outputs = step.output_names()
     reads = [step.key, step.column, *([step.timestamp] if step.timestamp else [])]
     empty = {name: (0.0 if stat in ("count", "sum") else NAN)
@@ -527,7 +554,9 @@ def _aggregate(step: EntityAggregate) -> RowStep:
     return aggregate
 
 
-def _drop(step: DropColumns) -> RowStep:
+def drop_row_form(step: Any) -> RowStep | None:
+    if type(step) is not DropColumns:
+        return None  # not the kind's own transformer: no row form is known for it
     columns = list(step.columns)
 
     def drop(rows: list[Row]) -> None:
@@ -540,7 +569,9 @@ def _drop(step: DropColumns) -> RowStep:
     return drop
 
 
-def _k_best(step: KBestColumns) -> RowStep:
+def select_k_best_row_form(step: Any) -> RowStep | None:
+    if type(step) is not KBestColumns:
+        return None  # not the kind's own transformer: no row form is known for it
     needs = list(step.selected_)
     scored = set(step.feature_names_in_) - {*step.selected_, *step._kept()}
 

@@ -43,8 +43,15 @@ from sklearn.preprocessing import FunctionTransformer
 from common.errors import InvalidInput
 from preparation.aggregates import EntityAggregate
 from preparation.conform import conform
-from preparation.online import fast_frame
-from preparation.registry import StepContext, build_step, naming_step, step_label
+from preparation.online import RowStep, fast_frame
+from preparation.registry import (
+    StepContext,
+    build_step,
+    naming_step,
+    row_form_of,
+    step_label,
+    step_name,
+)
 from preparation.spec import FeatureSpec, parse_spec
 from preparation.transformers import RowFilter, require_numeric, to_utc
 
@@ -70,7 +77,7 @@ def build_pipeline(spec: FeatureSpec | Mapping[str, Any]) -> FeaturePipeline:
     """Validate the spec and every step against the registry; errors name the step."""
     spec = parse_spec(spec)
     context = StepContext(spec.entity_key, spec.timestamp, spec.label)
-    steps = [(f"{i}_{step.kind}", build_step(i, step.kind, step.params, context))
+    steps = [(step_name(i, step.kind), build_step(i, step.kind, step.params, context))
              for i, step in enumerate(spec.steps)]
     _warn_on_skew(spec)
     return FeaturePipeline(spec, Pipeline(steps or [("0_identity", FunctionTransformer())]))
@@ -127,6 +134,10 @@ class FittedFeatureSet:
     def aggregate_columns(self) -> list[str]:
         """The entity-aggregate columns, which the online store holds per entity."""
         return [c for _, step in self._aggregate_steps() for c in step.output_names()]
+
+    def row_forms(self) -> list[RowStep | None]:
+        """Each fitted step's row form, as its kind declares it (None: it has none)."""
+        return [row_form_of(name, step) for name, step in self.pipeline.steps]
 
     def transform(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Offline: every step, row filters included; features then carried columns."""

@@ -1,10 +1,16 @@
-"""The step registry: each kind of feature step is a factory from params to a transformer.
+"""The step registry: each kind of feature step, declared in one place.
 
-Kinds are strategies looked up by name. A factory's keyword arguments are its params: a
-pydantic model derived from the signature validates them and refuses unknown ones. A
-factory that needs the spec's entity key, timestamp or label takes a keyword-only
-``context``. ``reads`` and ``writes`` name the params holding column names, so the label
-and the entity key can never be fed into, or overwritten by, a feature step.
+A kind's registration says everything about it: its name, its params (the factory's
+keyword arguments: a pydantic model derived from the signature validates them and refuses
+unknown ones), its pandas transform (what the factory returns, fitted offline and run
+offline and online) and its row form (``row_form``: the fitted step as a plain function
+over ``{column: value}`` rows, which scoring runs for a few records; see
+``preparation.online``). A factory that needs the spec's entity key, timestamp or label
+takes a keyword-only ``context``. ``reads`` and ``writes`` name the params holding column
+names, so the label and the entity key can never be fed into, or overwritten by, a
+feature step. A kind without a row form still works: its feature sets take the pandas
+path online, slower, and the parity test (tests/unit/test_preparation_online.py), which
+runs over every registered kind, says so.
 
 Built-in kinds: extract (ratio, difference, date_parts, entity_aggregate), transform
 (impute, one_hot, scale, log, filter, drop), select (select_k_best). Steps run in the
@@ -13,7 +19,11 @@ order the spec lists them; the role only documents the kind. Adding one::
     def _cap(frame: pd.DataFrame, upper: float) -> pd.DataFrame:
         return frame.clip(upper=upper)
 
-    @register("cap", reads=("columns",))
+    def cap_row_form(step: OnColumns) -> RowStep:          # optional: the fast online path
+        upper = step.estimator_.kw_args["upper"]
+        ...                                                 # rows changed in place
+
+    @register("cap", reads=("columns",), row_form=cap_row_form)
     def cap(columns: Columns, upper: float) -> OnColumns:
         capper = FunctionTransformer(_cap, kw_args={"upper": upper},
                                      feature_names_out="one-to-one")
@@ -45,7 +55,9 @@ from sklearn.impute import SimpleImputer
 from sklearn.preprocessing import FunctionTransformer, MinMaxScaler, OneHotEncoder, StandardScaler
 
 from common.errors import InvalidInput
+from preparation import online
 from preparation.aggregates import EntityAggregate, Stat
+from preparation.online import RowStep
 from preparation.transformers import (
     DatePart,
     DateParts,
@@ -82,9 +94,15 @@ class StepContext:
         return {column: role for column, role in roles.items() if column}
 
 
+RowForm: TypeAlias = Callable[[Any], RowStep | None]
+"""A kind's row form: the fitted step as a row function, or None when this step holds
+something the row functions do not model (the pandas path then runs)."""
+
+
 @dataclass(frozen=True)
 class Kind:
-    """A registered kind: its factory, the params model, and which params name columns."""
+    """A registered kind: its factory, the params model, which params name columns, and
+    its row form (None: the kind has none)."""
 
     name: str
     role: Role
@@ -93,13 +111,15 @@ class Kind:
     reads: tuple[str, ...]
     writes: tuple[str, ...]
     wants_context: bool
+    row_form: RowForm | None = None
 
 
 _KINDS: dict[str, Kind] = {}
 
 
 def register(name: str, *, role: Role = "transform", reads: Sequence[str] = (),
-             writes: Sequence[str] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+             writes: Sequence[str] = (), row_form: RowForm | None = None,
+             ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator registering ``factory`` as the step kind ``name``."""
 
     def decorate(factory: Callable[..., Any]) -> Callable[..., Any]:
@@ -107,7 +127,7 @@ def register(name: str, *, role: Role = "transform", reads: Sequence[str] = (),
             raise ValueError(f"step kind {name!r} is already registered")
         wants = "context" in inspect.signature(factory).parameters
         _KINDS[name] = Kind(name, role, factory, _params_model(name, factory),
-                            tuple(reads), tuple(writes), wants)
+                            tuple(reads), tuple(writes), wants, row_form)
         return factory
 
     return decorate
@@ -123,6 +143,21 @@ def kind_of(name: str) -> Kind:
     if name not in _KINDS:
         raise InvalidInput(f"unknown kind; known kinds: {', '.join(known_kinds())}")
     return _KINDS[name]
+
+
+def step_name(index: int, kind: str) -> str:
+    """The name of a spec's step in its scikit-learn pipeline: ``3_one_hot``."""
+    return f"{index}_{kind}"
+
+
+def row_form_of(name: str, step: Any) -> RowStep | None:
+    """The row form of the fitted pipeline step ``name`` (``step_name``), by its kind's
+    registration; None when it has none. A step of no registered kind is the placeholder
+    of a spec without steps."""
+    found = _KINDS.get(name.partition("_")[2])
+    if found is None:
+        return online.identity_row_form(step)
+    return None if found.row_form is None else found.row_form(step)
 
 
 def step_label(index: int, kind: str) -> str:
@@ -218,7 +253,7 @@ Conditions: TypeAlias = Annotated[
     dict[str, Annotated[dict[Op, Any], Field(min_length=1)]], Field(min_length=1)]
 
 
-@register("impute", reads=("columns",))
+@register("impute", reads=("columns",), row_form=online.impute_row_form)
 def impute(columns: Columns,
            strategy: Literal["mean", "median", "most_frequent", "constant"] = "mean",
            fill_value: float | str | None = None) -> OnColumns:
@@ -227,45 +262,49 @@ def impute(columns: Columns,
     return OnColumns(imputer, columns)
 
 
-@register("one_hot", reads=("columns",))
+@register("one_hot", reads=("columns",), row_form=online.one_hot_row_form)
 def one_hot(columns: Columns) -> OnColumns:
     """OneHotEncoder; a category unseen at fit encodes as all zeros."""
     return OnColumns(OneHotEncoder(handle_unknown="ignore", sparse_output=False), columns)
 
 
-@register("scale", reads=("columns",))
+@register("scale", reads=("columns",), row_form=online.scale_row_form)
 def scale(columns: Columns, method: Literal["standard", "minmax"] = "standard") -> OnColumns:
     """StandardScaler or MinMaxScaler."""
     return OnColumns(StandardScaler() if method == "standard" else MinMaxScaler(), columns)
 
 
-@register("log", reads=("columns",))
+@register("log", reads=("columns",), row_form=online.log_row_form)
 def log(columns: Columns) -> OnColumns:
     """log1p in place; negative values are refused."""
     return OnColumns(FunctionTransformer(log1p_non_negative, feature_names_out="one-to-one"),
                      columns)
 
 
-@register("ratio", role="extract", reads=("a", "b"), writes=("name",))
+@register("ratio", role="extract", reads=("a", "b"), writes=("name",),
+          row_form=online.ratio_row_form)
 def ratio(a: Column, b: Column, name: Column, fill: float = 0.0) -> Ratio:
     """``name = a / b``, ``fill`` where ``b`` is 0."""
     return Ratio(a, b, name, fill)
 
 
-@register("difference", role="extract", reads=("a", "b"), writes=("name",))
+@register("difference", role="extract", reads=("a", "b"), writes=("name",),
+          row_form=online.difference_row_form)
 def difference(a: Column | Columns, b: Column | Columns, name: Column) -> Difference:
     """``name = sum(a) - sum(b)``."""
     return Difference(a, b, name)
 
 
-@register("date_parts", role="extract", reads=("column",))
+@register("date_parts", role="extract", reads=("column",),
+          row_form=online.date_parts_row_form)
 def date_parts(column: Column, parts: Parts = ("hour", "dayofweek", "month"),
                keep: bool = False) -> DateParts:
     """Calendar parts of a timestamp column, in UTC; the column is dropped unless ``keep``."""
     return DateParts(column, parts, keep)
 
 
-@register("entity_aggregate", role="extract", reads=("column",))
+@register("entity_aggregate", role="extract", reads=("column",),
+          row_form=online.entity_aggregate_row_form)
 def entity_aggregate(column: Column, window: Window, stats: Stats = ("count", "sum", "mean"),
                      *, context: StepContext) -> EntityAggregate:
     """Per entity-key statistics of ``column`` over the past rows (see preparation.aggregates)."""
@@ -277,7 +316,7 @@ def entity_aggregate(column: Column, window: Window, stats: Stats = ("count", "s
     return EntityAggregate(context.entity_key, column, window, stats, context.timestamp)
 
 
-@register("select_k_best", role="select")
+@register("select_k_best", role="select", row_form=online.select_k_best_row_form)
 def select_k_best(k: PositiveInt | Literal["all"],
                   score_func: Literal["chi2", "mutual_info"] = "chi2",
                   *, context: StepContext) -> KBestColumns:
@@ -287,7 +326,7 @@ def select_k_best(k: PositiveInt | Literal["all"],
     return KBestColumns(k, score_func, context.label, context.carried)
 
 
-@register("filter")
+@register("filter", row_form=online.filter_row_form)
 def filter_rows(query: str | None = None, where: Conditions | None = None) -> RowFilter:
     """Row filter, offline only (fit and offline transform); online rows are never dropped."""
     if (query is None) == (where is None):
@@ -295,7 +334,7 @@ def filter_rows(query: str | None = None, where: Conditions | None = None) -> Ro
     return RowFilter(query, where)
 
 
-@register("drop")
+@register("drop", row_form=online.drop_row_form)
 def drop(columns: Columns) -> DropColumns:
     """Drop columns."""
     return DropColumns(columns)

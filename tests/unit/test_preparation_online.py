@@ -24,7 +24,7 @@ from common.datasets import paysim
 from common.errors import InvalidInput
 from preparation import FittedFeatureSet, build_pipeline
 from preparation.online import compile_online, online_matrix
-from preparation.registry import known_kinds
+from preparation.registry import kind_of, known_kinds
 from preparation.transformers import OnColumns
 from tests.fixtures.scoring import SPEC as SCORING_SPEC
 
@@ -138,6 +138,17 @@ def reference(fitted: FittedFeatureSet, records: list[dict[str, Any]]) -> pd.Dat
 def test_every_registered_kind_is_covered() -> None:
     covered = {step["kind"] for spec in SPECS.values() for step in spec["steps"]}
     assert covered == set(known_kinds())
+
+
+@pytest.mark.parametrize("kind", known_kinds())
+def test_each_registered_kind_declares_the_row_form_of_its_steps(
+        kind: str, frame: pd.DataFrame) -> None:
+    row_form = kind_of(kind).row_form
+    assert row_form is not None, f"step kind {kind} declares no row form: scoring is slow"
+    spec = next(s for s in SPECS.values() if any(step["kind"] == kind for step in s["steps"]))
+    fitted = build_pipeline(spec).fit(frame.iloc[:400], batch_ids=["b1"])
+    steps = [step for name, step in fitted.pipeline.steps if name.partition("_")[2] == kind]
+    assert steps and all(row_form(step) is not None for step in steps)
 
 
 def test_every_step_of_these_specs_has_a_row_form(fitted: FittedFeatureSet) -> None:

@@ -328,7 +328,14 @@ def test_the_run_shows_in_the_metrics(run: Run) -> None:
     assert total(f'{stage}{{stage="ingestion"}}', at_least=2) == 2
     assert total(f'{stage}{{stage="training"}}', at_least=2) == 2
     assert total(f'{stage}{{stage="evaluation"}}', at_least=2) == 2
-    assert total(f'{stage}{{stage="deployment"}}', at_least=2) == 2
+    # Every scoring worker hears ModelReady and deploys each champion: 2 per worker.
+    deployed = f'{stage}{{stage="deployment"}}'
+
+    def deployments() -> list[float]:
+        values = run.prometheus.numbers(deployed)
+        return values if values and min(values) >= 2 else []
+
+    assert set(wait_until(deployments, 15, 0.5, deployed)) == {2.0}
     assert total('conveyor_events_published_total{service="ingestion", '
                  'event_type="RawDataExtracted"}', at_least=2) == 2
     assert total('conveyor_events_dead_lettered_total{service="ingestion"}', at_least=1) == 1

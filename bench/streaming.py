@@ -257,7 +257,7 @@ def throughput(world: World) -> dict[str, Any]:
     say(f"drained at {drain:,.0f} records/s; now paced runs")
     steps, held = [], 0.0
     start = 10_000 + BACKLOG
-    for share in (0.6, 0.75, 0.9, 1.0):
+    for share in (0.4, 0.5, 0.6, 0.75, 0.9):
         rate = drain * share
         events = paced(world, rate, start)
         left = world.unhandled(events) * PER_EVENT

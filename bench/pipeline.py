@@ -156,6 +156,7 @@ class Fleet:
             "CONVEYOR_HTTP_PORT": str(self.ports[name]), "CONVEYOR_LOG_LEVEL": "INFO",
             "CONVEYOR_AMQP_URL": "amqp://guest:guest@127.0.0.1:5672/%2F",
             "CONVEYOR_REDIS_URL": "redis://127.0.0.1:6379/0",
+            "CONVEYOR_SOURCE_ROOTS": json.dumps([str(WORK)]),  # the bench's own source files
         }
 
     def command(self, name: str) -> list[str]:

@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     idempotency_retry_s: float = Field(default=30.0, ge=0)
     """How long a Redis error in the idempotency check is retried with back-off before the
     message goes to a delay queue (its attempt count untouched)."""
+    stream_state: bool = True
+    """Keep each feature set's entity state for the online path (false: no state is
+    written at materialisation and Score reads the batch's latest rows only)."""
     stream_late_tolerance_s: float = Field(default=300.0, ge=0)
     """How far behind its entity's newest record a streamed record may arrive and still
     count; a later one is refused as late (counted, logged, in RecordsRefused)."""

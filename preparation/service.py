@@ -227,7 +227,8 @@ def build(settings: Settings) -> PreparationService:
     config = load_pipeline_config(settings.pipeline_config)
     return PreparationService(
         config, stores.raw, stores.offline, stores.online, stores.feature_pipelines,
-        state=RedisEntityState(stores.redis, settings.namespace),
+        state=RedisEntityState(stores.redis, settings.namespace) if settings.stream_state
+        else None,
         targets=StreamTargets(stores.redis, settings.namespace),
         tolerance_s=settings.stream_late_tolerance_s, count_ttl_s=settings.stream_count_ttl_s,
     )

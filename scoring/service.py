@@ -362,7 +362,8 @@ def build_instance(
         RedisOnlineStore(client, settings.namespace, settings.online_ttl_s),
         replace(own.core(), max_feature_age_s=settings.max_feature_age_s),
         on_served=reporter.report, on_batch=metrics.observe_batch,
-        state=RedisEntityState(client, settings.namespace), on_observed=observer.observe,
+        state=RedisEntityState(client, settings.namespace) if settings.stream_state else None,
+        on_observed=observer.observe,
     )
     observer.start()
     core.load_chain()

@@ -4,8 +4,6 @@ is applied once (a message is acknowledged only after its write), none is lost."
 
 from __future__ import annotations
 
-import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from common.events import RecordsObserved
 from common.runtime import ServiceRunner
 from common.stores.entity_state import MemoryEntityState
 from ingestion.records import check_records
+from tests.fixtures.redis_server import RedisServer
 from tests.fixtures.streaming import as_records, stream_frame, stream_world
 from tests.support.harness import (
     BusNamespace,
@@ -30,57 +29,21 @@ pytestmark = pytest.mark.faults
 EVENTS, PER_EVENT = 40, 25
 
 
-class DurableRedis:
-    """A redis-server on a free port whose data survives a kill (AOF, fsync always)."""
-
-    def __init__(self, workdir: Path) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.workdir = workdir
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.url, socket_timeout=1)
-        wait_until(lambda: _pings(client), timeout=10, message="redis-server answers")
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(10)
-            self.process = None
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.exceptions.ConnectionError:
-        return False
-
-
 def applied(calls: list[Any]) -> set[Any]:
     """The ids of the events a handler call took without raising."""
     return {call.event.event_id for call in list(calls) if call.exception is None}
 
 
 @pytest.fixture
-def durable_redis(tmp_path: Path) -> Iterator[DurableRedis]:
-    server = DurableRedis(tmp_path)
+def durable_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path, durable=True)
     server.start()
     yield server
-    server.kill()
+    server.stop()
 
 
 def test_a_redis_restart_mid_stream_loses_no_record(tmp_path: Path, services_up: None,
-                                                     durable_redis: DurableRedis) -> None:
+                                                     durable_redis: RedisServer) -> None:
     settings = isolated_settings(redis_url=durable_redis.url, prefetch=1, max_attempts=50,
                                  retry_delays_s=(0.1, 0.3), idempotency_retry_s=60.0)
     ns = BusNamespace(settings)
@@ -101,7 +64,7 @@ def test_a_redis_restart_mid_stream_loses_no_record(tmp_path: Path, services_up:
             with wait_for_handler(dispatcher, "RecordsObserved", count=5):
                 ns.bus().publish_many(events)
             waiting_at_kill = ns.depths(service.name)["ready"]
-            durable_redis.kill()
+            durable_redis.stop()
             durable_redis.start()
             wait_until(lambda: applied(waited.calls) == every_event, timeout=120,
                        message="every event applied after the restart")

@@ -19,9 +19,6 @@ import contextlib
 import gc
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import threading
 import weakref
 from collections.abc import Iterator
@@ -30,7 +27,6 @@ from typing import Any
 
 import grpc
 import pytest
-import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.events import ModelReady
@@ -39,6 +35,7 @@ from protos.conveyor.scoring.v1 import scoring_pb2_grpc as pb_grpc
 from scoring.core import CoreSettings, ScoringCore
 from scoring.server import GrpcSettings, ScoringServer, field_value
 from scoring.service import ScoringService, build
+from tests.fixtures.redis_server import RedisServer
 from tests.fixtures.scoring_service import (
     GatedClassifier,
     ServiceWorld,
@@ -50,58 +47,6 @@ from tests.support.harness import BusNamespace, wait_until
 
 pytestmark = pytest.mark.faults
 ENTITY_ROW = 11  # a row whose entity has a past in the online store
-
-
-class RedisServer:
-    """A ``redis-server`` of the test's own on a free port, to kill, freeze and restart."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir, self.port = workdir, free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-        self.frozen = False
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.url, socket_timeout=1)
-        wait_until(lambda: _pings(client), timeout=10, message="redis-server answers")
-
-    def stop(self) -> None:
-        self.thaw()
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(10)
-            self.process = None
-
-    def freeze(self) -> None:
-        """SIGSTOP: connections are accepted, nothing is ever answered (a hung Redis)."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGSTOP)
-        self.frozen = True
-
-    def thaw(self) -> None:
-        if self.frozen and self.process is not None:
-            self.process.send_signal(signal.SIGCONT)
-        self.frozen = False
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
 
 
 def release(gate: Path) -> None:

@@ -431,19 +431,21 @@ class Consumer:
                 self.stop.wait(delay)
                 delay = min(delay * 2, self.settings.reconnect_max_delay_s)
 
+    connection_suffix = "consumer"
+    """Ends the name the connection shows in the broker's management views."""
+
     def _consume_until_stopped(self) -> None:
-        name = f"{self.dispatcher.service}-consumer"
+        name = f"{self.dispatcher.service}-{self.connection_suffix}"
         connection = pika.BlockingConnection(connection_parameters(self.settings, name))
-        worker = _Worker(self, connection)
+        worker = self._worker(connection)
         try:
             channel = connection.channel()
             channel.basic_qos(prefetch_count=self.prefetch)
-            declare_topology(
-                channel, self.settings, self.dispatcher.service, self.dispatcher.event_types
-            )
-            channel.basic_consume(self.settings.queue(self.dispatcher.service), worker.receive)
+            queue_name = self._declare(channel)
+            channel.basic_consume(queue_name, worker.receive)
             self.connected.set()
-            log.info("consuming %s", self.settings.queue(self.dispatcher.service))
+            log.info("consuming %s from %s", ", ".join(self.dispatcher.event_types), queue_name)
+            self._attached()
             while not self.stop.is_set():
                 connection.process_data_events(time_limit=0.2)
                 worker.flush_overdue()
@@ -453,6 +455,18 @@ class Consumer:
             worker.halt()
             with contextlib.suppress(Exception):
                 connection.close()
+
+    def _worker(self, connection: pika.BlockingConnection) -> _Worker:
+        return _Worker(self, connection)
+
+    def _declare(self, channel: BlockingChannel) -> str:
+        """Declare what this consumer reads from; the name of its queue."""
+        declare_topology(channel, self.settings, self.dispatcher.service,
+                         self.dispatcher.event_types)
+        return self.settings.queue(self.dispatcher.service)
+
+    def _attached(self) -> None:
+        """Called each time the consumer is attached to its queue (a new connection)."""
 
 
 class _Worker:
@@ -597,27 +611,13 @@ class BroadcastConsumer(Consumer):
         super().__init__(bus, dispatcher, stop)
         self.on_attached = on_attached
 
-    def _consume_until_stopped(self) -> None:
-        name = f"{self.dispatcher.service}-broadcast"
-        connection = pika.BlockingConnection(connection_parameters(self.settings, name))
-        worker = _BroadcastWorker(self, connection)
-        try:
-            channel = connection.channel()
-            channel.basic_qos(prefetch_count=self.prefetch)
-            queue_name = self._declare(channel)
-            channel.basic_consume(queue_name, worker.receive)
-            self.connected.set()
-            log.info("consuming %s from %s", ", ".join(self.dispatcher.event_types), queue_name)
-            self.attached()
-            while not self.stop.is_set():
-                connection.process_data_events(time_limit=0.2)
-                worker.flush_overdue()
-            worker.finish(channel, connection)
-        finally:
-            self.connected.clear()
-            worker.halt()
-            with contextlib.suppress(Exception):
-                connection.close()
+    connection_suffix = "broadcast"
+
+    def _worker(self, connection: pika.BlockingConnection) -> _Worker:
+        return _BroadcastWorker(self, connection)
+
+    def _attached(self) -> None:
+        self.attached()
 
     def _declare(self, channel: BlockingChannel) -> str:
         channel.exchange_declare(self.settings.exchange, exchange_type="topic", durable=True)

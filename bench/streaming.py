@@ -166,9 +166,6 @@ class World:
     def consumers(self) -> int:
         return int(self.queue_info().get("consumers", 0))
 
-    def ready(self) -> int:
-        return int(self.queue_info().get("messages", 0))
-
     def queue_info(self) -> dict[str, Any]:
         import pika  # a passive declare answers the depth and the consumers
 

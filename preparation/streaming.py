@@ -59,13 +59,14 @@ class Window:
     window: int | str
     stats: tuple[str, ...]
     names: tuple[str, ...]
+    span_us: int | None = None
+    """A time window's length in microseconds (None: a last-N window); parsed once."""
 
-    @property
-    def span_us(self) -> int | None:
-        """A time window's length in microseconds (None: a last-N window)."""
-        if isinstance(self.window, int):
-            return None
-        return int(pd.Timedelta(self.window).value // 1_000)
+    @classmethod
+    def of(cls, slot: int, step: EntityAggregate) -> Window:
+        span = None if isinstance(step.window, int) else int(
+            pd.Timedelta(step.window).value // 1_000)
+        return cls(slot, step.window, tuple(step.stats), tuple(step.output_names()), span)
 
 
 @dataclass(frozen=True)
@@ -174,24 +175,28 @@ class StreamPlan:
             return time.time_ns() // 1_000
         return timestamp_us(record.get(self.timestamp))
 
-    def aggregates_at(self, entries: Sequence[Entry], at_us: int) -> dict[str, float]:
-        """The aggregate columns of a new row at ``at_us`` given its entity's entries."""
-        out: dict[str, float] = {}
-        for window in self.windows:
-            chosen = _in_window(entries, window, at_us)
-            values = [v for v in (e.values[window.slot] for e in chosen) if not math.isnan(v)]
-            out.update(_stats(window, values))
-        return out
-
-    def ages_s(self, entries: Sequence[Entry], at_us: int) -> dict[str, float | None]:
-        """Per aggregate column, the age at ``at_us`` of the newest entry it counts, in
-        seconds (None: its window is empty)."""
+    def read_at(self, entries: Sequence[Entry],
+                at_us: int) -> tuple[dict[str, float], dict[str, float | None]]:
+        """The aggregate columns of a new row at ``at_us`` given its entity's entries, and
+        per column the age then of the newest entry it counts, in seconds (None: its
+        window is empty); each window's entries chosen once for both."""
+        values: dict[str, float] = {}
         ages: dict[str, float | None] = {}
         for window in self.windows:
             chosen = _in_window(entries, window, at_us)
+            present = [v for v in (e.values[window.slot] for e in chosen) if not math.isnan(v)]
+            values.update(_stats(window, present))
             age = (at_us - chosen[-1].time_us) / 1e6 if chosen else None
             ages.update(dict.fromkeys(window.names, age))
-        return ages
+        return values, ages
+
+    def aggregates_at(self, entries: Sequence[Entry], at_us: int) -> dict[str, float]:
+        """``read_at``'s aggregate columns."""
+        return self.read_at(entries, at_us)[0]
+
+    def ages_s(self, entries: Sequence[Entry], at_us: int) -> dict[str, float | None]:
+        """``read_at``'s ages."""
+        return self.read_at(entries, at_us)[1]
 
     def _entry_frame(self, frame: pd.DataFrame, record_ids: Sequence[str],
                      mode: str) -> pd.DataFrame:
@@ -281,8 +286,7 @@ def _plan(fitted: FittedFeatureSet) -> tuple[list[Slot], list[Window]]:
         slot = Slot(stop, step.column)
         if slot not in slots:
             slots.append(slot)
-        windows.append(Window(slots.index(slot), step.window, tuple(step.stats),
-                              tuple(step.output_names())))
+        windows.append(Window.of(slots.index(slot), step))
         produced.update(step.output_names())
     if not windows:
         raise NotStreamable(f"feature set {fitted.feature_set_id} has no entity aggregates")

@@ -641,9 +641,10 @@ def _stream_values(plan: StreamPlan, held: Sequence[Entry],
         raise InvalidInput(f"field {plan.timestamp}: not a timestamp ({exc})") from None
     at = time.time_ns() // 1_000 if at is None else at
     last = last_record_us(held, at)
-    values = {c: v for c, v in plan.aggregates_at(held, at).items()
+    aggregates, ages_s = plan.read_at(held, at)
+    values = {c: v for c, v in aggregates.items()
               if c not in query.fields}  # a value the request carries wins, as before
-    ages = {c: age for c, age in plan.ages_s(held, at).items() if age is not None}
+    ages = {c: age for c, age in ages_s.items() if age is not None}
     return values, False, Freshness(None if last is None else (at - last) / 1e6, ages)
 
 

@@ -1,0 +1,217 @@
+"""Where heavy data work runs: pandas in this process (the default) or a Dask cluster.
+
+``CONVEYOR_COMPUTE`` chooses: ``local`` runs everything with pandas in process and never
+imports Dask; ``dask-local`` starts a ``distributed.LocalCluster`` in this process
+(``CONVEYOR_DASK_WORKERS`` worker processes of ``CONVEYOR_DASK_THREADS_PER_WORKER``
+threads, each limited to ``CONVEYOR_DASK_MEMORY_LIMIT``); a scheduler address
+(``tcp://scheduler:8786``) connects to an existing cluster. The services stay RabbitMQ
+consumers either way: only their heavy data work moves.
+
+A process holds at most one cluster (and one client) per compute target: every
+``open_compute`` of the same target shares it, and it is shut down when the last
+``Compute`` of it is closed. Example::
+
+    with open_compute() as compute:           # CONVEYOR_COMPUTE from the environment
+        if compute.distributed:
+            frame = dd.read_parquet(path).map_partitions(work)
+            result = compute.client.compute(frame).result()
+        else:
+            result = work(pd.read_parquet(path))
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from common.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+Mode = Literal["local", "dask-local", "dask"]
+SCHEDULER_SCHEMES = ("tcp", "tls", "inproc", "ws", "wss")
+"""Schemes of a Dask scheduler address (distributed's comm backends)."""
+_ADDRESS = re.compile(rf"^({'|'.join(SCHEDULER_SCHEMES)})://[^\s/:]+(:\d{{1,5}})?/?$")
+_MEMORY = re.compile(r"^(auto|0|\d+(\.\d+)?\s*(B|[kKMGTP]i?B)?)$")
+
+
+class ComputeSettings(BaseSettings):
+    """Where heavy data work runs (prefix ``CONVEYOR_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="CONVEYOR_", extra="ignore")
+
+    compute: str = "local"
+    """``local`` (pandas in process), ``dask-local`` (a LocalCluster this process starts)
+    or a Dask scheduler address such as ``tcp://scheduler:8786`` (an existing cluster)."""
+    dask_workers: int = Field(default=2, ge=1)
+    """Worker processes of a ``dask-local`` cluster."""
+    dask_threads_per_worker: int = Field(default=1, ge=1)
+    """Threads of each ``dask-local`` worker."""
+    dask_memory_limit: str = "3GB"
+    """Memory limit of each ``dask-local`` worker (``3GB``, ``512MiB``, ``auto``; ``0``:
+    none); a worker past it spills to disk, then is restarted."""
+
+    @field_validator("compute")
+    @classmethod
+    def _known_compute(cls, value: str) -> str:
+        value = value.strip()
+        if value in ("local", "dask-local") or _ADDRESS.match(value):
+            return value
+        raise ValueError(
+            f"{value!r} is not 'local', 'dask-local' or a Dask scheduler "
+            f"address such as 'tcp://scheduler:8786' (schemes: {', '.join(SCHEDULER_SCHEMES)})")
+
+    @field_validator("dask_memory_limit")
+    @classmethod
+    def _memory_size(cls, value: str) -> str:
+        value = value.strip()
+        if _MEMORY.match(value):
+            return value
+        raise ValueError(
+            f"{value!r} is not a size such as '3GB' or '512MiB', "
+            "'auto' or '0' (no limit)")
+
+    @property
+    def mode(self) -> Mode:
+        """``local``, ``dask-local`` or ``dask`` (an existing cluster's scheduler)."""
+        if self.compute in ("local", "dask-local"):
+            return self.compute  # type: ignore[return-value]
+        return "dask"
+
+
+@dataclass
+class _Shared:
+    """One process's cluster (``dask-local`` only) and client for one compute target."""
+
+    client: Client
+    cluster: Any
+    users: int = 0
+
+    def shut_down(self) -> None:
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+class Compute:
+    """The compute target of a service: pandas in process, or a Dask client.
+
+    ``client`` is None on the ``local`` path. Closing releases this handle; the shared
+    cluster and client go when the last handle of them is closed.
+    """
+
+    def __init__(self, mode: Mode, client: Client | None = None, *,
+                 release: Any = None) -> None:
+        self.mode: Mode = mode
+        self.client: Client | None = client
+        self._release = release
+        self._closed = False
+
+    @property
+    def distributed(self) -> bool:
+        """Whether work goes to a Dask cluster (``client`` is then set)."""
+        return self.client is not None
+
+    def close(self) -> None:
+        """Release the cluster (shut down with its last user); closing twice is harmless."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._release is not None:
+            self._release()
+
+    def __enter__(self) -> Compute:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        where = f" {self.client.scheduler.address}" if self.client is not None else ""
+        return f"<Compute {self.mode}{where}>"
+
+
+class _Clusters:
+    """The clusters and clients of this process, one per compute target, counted."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._shared: dict[tuple[Any, ...], _Shared] = {}
+
+    def acquire(self, settings: ComputeSettings) -> Compute:
+        key = _key(settings)
+        with self._lock:
+            shared = self._shared.get(key)
+            if shared is None or shared.client.status in ("closed", "closing"):
+                shared = self._shared[key] = _start(settings)
+            shared.users += 1
+        return Compute(settings.mode, shared.client, release=lambda: self._release(key))
+
+    def _release(self, key: tuple[Any, ...]) -> None:
+        with self._lock:
+            shared = self._shared[key]
+            shared.users -= 1
+            if shared.users > 0:
+                return
+            del self._shared[key]
+        shared.shut_down()
+
+
+# Process-wide on purpose: a cluster is worker processes, not a value to build per call;
+# every service (and every handler thread) of one process shares it.
+_CLUSTERS = _Clusters()
+
+
+def open_compute(settings: ComputeSettings | None = None) -> Compute:
+    """The compute target ``settings`` name (from the environment when None).
+
+    ``local`` imports nothing; a Dask target starts (``dask-local``) or connects to its
+    cluster once per process and shares it.
+    """
+    settings = settings if settings is not None else compute_settings()
+    if settings.mode == "local":
+        return Compute("local")
+    return _CLUSTERS.acquire(settings)
+
+
+def compute_settings(**values: Any) -> ComputeSettings:
+    """The compute settings from the environment (``values`` override it);
+    ``InvalidInput`` names each bad variable (``CONVEYOR_DASK_WORKERS: ...``)."""
+    try:
+        return ComputeSettings(**values)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"CONVEYOR_{'_'.join(map(str, e['loc'])).upper()}: "
+            f"{e['msg'].removeprefix('Value error, ')}"
+            for e in err.errors())
+        raise InvalidInput(f"invalid compute settings: {problems}") from None
+
+
+def _key(settings: ComputeSettings) -> tuple[Any, ...]:
+    if settings.mode == "dask":
+        return (settings.compute,)
+    return (settings.compute, settings.dask_workers, settings.dask_threads_per_worker,
+            settings.dask_memory_limit)
+
+
+def _start(settings: ComputeSettings) -> _Shared:
+    from distributed import Client, LocalCluster  # only a Dask target needs Dask
+
+    if settings.mode == "dask":
+        return _Shared(Client(settings.compute, set_as_default=False), None)
+    cluster = LocalCluster(
+        n_workers=settings.dask_workers,
+        threads_per_worker=settings.dask_threads_per_worker,
+        memory_limit=settings.dask_memory_limit,
+        processes=True,
+        dashboard_address=None,  # no web server (and no port) a service did not ask for
+    )
+    return _Shared(Client(cluster, set_as_default=False), cluster)

@@ -1,0 +1,99 @@
+"""The compute setting: pandas in process by default (Dask never imported), a LocalCluster
+shared by every user in the process, an existing scheduler by its address, and a clear
+error naming the variable for a bad value."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from common.compute import Compute, ComputeSettings, compute_settings, open_compute
+from common.errors import InvalidInput
+
+SMALL: dict[str, Any] = {"compute": "dask-local", "dask_workers": 1, "dask_memory_limit": "1GB"}
+
+
+def test_the_default_is_pandas_in_process_without_importing_dask() -> None:
+    code = ("import sys; from common.compute import open_compute\n"
+            "with open_compute() as c: assert (c.mode, c.client, c.distributed) == "
+            "('local', None, False)\n"
+            "assert not [m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed')]")
+    env = {"PATH": "/usr/bin:/bin"}  # no CONVEYOR_COMPUTE from the caller's environment
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
+
+
+def test_the_defaults() -> None:
+    settings = ComputeSettings(_env_file=None)  # type: ignore[call-arg]
+    assert (settings.compute, settings.dask_workers, settings.dask_threads_per_worker,
+            settings.dask_memory_limit) == ("local", 2, 1, "3GB")
+
+
+def test_the_environment_sets_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVEYOR_COMPUTE", "tcp://scheduler:8786")
+    monkeypatch.setenv("CONVEYOR_DASK_WORKERS", "4")
+    monkeypatch.setenv("CONVEYOR_DASK_MEMORY_LIMIT", "512MiB")
+    settings = compute_settings()
+    assert (settings.mode, settings.dask_workers, settings.dask_memory_limit) == (
+        "dask", 4, "512MiB")
+
+
+@pytest.mark.parametrize(("values", "named"), [
+    ({"compute": "spark"}, "CONVEYOR_COMPUTE: 'spark' is not 'local', 'dask-local' or a Dask"),
+    ({"compute": "scheduler:8786"}, "CONVEYOR_COMPUTE: 'scheduler:8786'"),
+    ({"dask_workers": 0}, "CONVEYOR_DASK_WORKERS: Input should be greater than or equal to 1"),
+    ({"dask_threads_per_worker": "x"}, "CONVEYOR_DASK_THREADS_PER_WORKER: "),
+    ({"dask_memory_limit": "lots"}, "CONVEYOR_DASK_MEMORY_LIMIT: 'lots' is not a size"),
+])
+def test_a_bad_value_names_its_variable(values: dict[str, object], named: str) -> None:
+    with pytest.raises(InvalidInput, match="invalid compute settings") as caught:
+        compute_settings(**values)
+    assert named in str(caught.value)
+
+
+@pytest.mark.parametrize("address", ["tcp://scheduler:8786", "tls://10.0.0.1:8786",
+                                     "tcp://dask-scheduler.conveyor.svc"])
+def test_a_scheduler_address_is_the_dask_mode(address: str) -> None:
+    assert ComputeSettings(compute=address).mode == "dask"
+
+
+def test_dask_local_starts_one_cluster_per_process_shared_until_its_last_user() -> None:
+    settings = ComputeSettings(**SMALL)
+    first = open_compute(settings)
+    try:
+        second = open_compute(settings)
+        assert (first.mode, first.distributed) == ("dask-local", True)
+        assert second.client is first.client
+        assert first.client is not None
+        assert len(first.client.scheduler_info()["workers"]) == 1
+        assert first.client.submit(sum, [1, 2, 3]).result() == 6
+        second.close()
+        second.close()  # a second close releases nothing more
+        assert first.client.status == "running"
+    finally:
+        first.close()
+    assert first.client.status == "closed"
+    with open_compute(settings) as again:  # a new cluster once the last one is gone
+        assert again.client is not first.client
+        assert again.client is not None and again.client.status == "running"
+
+
+def test_an_existing_scheduler_is_reached_by_its_address() -> None:
+    with open_compute(ComputeSettings(**SMALL)) as local:
+        assert local.client is not None
+        address = local.client.scheduler.address
+        with open_compute(ComputeSettings(compute=address)) as remote:
+            assert (remote.mode, remote.distributed) == ("dask", True)
+            assert remote.client is not local.client
+            assert remote.client is not None
+            assert remote.client.submit(len, "abc").result() == 3
+        assert local.client.status == "running"  # its own client closed, not the cluster
+
+
+def test_a_local_compute_has_nothing_to_close() -> None:
+    compute = Compute("local")
+    with compute:
+        assert not compute.distributed
+    compute.close()

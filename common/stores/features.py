@@ -423,6 +423,15 @@ class OfflineFeatureStore:
         with self._root.open(f"features/{feature_set_id}/features.parquet") as handle:
             return pd.read_parquet(handle, columns=list(columns) if columns else None)
 
+    def read_dask(self, feature_set_id: str, columns: Sequence[str] | None = None) -> Any:
+        """The feature set's frame as a lazy Dask frame, partitioned by its Parquet row
+        groups, for work on a cluster (its workers must see the data root)."""
+        import dask.dataframe as dd  # only the Dask path imports Dask
+
+        self.metadata(feature_set_id)
+        return dd.read_parquet(self._root.uri(f"features/{feature_set_id}/features.parquet"),
+                               columns=list(columns) if columns else None)
+
     def has_online(self, feature_set_id: str) -> bool:
         """Whether the set keeps its entities' latest values for the online store."""
         return self._root.exists(f"features/{check_id('feature set id', feature_set_id)}/"

@@ -5,6 +5,11 @@ quorum queue ``<ns>.<service>`` bound to its event types, a dead-letter queue
 ``<ns>.<service>.dlq`` and one delay queue per back-off step ``<ns>.<service>.retry.<ms>ms``
 whose expired messages dead-letter back to the service queue (at-least-once).
 
+Retries, dead letters and replays travel through the service's own direct exchange
+``<ns>.retry.<service>``, to which only its own queues are bound (each under its name),
+never through the default exchange: a service's broker user needs no write permission on
+``amq.default``, which would let it put messages into any queue of the vhost.
+
 Example::
 
     bus = RabbitMQBus(Settings())
@@ -88,30 +93,61 @@ def delay_queue(settings: Settings, service: str, delay_s: float) -> str:
     return f"{settings.queue(service)}.retry.{round(delay_s * 1000)}ms"
 
 
-def _at_least_once_dead_lettering(target_queue: str) -> dict[str, Any]:
+def retry_exchange(settings: Settings, service: str) -> str:
+    """Name of the service's own direct exchange for retries, dead letters and replays."""
+    return f"{settings.namespace}.retry.{service}"
+
+
+def _at_least_once_dead_lettering(exchange: str, target_queue: str) -> dict[str, Any]:
     return {
         "x-queue-type": "quorum",
-        "x-dead-letter-exchange": "",
+        "x-dead-letter-exchange": exchange,
         "x-dead-letter-routing-key": target_queue,
         "x-dead-letter-strategy": "at-least-once",
         "x-overflow": "reject-publish",
     }
 
 
+def declare_dead_letter_path(channel: BlockingChannel, settings: Settings, service: str) -> str:
+    """Declare the service's retry exchange and its DLQ bound to it; the exchange's name."""
+    exchange, dlq = retry_exchange(settings, service), settings.dead_letter_queue(service)
+    channel.exchange_declare(exchange, exchange_type="direct", durable=True)
+    channel.queue_declare(dlq, durable=True, arguments={"x-queue-type": "quorum"})
+    channel.queue_bind(dlq, exchange, routing_key=dlq)
+    return exchange
+
+
 def declare_topology(
     channel: BlockingChannel, settings: Settings, service: str, event_types: Sequence[str]
 ) -> None:
-    """Declare the exchange and the service's queue, bindings, delay queues and DLQ."""
+    """Declare the exchange and the service's queue, bindings, delay queues and DLQ.
+
+    Every queue of the service is bound to its retry exchange under its own name, and the
+    queues dead-letter through that exchange (declaring a queue with a dead-letter
+    exchange needs write permission on it): nothing goes through the default exchange.
+    """
     main, dlq = settings.queue(service), settings.dead_letter_queue(service)
     channel.exchange_declare(settings.exchange, exchange_type="topic", durable=True)
-    channel.queue_declare(dlq, durable=True, arguments={"x-queue-type": "quorum"})
-    main_args = {**_at_least_once_dead_lettering(dlq), "x-delivery-limit": DELIVERY_LIMIT}
+    exchange = declare_dead_letter_path(channel, settings, service)
+    main_args = {**_at_least_once_dead_lettering(exchange, dlq), "x-delivery-limit": DELIVERY_LIMIT}
     channel.queue_declare(main, durable=True, arguments=main_args)
+    channel.queue_bind(main, exchange, routing_key=main)
     for event_type in event_types:
         channel.queue_bind(main, settings.exchange, routing_key=event_type)
     for delay_s in sorted(set(settings.retry_delays_s)):
-        args = {**_at_least_once_dead_lettering(main), "x-message-ttl": round(delay_s * 1000)}
-        channel.queue_declare(delay_queue(settings, service, delay_s), durable=True, arguments=args)
+        name = delay_queue(settings, service, delay_s)
+        args = {**_at_least_once_dead_lettering(exchange, main),
+                "x-message-ttl": round(delay_s * 1000)}
+        channel.queue_declare(name, durable=True, arguments=args)
+        channel.queue_bind(name, exchange, routing_key=name)
+
+
+def delete_topology(channel: BlockingChannel, settings: Settings, service: str) -> None:
+    """Delete what ``declare_topology`` declares for a service (not the shared exchange)."""
+    delays = [delay_queue(settings, service, d) for d in sorted(set(settings.retry_delays_s))]
+    for name in (settings.queue(service), settings.dead_letter_queue(service), *delays):
+        channel.queue_delete(name)  # idempotent on RabbitMQ 3.x
+    channel.exchange_delete(retry_exchange(settings, service))
 
 
 def properties(headers: dict[str, Any] | None = None, event: Event | None = None) -> Any:
@@ -191,11 +227,15 @@ class RabbitMQBus(MessageBus):
         ]
         self.publisher.publish(messages)
 
-    def send_to_queue(self, queue_name: str, body: bytes, headers: dict[str, Any]) -> None:
-        """Publish raw bytes straight to one queue (retry delays, DLQ, replay), confirmed."""
+    def send_to_queue(
+        self, service: str, queue_name: str, body: bytes, headers: dict[str, Any]
+    ) -> None:
+        """Publish raw bytes to one of the service's own queues (a retry delay, its DLQ, a
+        replay) through its retry exchange, confirmed; ``Unroutable`` for any other queue."""
         props = properties(headers)
         props.message_id = headers.get("message-id")
-        self.publisher.publish([Message("", queue_name, body, props)])
+        exchange = retry_exchange(self.settings, service)
+        self.publisher.publish([Message(exchange, queue_name, body, props)])
 
     def publish_raw(self, routing_key: str, body: bytes) -> None:
         """Publish bytes on the exchange unvalidated, as a foreign producer would."""
@@ -240,7 +280,7 @@ class RabbitMQBus(MessageBus):
                 if method is None:
                     return count
                 headers = {k: v for k, v in (props.headers or {}).items() if k != ATTEMPT}
-                self.send_to_queue(main, body, headers)
+                self.send_to_queue(service, main, body, headers)
                 channel.basic_ack(method.delivery_tag)
         return waiting
 
@@ -519,10 +559,10 @@ class _Worker:
         if isinstance(outcome, Retry):
             headers = {ROUTING_KEY: delivery.routing_key, **outcome.headers}
             target = delay_queue(settings, service, outcome.delay_s)
-            self.consumer.bus.send_to_queue(target, delivery.body, headers)
+            self.consumer.bus.send_to_queue(service, target, delivery.body, headers)
         elif isinstance(outcome, DeadLetter):
             dlq = settings.dead_letter_queue(service)
-            self.consumer.bus.send_to_queue(dlq, delivery.body, outcome.headers)
+            self.consumer.bus.send_to_queue(service, dlq, delivery.body, outcome.headers)
         else:
             assert isinstance(outcome, Ack)
 
@@ -621,6 +661,7 @@ class BroadcastConsumer(Consumer):
 
     def _declare(self, channel: BlockingChannel) -> str:
         channel.exchange_declare(self.settings.exchange, exchange_type="topic", durable=True)
+        declare_dead_letter_path(channel, self.settings, self.dispatcher.service)
         declared = channel.queue_declare("", exclusive=True, auto_delete=True)
         queue_name = str(declared.method.queue)
         for event_type in self.dispatcher.event_types:

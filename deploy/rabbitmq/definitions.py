@@ -7,7 +7,9 @@ its queue only to the types it handles, and read only its own queues. Applicatio
 in as ``conveyor-app``: they may publish SourceDataAvailable, RecordsObserved and
 OutcomeObserved, and read nothing. Operators (the CLI: status, dead letters, replays,
 any event) log in as ``conveyor-operator``. Everything is in the vhost ``conveyor`` for the
-namespace ``conveyor`` (queues ``conveyor.<service>``, ``.dlq``, ``.retry.<ms>ms``).
+namespace ``conveyor`` (queues ``conveyor.<service>``, ``.dlq``, ``.retry.<ms>ms``, and
+the exchange ``conveyor.retry.<service>`` through which a service's retries, dead letters
+and replays reach those queues: nobody writes the default exchange).
 
 ``definitions.json`` carries no secret: its password hashes are empty (no password login)
 until a deployment fills them. ``--local DIR`` does that for one machine: it keeps a
@@ -77,25 +79,32 @@ def one_of(names: tuple[str, ...] | list[str]) -> str:
     return f"^({'|'.join(re.escape(n) for n in names)})$" if names else NOTHING
 
 
+def retry_exchange(service: str) -> str:
+    """The service's own direct exchange (common.bus.rabbitmq.retry_exchange): retries,
+    dead letters and replays go through it to the service's queues, the only ones bound."""
+    return f"{NAMESPACE}.retry.{service}"
+
+
 def service_resources(service: str) -> str:
-    """The exchange, the service's own queues (main, dlq, delays) and its broadcast queues
-    (server-named, exclusive to their connection)."""
+    """The events exchange, the service's retry exchange, its own queues (main, dlq,
+    delays) and its broadcast queues (server-named, exclusive to their connection)."""
     own = re.escape(f"{NAMESPACE}.{service}")
-    return f"^({re.escape(EXCHANGE)}|{own}|{own}\\.dlq|{own}\\.retry\\.[0-9]+ms|amq\\.gen-.*)$"
+    exchanges = f"{re.escape(EXCHANGE)}|{re.escape(retry_exchange(service))}"
+    return f"^({exchanges}|{own}|{own}\\.dlq|{own}\\.retry\\.[0-9]+ms|amq\\.gen-.*)$"
 
 
 def service_entries(service: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(permissions, topic permissions) of a service's user.
 
-    Declaring the exchange and binding need configure and read on it; retries and dead
-    letters go to the service's own queues through the default exchange (``amq.default``).
+    Declaring an exchange and binding need configure and read on it. Retries and dead
+    letters go through the service's retry exchange, so no service may write the default
+    exchange (``amq.default``), which reaches every queue of the vhost.
     """
     handles, publishes = SERVICES[service]
     resources = service_resources(service)
-    write = resources.replace("^(", "^(amq\\.default|", 1)
     user = user_of(service)
     return (
-        {"user": user, "vhost": VHOST, "configure": resources, "write": write,
+        {"user": user, "vhost": VHOST, "configure": resources, "write": resources,
          "read": resources},
         {"user": user, "vhost": VHOST, "exchange": EXCHANGE, "write": one_of(publishes),
          "read": one_of(sorted(handles))},
@@ -117,7 +126,8 @@ def definitions() -> dict[str, Any]:
             {"user": app, "vhost": VHOST, "configure": NOTHING,
              "write": one_of([EXCHANGE]), "read": NOTHING},
             {"user": operator, "vhost": VHOST, "configure": NOTHING,
-             "write": one_of([EXCHANGE, "amq.default"]), "read": f"^{re.escape(NAMESPACE)}\\..*$"},
+             "write": f"^({re.escape(EXCHANGE)}|{re.escape(NAMESPACE)}\\.retry\\..*)$",
+             "read": f"^{re.escape(NAMESPACE)}\\..*$"},
         ],
         "topic_permissions": [
             *topics,

@@ -1,6 +1,8 @@
 """The broker's users (deploy/rabbitmq/definitions.json, imported by scripts/setup.sh) on
 the real RabbitMQ: an application may publish source, record and outcome events and
-nothing else; a service publishes only its own event types and binds only to its own.
+nothing else; a service publishes only its own event types and binds only to its own, and
+its retries and dead letters go through its own retry exchange: it cannot write the default
+exchange, so it cannot put a message into another service's queue.
 
 Everything happens in the vhost ``conveyor`` on the exchange ``conveyor.events`` (the
 permissions name them), through exclusive queues of the test's own: no service queue of
@@ -20,9 +22,11 @@ import pytest
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.exceptions import ChannelClosedByBroker
 
-from common.bus.rabbitmq import RabbitMQBus
-from common.errors import PublishError
+from common.bus.dispatch import Dispatcher, HandlerSpec, RetryPolicy
+from common.bus.rabbitmq import RabbitMQBus, delete_topology
+from common.errors import InvalidInput, PublishError, Unroutable
 from common.events import (
+    BatchScoringRequested,
     Event,
     ModelReady,
     OutcomeObserved,
@@ -30,6 +34,7 @@ from common.events import (
     SourceDataAvailable,
 )
 from common.settings import Settings
+from tests.support.harness import running_consumer, wait_for_handler, wait_until
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -151,20 +156,93 @@ def queue_exists(channel: BlockingChannel, name: str) -> bool:
     return True
 
 
-def test_a_service_user_declares_and_uses_its_own_topology(sink: Sink) -> None:
+SERVICE = "batch-scoring"  # a service whose queues the tests below declare in the vhost
+
+
+@pytest.fixture
+def own_topology(sink: Sink) -> Iterator[Settings]:
+    """Settings of the ``batch-scoring`` user in the vhost (quick retries); its queues and
+    retry exchange are deleted afterwards. Skipped when its queue exists: someone's."""
     channel, _ = sink
-    service = "batch-scoring"
-    queues = [f"conveyor.{service}", f"conveyor.{service}.dlq",
-              *(f"conveyor.{service}.retry.{round(d * 1000)}ms"
-                for d in sorted(set(Settings().retry_delays_s)))]
-    if queue_exists(channel, queues[0]):
-        pytest.skip(f"{queues[0]} exists in vhost {VHOST}: someone's, not touched")
-    bus = bus_of(f"conveyor-{service}")
+    settings = Settings(amqp_url=url(user_of(SERVICE), password(user_of(SERVICE))),
+                        namespace="conveyor", retry_delays_s=(0.05,), max_attempts=3)
+    if queue_exists(channel, settings.queue(SERVICE)):
+        pytest.skip(f"{settings.queue(SERVICE)} exists in vhost {VHOST}: someone's, not touched")
+    yield settings
+    delete_topology(channel, settings, SERVICE)
+
+
+def user_of(service: str) -> str:
+    return f"conveyor-{service}"
+
+
+def test_a_service_user_declares_and_uses_its_own_topology(own_topology: Settings) -> None:
+    bus = RabbitMQBus(own_topology, name="test-own-topology")
     try:
-        bus.declare(service, ["BatchScoringRequested"])
-        bus.send_to_queue(f"conveyor.{service}.dlq", b"{}", {})  # a dead letter of its own
-        assert bus.queue_depths(service)["dead"] == 1
+        bus.declare(SERVICE, ["BatchScoringRequested"])
+        bus.send_to_queue(SERVICE, f"conveyor.{SERVICE}.dlq", b"{}", {})  # a dead letter
+        assert bus.queue_depths(SERVICE)["dead"] == 1
     finally:
         bus.close()
-        for name in queues:
-            channel.queue_delete(name)
+
+
+def confirmed_publish(user: str, exchange: str, routing_key: str) -> None:
+    """Publish one message as ``user`` and wait for the broker's confirm."""
+    connection = connect(user)
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_publish(exchange, routing_key, b"{}", mandatory=True)
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+@pytest.mark.parametrize("exchange", ["", "conveyor.retry.scoring"])
+def test_no_service_writes_the_default_exchange_or_another_services_retry_exchange(
+        sink: Sink, exchange: str) -> None:
+    shown = exchange or "amq.default"
+    with pytest.raises(ChannelClosedByBroker, match=f"ACCESS_REFUSED.*exchange '{shown}'"):
+        confirmed_publish(user_of("ingestion"), exchange, "conveyor.scoring")
+
+
+def test_a_services_retry_exchange_reaches_its_own_queues_only(own_topology: Settings) -> None:
+    bus = RabbitMQBus(own_topology, name="test-retry-exchange")
+    try:
+        bus.declare(SERVICE, ["BatchScoringRequested"])
+        with pytest.raises(Unroutable):  # nothing of scoring's is bound to it
+            bus.send_to_queue(SERVICE, "conveyor.scoring", b"{}", {})
+        with bus.channel() as channel, pytest.raises(
+                ChannelClosedByBroker, match="ACCESS_REFUSED.*queue 'conveyor.scoring'"):
+            channel.queue_bind("conveyor.scoring", f"conveyor.retry.{SERVICE}", "conveyor.scoring")
+    finally:
+        bus.close()
+
+
+def test_a_service_user_retries_and_dead_letters_without_the_default_exchange(
+        own_topology: Settings) -> None:
+    failed: set[str] = set()
+
+    def flaky(event: BatchScoringRequested) -> None:
+        if event.batch_id == "bad":
+            raise InvalidInput("batch 'bad' does not exist")
+        if event.batch_id not in failed:
+            failed.add(str(event.batch_id))
+            raise RuntimeError("transient")
+
+    bus = RabbitMQBus(own_topology, name="test-service-retry")
+    policy = RetryPolicy(own_topology.max_attempts, own_topology.retry_delays_s)
+    dispatcher = Dispatcher(SERVICE, {"BatchScoringRequested": HandlerSpec(
+        "BatchScoringRequested", flaky)}, bus.publish_many, policy=policy)
+    retried = BatchScoringRequested(batch_id="b1", producer="test")
+    bad = BatchScoringRequested(batch_id="bad", producer="test")
+    try:
+        with running_consumer(bus, dispatcher):
+            with wait_for_handler(dispatcher, "BatchScoringRequested", count=3) as waited:
+                for event in (retried, bad):
+                    publish(user_of("operator"), event)
+            wait_until(lambda: bus.queue_depths(SERVICE)["dead"] == 1, message="dead letter")
+    finally:
+        bus.close()
+    outcomes = [(c.event.batch_id, type(c.outcome).__name__) for c in waited.calls]
+    assert sorted(outcomes) == [("b1", "Ack"), ("b1", "Retry"), ("bad", "DeadLetter")]

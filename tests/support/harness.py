@@ -47,7 +47,7 @@ from common.bus.rabbitmq import (
     RabbitMQBus,
     broker_address,
     connection_parameters,
-    delay_queue,
+    delete_topology,
 )
 from common.events import Event
 from common.settings import Settings
@@ -100,35 +100,29 @@ def check_services(settings: Settings, timeout: float = 3.0) -> None:
         ) from None
 
 
-def queue_names(settings: Settings, service: str) -> list[str]:
-    """Every queue the RabbitMQ bus declares for a service: main, DLQ and delay queues."""
-    delays = [delay_queue(settings, service, d) for d in sorted(set(settings.retry_delays_s))]
-    return [settings.queue(service), settings.dead_letter_queue(service), *delays]
-
-
 def delete_namespace(
     settings: Settings, services: Iterable[str], timeout_s: float = CLEANUP_TIMEOUT_S
 ) -> None:
-    """Delete the namespace's queues for these services, its exchange and its Redis keys.
+    """Delete the namespace's queues and retry exchanges for these services, its events
+    exchange and its Redis keys.
 
     Raises ``ServicesUnavailable`` naming the broker's URL when the broker cannot be
     reached or has not finished within ``timeout_s``: a wedged broker once hung this
     clean-up for more than 20 minutes, as pika bounds connecting but not a call.
     """
-    queues = [name for service in services for name in queue_names(settings, service)]
     doing = f"deleting namespace {settings.namespace} at RabbitMQ {broker_address(settings)}"
-    within(timeout_s, doing, lambda: _delete_queues(settings, queues, timeout_s))
+    within(timeout_s, doing, lambda: _delete_topology(settings, list(services), timeout_s))
     delete_redis_keys(settings)
 
 
-def _delete_queues(settings: Settings, queues: list[str], timeout_s: float) -> None:
+def _delete_topology(settings: Settings, services: list[str], timeout_s: float) -> None:
     connect_s = min(timeout_s, CONNECT_TIMEOUT_S)
     params = connection_parameters(settings, "conveyor-test-cleanup", timeout_s=connect_s)
     connection = pika.BlockingConnection(params)
     try:
         channel = connection.channel()
-        for name in queues:
-            channel.queue_delete(name)  # idempotent on RabbitMQ 3.x
+        for service in services:
+            delete_topology(channel, settings, service)
         channel.exchange_delete(settings.exchange)
     finally:
         connection.close()

@@ -186,3 +186,17 @@ def test_wait_for_handler_sees_the_exception_and_outcome() -> None:
     assert isinstance(waited.exception, ConnectionError)
     assert isinstance(waited.outcome, DeadLetter)
     assert not isinstance(waited.calls[0].outcome, Ack)
+
+
+def test_a_retry_comes_back_to_the_failing_service_only() -> None:
+    # As on RabbitMQ, where it travels through the service's own retry exchange, bound
+    # to its own queues only: the other services bound to the event type see it once.
+    bus = InMemoryBus()
+    flaky, other = Flaky(failures=1), Flaky(failures=0)
+    register(bus, "a", SourceDataAvailable=flaky)
+    register(bus, "b", SourceDataAvailable=other)
+    event = source()
+    bus.publish(event)
+    bus.run_until_idle()
+    assert (flaky.calls, flaky.got) == (2, [event])
+    assert (other.calls, other.got) == (1, [event])

@@ -130,3 +130,13 @@ def test_the_password_hash_is_rabbitmqs_sha256_scheme() -> None:
     raw = base64.b64decode(definitions.password_hash("u", "secret"))
     salt, digest = raw[:4], raw[4:]
     assert digest == hashlib.sha256(salt + b"secret").digest()
+
+
+def test_nobody_writes_the_default_exchange_and_services_write_only_their_retry_exchange() -> None:
+    # amq.default reaches every queue of the vhost by name: a service's retries and dead
+    # letters go through its own retry exchange instead (common.bus.rabbitmq).
+    for entry in document()["permissions"]:
+        assert not re.match(entry["write"], "amq.default"), entry["user"]
+    write = re.compile(permission("conveyor-ingestion")["write"])
+    assert write.match("conveyor.retry.ingestion")
+    assert not write.match("conveyor.retry.scoring")

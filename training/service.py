@@ -3,14 +3,22 @@
 Trains the configured candidates in parallel on the training part of the split and saves
 each to the model store with its metadata. Model ids are hashes of the candidate config
 and the feature set, so a redelivered event re-trains nothing that is already stored.
+
+With ``CONVEYOR_COMPUTE`` naming a Dask cluster the feature set is read, split and (past
+``CONVEYOR_TRAIN_MAX_ROWS``) sampled on the cluster, so only the rows trained on come to
+this process, and the candidates train on the cluster's workers instead of local worker
+processes. The sample, seeded and class-stratified, is recorded in each model's metadata
+(``training_sample``); the pandas path samples the same way when the cap is set.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pandas as pd
 
+from common.compute import Compute, open_compute
 from common.config import PipelineConfig, load_pipeline_config
 from common.errors import InvalidInput
 from common.events import (
@@ -25,7 +33,17 @@ from common.settings import Settings
 from common.stores import FeatureSetRecord, ModelStore, OfflineFeatureStore
 from common.wiring import Stores
 from training.config import TrainingConfig, expand
+from training.sampling import (
+    TrainingSettings,
+    class_counts_by_partition,
+    needs_sample,
+    sample_plan,
+    take_sample,
+    take_sample_partitioned,
+)
 from training.trainer import WorkerPool, model_id_for, train_candidates
+
+TrainingSet = tuple[pd.DataFrame, pd.Series, dict[str, Any] | None]
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +55,19 @@ class TrainingService(Service):
     prefetch = 1  # long handlers: leave waiting events to the other consumers
 
     def __init__(
-        self, config: PipelineConfig, offline: OfflineFeatureStore, models: ModelStore
+        self, config: PipelineConfig, offline: OfflineFeatureStore, models: ModelStore,
+        compute: Compute | None = None, settings: TrainingSettings | None = None,
     ) -> None:
         self.config, self.offline, self.models = config, offline, models
+        self.compute = compute or Compute("local")
+        self.settings = settings or TrainingSettings()
         self._pool: WorkerPool | None = None
 
     def warm(self) -> TrainingService:
-        """Start the worker processes now, so the first run does not wait for them."""
-        self._workers()
+        """Start the worker processes now, so the first run does not wait for them (on a
+        Dask cluster the cluster's workers train: no local ones)."""
+        if not self.compute.distributed:
+            self._workers()
         return self
 
     def ready(self) -> bool:
@@ -52,10 +75,11 @@ class TrainingService(Service):
         return self._pool is None or self._pool.warm()
 
     def close(self) -> None:
-        """Stop the worker processes."""
+        """Stop the worker processes and let go of the cluster."""
         if self._pool is not None:
             self._pool.close()
             self._pool = None
+        self.compute.close()
 
     def _workers(self) -> WorkerPool:
         """The training workers, started once and kept across runs."""
@@ -109,10 +133,12 @@ class TrainingService(Service):
     def _fit_and_save(
         self, training: TrainingConfig, record: FeatureSetRecord
     ) -> list[CandidateFailure]:
-        X, y = self._training_part(record)
+        X, y, sample = self._training_part(record)
+        client = self.compute.client
         result = train_candidates(
             training, X, y, feature_set_id=record.feature_set_id,
-            batch_ids=sorted(record.metadata["batch_ids"].values()), pool=self._workers(),
+            batch_ids=sorted(record.metadata["batch_ids"].values()),
+            pool=None if client is not None else self._workers(), client=client, sample=sample,
         )
         for trained in result.trained:
             self.models.save(trained.model_id, trained.model, {
@@ -122,21 +148,52 @@ class TrainingService(Service):
             log.warning("candidate %s failed: %s", failure.name, failure.error)
         return [CandidateFailure(name=f.name, error=f.error) for f in result.failures]
 
-    def _training_part(self, record: FeatureSetRecord) -> tuple[pd.DataFrame, pd.Series]:
-        frame = self.offline.read(record.feature_set_id)
-        label = record.metadata["label"]
-        part = self.config.split.apply(frame, label)
-        values = part.y_train.unique()
+    def _training_part(self, record: FeatureSetRecord) -> TrainingSet:
+        """(X, y) of the split's training part, sampled past the cap, and how it was."""
+        if self.compute.distributed:
+            X, y, sample = self._training_part_on_cluster(record)
+        else:
+            X, y, sample = self._training_part_here(record)
+        values = y.unique()
         if len(values) < 2:  # nothing to learn; say so here, not as a metric error later
             raise InvalidInput(
-                f"label {label!r} of feature set {record.feature_set_id} has a single value "
-                f"{sorted(values.tolist())} in the training part; nothing to learn"
+                f"label {record.metadata['label']!r} of feature set {record.feature_set_id} "
+                f"has a single value {sorted(values.tolist())} in the training part; "
+                "nothing to learn"
             )
-        return part.X_train[record.metadata["features"]], part.y_train
+        return X, y, sample
+
+    def _training_part_here(self, record: FeatureSetRecord) -> TrainingSet:
+        frame = self.offline.read(record.feature_set_id)
+        part = self.config.split.apply(frame, record.metadata["label"])
+        X, y = part.X_train[record.metadata["features"]], part.y_train
+        if not needs_sample(len(y), self.settings.train_max_rows):
+            return X, y, None
+        plan = sample_plan(y.value_counts(), self.settings.train_max_rows,  # type: ignore[arg-type]
+                           self.settings.train_sample_seed)
+        return *take_sample(X, y, plan), plan.metadata()
+
+    def _training_part_on_cluster(self, record: FeatureSetRecord) -> TrainingSet:
+        from segregation.partitioned import split_partitioned  # the Dask path only
+
+        label, features, client = record.metadata["label"], record.metadata["features"], \
+            self.compute.client
+        assert client is not None  # distributed
+        frame = self.offline.read_dask(record.feature_set_id, columns=[*features, label])
+        train = split_partitioned(frame, self.config.split, client).train
+        counts = class_counts_by_partition(train[label], client)
+        totals = pd.DataFrame(counts).fillna(0).sum()
+        sample = None
+        if needs_sample(int(totals.sum()), self.settings.train_max_rows):
+            plan = sample_plan(totals, self.settings.train_max_rows,  # type: ignore[arg-type]
+                               self.settings.train_sample_seed)
+            train, sample = take_sample_partitioned(train, label, plan, counts), plan.metadata()
+        rows = client.compute(train, sync=True)
+        return rows[features], rows[label], sample
 
 
 def build(settings: Settings) -> TrainingService:
     """The training service for the settings."""
     stores = Stores.from_settings(settings)
     return TrainingService(load_pipeline_config(settings.pipeline_config), stores.offline,
-                           stores.models).warm()
+                           stores.models, open_compute(), TrainingSettings()).warm()

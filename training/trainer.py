@@ -27,7 +27,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -41,6 +41,9 @@ from common.cpus import available_cpus
 from common.errors import InvalidInput
 from common.reference import input_references, model_reference, reference_rows
 from training.config import Candidate, TrainingConfig, expand, resolve_estimator
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 log = logging.getLogger(__name__)
 TRANSIENT = (ProcessExpired, OSError, MemoryError, ConnectionError)
@@ -104,16 +107,26 @@ def train_candidates(
     batch_ids: list[str],
     progress: Callable[[str], None] | None = None,
     pool: WorkerPool | None = None,
+    client: Client | None = None,
+    sample: dict[str, Any] | None = None,
 ) -> TrainingResult:
-    """Train every candidate of the config in parallel on (X, y), in ``pool`` if given."""
+    """Train every candidate of the config in parallel on (X, y): on the workers of a Dask
+    ``client`` if given, else in ``pool`` (or worker processes of the run's own).
+    ``sample``: how (X, y) was sampled from a larger training set, for the metadata."""
     candidates = expand(config)
     X = select_features(X, config.features)
-    with tempfile.TemporaryDirectory(prefix="conveyor-train-") as tmp:
-        data_path = Path(tmp) / "train.arrow"
-        _write_training_data(X, y, data_path)
-        outcomes = _run_pool(config, candidates, str(data_path), progress or log.info, pool)
+    if client is not None:
+        from training.distributed import DaskScheduler  # Dask only where a cluster is used
+
+        outcomes = DaskScheduler(client, config, progress or log.info).run(candidates, X, y)
+    else:
+        with tempfile.TemporaryDirectory(prefix="conveyor-train-") as tmp:
+            data_path = Path(tmp) / "train.arrow"
+            _write_training_data(X, y, data_path)
+            outcomes = _run_pool(config, candidates, str(data_path), progress or log.info, pool)
     rows = reference_rows(X)  # monitoring's drift reference: inputs once, predictions each
-    context = _Context(feature_set_id, batch_ids, list(X.columns), y, rows, input_references(rows))
+    context = _Context(feature_set_id, batch_ids, list(X.columns), y, rows,
+                       input_references(rows), sample)
     return _collect(candidates, outcomes, context)
 
 
@@ -222,17 +235,18 @@ class _Scheduler:
         except TRANSIENT as exc:
             self._retry_or_fail(candidate, exc)
         except Exception as exc:  # noqa: BLE001 - a candidate's own error sinks only it
-            self.outcomes[candidate.name] = Failure(candidate.name, _describe(exc))
+            self.outcomes[candidate.name] = Failure(candidate.name, describe(exc))
 
     def _retry_or_fail(self, candidate: Candidate, exc: BaseException) -> None:
         if self.attempts[candidate.name] <= self.config.retries:
-            self.progress(f"retrying {candidate.name} after transient failure: {_describe(exc)}")
+            self.progress(f"retrying {candidate.name} after transient failure: {describe(exc)}")
             self._schedule(candidate)
         else:
-            self.outcomes[candidate.name] = Failure(candidate.name, _describe(exc))
+            self.outcomes[candidate.name] = Failure(candidate.name, describe(exc))
 
 
-def _describe(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
+    """An error as its type and message."""
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -284,6 +298,7 @@ class _Context:
     y: pd.Series
     reference_rows: pd.DataFrame
     input_references: dict[str, Any]
+    sample: dict[str, Any] | None = None
 
 
 def _collect(
@@ -313,6 +328,7 @@ def _trained(candidate: Candidate, model: Any, fit_s: float, ctx: _Context) -> T
         "batch_ids": ctx.batch_ids,
         "features": ctx.features,
         "training_rows": int(len(ctx.y)),
+        **({"training_sample": ctx.sample} if ctx.sample is not None else {}),
         "class_balance": class_balance(ctx.y),
         "timings": {"fit_s": round(fit_s, 4)},
         "library_versions": library_versions(),
@@ -327,7 +343,7 @@ def _reference(candidate: Candidate, model: Any, ctx: _Context) -> dict[str, Any
     try:
         return model_reference(model, ctx.reference_rows, ctx.input_references)
     except Exception as exc:  # noqa: BLE001 - a model without a reference is still a model
-        log.warning("no drift reference for %s: %s", candidate.name, _describe(exc))
+        log.warning("no drift reference for %s: %s", candidate.name, describe(exc))
         return None
 
 

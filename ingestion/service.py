@@ -7,12 +7,18 @@ once. A source that cannot be read or breaks the contract yields IngestionFailed
 the problem; a refused batch stays stored, as read, but is never accepted. A URI the
 source policy does not allow (``ingestion.sources``: schemes and roots from the settings)
 is refused before a byte of it is read.
+
+With ``CONVEYOR_COMPUTE`` set to a Dask target the typed Parquet is written as parts, one
+per chunk (``RawBatchStore.put(..., partitioned=True)``), so preparation's cluster reads
+the batch a part per task; the typing itself still streams through this process, a chunk
+at a time, so its memory stays bounded whatever the batch's size.
 """
 
 from __future__ import annotations
 
 import logging
 
+from common.compute import compute_settings
 from common.config import PipelineConfig, load_pipeline_config
 from common.errors import InvalidInput, NotFound
 from common.events import IngestionFailed, RawDataExtracted, SourceDataAvailable
@@ -63,8 +69,8 @@ class IngestionService(Service):
     prefetch = 1  # long handlers: leave waiting events to the other consumers
 
     def __init__(self, config: PipelineConfig, raw_store: RawBatchStore,
-                 sources: SourcePolicy | None = None) -> None:
-        self.config, self.raw_store = config, raw_store
+                 sources: SourcePolicy | None = None, *, partitioned: bool = False) -> None:
+        self.config, self.raw_store, self.partitioned = config, raw_store, partitioned
         # None: the policy of the environment's settings, never "anything goes"
         self.sources = sources or SourcePolicy.from_settings(Settings())
 
@@ -87,7 +93,8 @@ class IngestionService(Service):
         contract = self._contract(event.dataset)
         readable = self.sources.check(event.uri)  # SourceRefused names the URI and the rule
         batch = self.raw_store.put(event.dataset, readable, event.format or contract.format,
-                                   typing=ContractTyping(contract, event.uri))
+                                   typing=ContractTyping(contract, event.uri),
+                                   partitioned=self.partitioned)
         quarantined = check_batch(self.raw_store, batch, contract)
         self.raw_store.accept(batch.batch_id)
         rows = valid_rows(batch, quarantined)
@@ -109,4 +116,5 @@ def build(settings: Settings) -> IngestionService:
     """The ingestion service for the settings."""
     config = load_pipeline_config(settings.pipeline_config)
     return IngestionService(config, Stores.from_settings(settings).raw,
-                            SourcePolicy.from_settings(settings))
+                            SourcePolicy.from_settings(settings),
+                            partitioned=compute_settings().mode != "local")

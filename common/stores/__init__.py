@@ -28,7 +28,7 @@ from common.stores.models import (
     ModelStore,
     RegistryEntry,
 )
-from common.stores.raw import RawBatch, RawBatchStore, infer_format
+from common.stores.raw import RawBatch, RawBatchStore, RawPiece, infer_format
 from common.stores.scores import BatchScoreStore, OnlineScoreStore, score_stream_key
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "OnlineScoreStore",
     "RawBatch",
     "RawBatchStore",
+    "RawPiece",
     "RedisOnlineStore",
     "RegistryEntry",
     "infer_format",

@@ -9,6 +9,10 @@ then starts over with the wider type forced for that column; every restart widen
 least one column, so restarts are few. A CSV's result does not depend on the chunk size
 (text columns keep their exact text); a JSON field mixing numbers and text becomes text.
 
+The target is one file (an ``Opener``) or ``Parts``: a folder of Parquet files, one per
+chunk (partitioned Parquet, which a Dask cluster reads a part per task); the parts share
+the first chunk's schema, as the row groups of one file do.
+
 An optional ``ChunkTyping`` checks and types each chunk on its way in (ingestion's dataset
 contract), so the file holds the typed data and no second pass is needed; the pandas
 dtypes (``string``, ``Int64``, ``category``...) are kept in the file's pandas metadata and
@@ -22,9 +26,10 @@ conversion starts over without it: the file holds the source as read. Example::
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable, Collection, Iterator
-from contextlib import AbstractContextManager, suppress
+from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
@@ -35,6 +40,7 @@ import pyarrow.parquet as pq
 from common.errors import InvalidInput
 
 Opener = Callable[[], AbstractContextManager[IO[bytes]]]
+PartOpener = Callable[[int], AbstractContextManager[IO[bytes]]]
 _CAST_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, ValueError)
 # What a malformed source raises (pandas' parser errors and ArrowInvalid are ValueErrors);
 # I/O errors stay I/O errors, so a full disk is retried rather than blamed on the input.
@@ -76,6 +82,15 @@ class ChunkTyping(Protocol):
         """Every chunk was seen: the rows set aside. Raises ``KeepAsRead`` like a chunk."""
 
 
+@dataclass(frozen=True)
+class Parts:
+    """A partitioned target: ``start`` empties the folder (a conversion starts or starts
+    over), ``open(number)`` writes part ``number`` (atomically, as every store file)."""
+
+    start: Callable[[], None]
+    open: PartOpener
+
+
 @dataclass
 class _Layout:
     """What earlier attempts learned: every column, in order, and the types to force."""
@@ -92,7 +107,7 @@ class _Drift(Exception):
         self.layout = layout
 
 
-def to_parquet(source: Opener, fmt: str, target: Opener, chunk_rows: int, name: str,
+def to_parquet(source: Opener, fmt: str, target: Opener | Parts, chunk_rows: int, name: str,
                typing: ChunkTyping | None = None) -> Converted:
     """Convert ``source`` (opened anew per attempt) to Parquet written through ``target``,
     each chunk through ``typing`` if given (as read if it raises ``KeepAsRead``)."""
@@ -104,7 +119,7 @@ def to_parquet(source: Opener, fmt: str, target: Opener, chunk_rows: int, name: 
     return _convert(source, fmt, target, chunk_rows, name, None)
 
 
-def _convert(source: Opener, fmt: str, target: Opener, chunk_rows: int, name: str,
+def _convert(source: Opener, fmt: str, target: Opener | Parts, chunk_rows: int, name: str,
              typing: ChunkTyping | None) -> Converted:
     layout = _Layout()
     while True:
@@ -118,13 +133,20 @@ def _convert(source: Opener, fmt: str, target: Opener, chunk_rows: int, name: st
             raise InvalidInput(f"cannot read {name} as {fmt}: {exc}") from exc
 
 
-def _attempt(source: Opener, fmt: str, target: Opener, chunk_rows: int, layout: _Layout,
-             typing: ChunkTyping | None) -> Converted:
+def _attempt(source: Opener, fmt: str, target: Opener | Parts, chunk_rows: int,
+             layout: _Layout, typing: ChunkTyping | None) -> Converted:
     if typing is not None:
         typing.start()
-    with source() as src, target() as dst:
-        converted = _write(_tables(src, fmt, chunk_rows, layout, typing), dst, layout,
-                           typed=typing is not None)
+    if isinstance(target, Parts):
+        target.start()  # nothing of an earlier attempt stays among the parts
+    with source() as src, _single(target) as dst:
+        tables = _tables(src, fmt, chunk_rows, layout, typing)
+        typed = typing is not None
+        if isinstance(target, Parts):
+            converted = _write_parts(tables, target, layout, typed)
+        else:
+            assert dst is not None  # one file: _single opened it
+            converted = _write(tables, dst, layout, typed)
         if typing is None:
             return converted
         # Inside the target: a source refused only now never lands typed.
@@ -145,6 +167,28 @@ def _write(tables: Iterator[pa.Table], dst: IO[bytes], layout: _Layout,
         for table in tables:
             writer.write_table(_conform(table, first.schema, layout))
             rows += table.num_rows
+    return Converted(first.schema, rows)
+
+
+def _single(target: Opener | Parts) -> AbstractContextManager[IO[bytes] | None]:
+    return nullcontext() if isinstance(target, Parts) else target()
+
+
+def _write_parts(tables: Iterator[pa.Table], target: Parts, layout: _Layout,
+                 typed: bool) -> Converted:
+    """Each table as a part of its own, in order, every part in the first one's schema
+    (an empty source: one empty part, so the batch still has its columns)."""
+    first = next(tables, None)
+    if first is None:
+        with target.open(0) as dst:
+            pq.write_table(pa.table({}), dst)
+        return Converted(pa.schema([]), 0)
+    options = _typed_options(first.schema) if typed else {}
+    rows = 0
+    for number, table in enumerate(itertools.chain([first], tables)):
+        with target.open(number) as dst:
+            pq.write_table(_conform(table, first.schema, layout), dst, **options)
+        rows += table.num_rows
     return Converted(first.schema, rows)
 
 

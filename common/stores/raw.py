@@ -1,13 +1,15 @@
 """Raw data store: immutable batches of source data under a data root.
 
-A batch is the source's original bytes, the same data as Parquet, and a manifest (JSON),
-in ``raw/<batch_id>/`` under the root (a local folder or any fsspec URL). The
-``batch_id`` is the first 24 hex characters (96 bits) of the SHA-256 of the raw bytes; the
-manifest keeps the full digest. Storing the same bytes again finds the manifest and does
-no work, which makes ingestion idempotent. The manifest is written last and every file
-goes through a temporary name, so a crash never leaves a half batch that looks complete.
-Sources are read in chunks, so memory does not grow with the file; the copy of the
-original bytes is written on a thread of its own while the Parquet is converted.
+A batch is the source's original bytes, the same data as Parquet (one file, or with
+``partitioned=True`` a folder of parts, one per chunk, which a Dask cluster reads a part
+per task), and a manifest (JSON), in ``raw/<batch_id>/`` under the root (a local folder or
+any fsspec URL). The ``batch_id`` is the first 24 hex characters (96 bits) of the SHA-256
+of the raw bytes; the manifest keeps the full digest. Storing the same bytes again finds
+the manifest and does no work, which makes ingestion idempotent. The manifest is written
+last and every file goes through a temporary name, so a crash never leaves a half batch
+that looks complete. Sources are read in chunks, so memory does not grow with the file;
+the copy of the original bytes is written on a thread of its own while the Parquet is
+converted.
 
 With a ``typing`` (ingestion passes its dataset contract's), each chunk is checked and
 typed on its way into the Parquet, which then holds the typed rows (``typed_by`` in the
@@ -19,6 +21,7 @@ the typing refuses is stored as read (``typed_by`` None), still for inspection. 
     store.put("paysim", "data/tx.csv").batch_id == batch.batch_id   # no work the 2nd time
     frame = store.read_frame(batch.batch_id)
     for chunk in store.iter_frames(batch.batch_id, rows=50_000): ...
+    for piece in store.pieces(batch.batch_id): store.read_piece(piece)  # in parallel
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import IO, Literal, cast
 
 import fsspec
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
@@ -39,7 +43,14 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from common.errors import ImmutableBatchError, InvalidInput, NotFound
 from common.events import utc_now
 from common.stores._fs import DataRoot
-from common.stores._parquet import ChunkTyping, Converted, Opener, read_frames, to_parquet
+from common.stores._parquet import (
+    ChunkTyping,
+    Converted,
+    Opener,
+    Parts,
+    read_frames,
+    to_parquet,
+)
 
 Format = Literal["csv", "parquet", "jsonl"]
 BATCH_ID_HEX = 24
@@ -81,6 +92,9 @@ class RawBatch(BaseModel):
         "None: the Parquet holds the source as read.")
     rows_set_aside: int = Field(
         default=0, ge=0, description="Source rows the typing set aside (not in the Parquet).")
+    partitioned: bool = Field(
+        default=False, description="The Parquet is a folder of parts (``parts/``), not a "
+        "file; the parts in name order are the rows in order.")
 
     @property
     def column_names(self) -> list[str]:
@@ -108,14 +122,31 @@ def _named_format(source_uri: str, fmt: str) -> Format:
         raise InvalidInput(f"unknown format {fmt!r} for {source_uri} (known: {known})") from None
 
 
-def batch_paths(batch_id: str, fmt: Format) -> dict[str, str]:
-    """Where a batch's files live, relative to the data root."""
+def batch_paths(batch_id: str, fmt: Format, partitioned: bool = False) -> dict[str, str]:
+    """Where a batch's files live, relative to the data root (partitioned: the Parquet is
+    the folder ``parts/``)."""
     folder = f"raw/{batch_id}"
     return {
         "original": f"{folder}/original.{fmt}",
-        "parquet": f"{folder}/data.parquet",
+        "parquet": f"{folder}/parts" if partitioned else f"{folder}/data.parquet",
         "manifest": f"{folder}/manifest.json",
     }
+
+
+def part_name(number: int) -> str:
+    """A part's file name: the name order is the row order."""
+    return f"part-{number:05d}.parquet"
+
+
+@dataclass(frozen=True)
+class RawPiece:
+    """A piece of a batch's Parquet that one task reads: a part, or a row group of the
+    one file; ``first_row`` is the batch position of its first row."""
+
+    path: str
+    row_group: int | None
+    rows: int
+    first_row: int
 
 
 @dataclass(frozen=True)
@@ -139,14 +170,22 @@ class RawBatchStore:
 
     def __init__(self, root: str, *, chunk_rows: int = 100_000):
         self._root = DataRoot(root)
+        self._root_url = root
         self._chunk_rows = chunk_rows
 
+    @property
+    def root(self) -> str:
+        """The data root (a folder or fsspec URL), as given: what a worker opens it with."""
+        return self._root_url
+
     def put(self, dataset: str, source_uri: str, fmt: str | None = None, *,
-            typing: ChunkTyping | None = None) -> RawBatch:
+            typing: ChunkTyping | None = None, partitioned: bool = False) -> RawBatch:
         """Store a source file as a batch, or return the batch that already holds its bytes
         (as it was stored: its ``typed_by`` says by which typing, if any).
 
-        ``typing`` checks and types each chunk as it is stored (see the module docstring).
+        ``typing`` checks and types each chunk as it is stored (see the module docstring);
+        ``partitioned`` writes the Parquet as parts, one per chunk (a batch already stored
+        keeps its layout: readers take both).
         ``InvalidInput`` names the file when its format is unknown or it cannot be read;
         ``NotFound`` names it when it does not exist.
         """
@@ -154,10 +193,10 @@ class RawBatchStore:
         existing = self._existing(source, dataset)
         if existing is not None:
             return existing
-        paths = batch_paths(source.batch_id, source.format)
-        converted = self._write_data(source, paths, typing)
+        paths = batch_paths(source.batch_id, source.format, partitioned)
+        converted = self._write_data(source, paths, typing, partitioned)
         typed_by = typing.name if typing is not None and converted.typed else None
-        return self._write_manifest(dataset, source, paths, converted, typed_by)
+        return self._write_manifest(dataset, source, paths, converted, typed_by, partitioned)
 
     def manifest(self, batch_id: str) -> RawBatch:
         """The manifest of a stored batch, or ``NotFound``."""
@@ -171,14 +210,49 @@ class RawBatchStore:
 
     def read_frame(self, batch_id: str, columns: builtins.list[str] | None = None) -> pd.DataFrame:
         """The whole batch as a DataFrame (all columns, or the named ones)."""
-        with self._root.open(self.manifest(batch_id).paths["parquet"]) as handle:
-            return pq.read_table(handle, columns=columns).to_pandas()
+        tables = []
+        for path in self._parquet_files(self.manifest(batch_id)):
+            with self._root.open(path) as handle:
+                tables.append(pq.read_table(handle, columns=columns))
+        # One table, as one file gives: a category column's dictionaries are unified.
+        return pa.concat_tables(tables).to_pandas() if len(tables) > 1 else tables[0].to_pandas()
 
     def iter_frames(self, batch_id: str, rows: int = 100_000) -> Iterator[pd.DataFrame]:
         """The batch as DataFrames of at most ``rows`` rows each, read lazily."""
-        with self._root.open(self.manifest(batch_id).paths["parquet"]) as handle:
-            for batch in pq.ParquetFile(handle).iter_batches(batch_size=rows):
-                yield batch.to_pandas()
+        for path in self._parquet_files(self.manifest(batch_id)):
+            with self._root.open(path) as handle:
+                for batch in pq.ParquetFile(handle).iter_batches(batch_size=rows):
+                    yield batch.to_pandas()
+
+    def pieces(self, batch_id: str) -> builtins.list[RawPiece]:
+        """The batch's Parquet as pieces to read apart (each part, or each row group of
+        the one file), in row order, from the files' footers."""
+        batch, found, first = self.manifest(batch_id), [], 0
+        for path in self._parquet_files(batch):
+            with self._root.open(path) as handle:
+                meta = pq.ParquetFile(handle).metadata
+            groups: builtins.list[int | None] = (
+                [None] if batch.partitioned else list(range(meta.num_row_groups)))
+            for group in groups:
+                rows = meta.num_rows if group is None else meta.row_group(group).num_rows
+                found.append(RawPiece(path, group, rows, first))
+                first += rows
+        return found
+
+    def read_piece(self, piece: RawPiece,
+                   columns: builtins.list[str] | None = None) -> pd.DataFrame:
+        """One piece's rows (all columns, or the named ones), indexed by batch position."""
+        with self._root.open(piece.path) as handle:
+            file = pq.ParquetFile(handle)
+            table = (file.read(columns=columns) if piece.row_group is None
+                     else file.read_row_group(piece.row_group, columns=columns))
+        frame = table.to_pandas()
+        return frame.set_axis(pd.RangeIndex(piece.first_row, piece.first_row + len(frame)))
+
+    def _parquet_files(self, batch: RawBatch) -> builtins.list[str]:
+        if not batch.partitioned:
+            return [batch.paths["parquet"]]
+        return self._root.glob(f"{batch.paths['parquet']}/part-*.parquet")
 
     def iter_source_frames(
         self, batch_id: str, rows: int = 100_000, text_columns: Collection[str] = ()
@@ -234,7 +308,8 @@ class RawBatchStore:
         return batch
 
     def _write_data(
-        self, source: _Source, paths: dict[str, str], typing: ChunkTyping | None
+        self, source: _Source, paths: dict[str, str], typing: ChunkTyping | None,
+        partitioned: bool,
     ) -> Converted:
         # The copy (I/O, GIL released) on a thread while this one parses: both read the
         # source, and each checks that the bytes it read are the ones the id was made of.
@@ -244,7 +319,7 @@ class RawBatchStore:
                 converted = to_parquet(
                     self._reader(source, paths["original"], copied),
                     source.format,
-                    lambda: self._root.atomic_open(paths["parquet"]),
+                    self._target(paths["parquet"], partitioned),
                     self._chunk_rows,
                     source.uri,
                     typing,
@@ -255,6 +330,12 @@ class RawBatchStore:
                 copied.exception()  # wait for the copy, whatever it did, then remove it
                 self._root.remove_tree(f"raw/{source.batch_id}")  # nothing of a rejected source
                 raise
+
+    def _target(self, path: str, partitioned: bool) -> Opener | Parts:
+        if not partitioned:
+            return lambda: self._root.atomic_open(path)
+        return Parts(start=lambda: self._root.remove_tree(path),
+                     open=lambda number: self._root.atomic_open(f"{path}/{part_name(number)}"))
 
     def _reader(self, source: _Source, original: str, copied: Future[None]) -> Opener:
         """What the conversion reads: the source, verified as it is read; for Parquet,
@@ -277,7 +358,7 @@ class RawBatchStore:
 
     def _write_manifest(
         self, dataset: str, source: _Source, paths: dict[str, str], converted: Converted,
-        typed_by: str | None,
+        typed_by: str | None, partitioned: bool = False,
     ) -> RawBatch:
         batch = RawBatch(
             batch_id=source.batch_id,
@@ -292,6 +373,7 @@ class RawBatchStore:
             paths=paths,
             typed_by=typed_by,
             rows_set_aside=converted.set_aside,
+            partitioned=partitioned,
         )
         # Last, and atomically: its presence is what marks the batch complete.
         self._root.write_bytes(paths["manifest"], batch.model_dump_json(indent=2).encode())

@@ -14,7 +14,7 @@ as the last is answered; the servers are separate processes, started one at a ti
   starts ``mlserver start`` on free ports; readiness is polled through ``ServerReady`` and
   ``ModelReady``.
 - Conveyor ``ModelInfer``: the same request to the scoring server's Open Inference
-  Protocol service (``scoring/v2.py``), the same work as MLServer's.
+  Protocol service (``scoring/oip.py``), the same work as MLServer's.
 - Conveyor ``Score``: the model registered as champion in a throwaway namespace with a
   feature set whose 8 entity aggregates come from Redis (written here for 10,000
   entities) and whose 12 other features come in the request: a Redis read, the compiled
@@ -136,6 +136,9 @@ def main() -> None:
         if args.only_conveyor:
             tuning(world, args, settings)
             return
+        if args.only_fallback:
+            print(json.dumps(bench_fallback(world, args, settings), indent=1))
+            return
         ensure_mlserver()
         systems = {
             "mlserver_batching_off": bench_mlserver(world, work, args, batching=False),
@@ -171,6 +174,8 @@ def parse_args() -> argparse.Namespace:
                         help="Conveyor's worker processes (0: the CPUs this process may use)")
     parser.add_argument("--only-conveyor", action="store_true",
                         help="Conveyor and the no-op ceiling only, no results file (tuning)")
+    parser.add_argument("--only-fallback", action="store_true",
+                        help="the fallback scenario only, printed, no results file (tuning)")
     parser.add_argument("--profile", action="store_true",
                         help="only the in-process cost of one Score, fast and pandas paths")
     args = parser.parse_args()

@@ -41,9 +41,9 @@ from common.errors import InvalidInput, NotFound
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from scoring.core import InferResult, ScoringCore
+from scoring.grpc_common import grpc_errors, remaining_deadline
 from scoring.inputs import InputSchema
 from scoring.metrics import ScoringMetrics
-from scoring.server import grpc_errors, remaining_deadline
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "conveyor"

@@ -1,13 +1,13 @@
 """The gRPC edge of scoring: thin servicers over ``ScoringCore``, health and reflection.
 
 One server carries ``conveyor.scoring.v1.Scoring``, the Open Inference Protocol's
-``inference.GRPCInferenceService`` (scoring/v2.py), the standard health service and
-reflection. The servicers only convert messages; ``grpc_errors`` is the one table that
-maps ``common.errors.Status`` to ``grpc.StatusCode``. Overload is bounded twice: the
-thread pool and ``maximum_concurrent_rpcs`` (gRPC answers RESOURCE_EXHAUSTED beyond it),
-and the micro-batchers' queues. ``metrics`` (scoring/metrics.py) are recorded by an
-interceptor and the servicers; ``security`` (scoring/security.py) adds TLS and bearer
-tokens. Example::
+``inference.GRPCInferenceService`` (scoring/oip.py), the standard health service and
+reflection. The servicers only convert messages; ``grpc_errors`` (scoring/grpc_common.py)
+is the one table that maps ``common.errors.Status`` to ``grpc.StatusCode``. Overload is
+bounded twice: the thread pool and ``maximum_concurrent_rpcs`` (gRPC answers
+RESOURCE_EXHAUSTED beyond it), and the micro-batchers' queues. ``metrics``
+(scoring/metrics.py) are recorded by an interceptor and the servicers; ``security``
+(scoring/security.py) adds TLS and bearer tokens. Example::
 
     server = ScoringServer(core, GrpcSettings(port=0)).start()
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
@@ -17,21 +17,20 @@ tokens. Example::
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from common.errors import ConveyorError, InvalidInput, Status
+from common.errors import InvalidInput
 from protos.conveyor.scoring.v1 import scoring_pb2 as pb
 from protos.conveyor.scoring.v1 import scoring_pb2_grpc as pb_grpc
+from scoring import oip
 from scoring.core import ScoreQuery, ScoreResult, ScoringCore
+from scoring.grpc_common import grpc_errors, remaining_deadline
 from scoring.inputs import FieldValue
 from scoring.metrics import MetricsInterceptor, ScoringMetrics
 from scoring.router import ModelHealth
@@ -40,35 +39,6 @@ from scoring.security import ServerSecurity
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Scoring"].full_name
-GRPC_CODES: dict[Status, grpc.StatusCode] = {
-    Status.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
-    Status.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    Status.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-    Status.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Status.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
-    Status.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
-    Status.INTERNAL: grpc.StatusCode.INTERNAL,
-}
-Handler = TypeVar("Handler", bound=Callable[..., Any])
-
-
-def grpc_errors(method: Handler) -> Handler:
-    """Abort the RPC with the gRPC code of a ``ConveyorError``'s status, and its message.
-
-    Anything else is a bug: logged with its traceback, answered INTERNAL.
-    """
-
-    @functools.wraps(method)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            return method(self, request, context)
-        except ConveyorError as exc:
-            context.abort(GRPC_CODES[exc.status], str(exc))
-        except Exception as exc:
-            logger.exception("%s failed", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
-
-    return wrapper  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -170,18 +140,16 @@ class ScoringServer:
         self, core: ScoringCore, settings: GrpcSettings | None = None, *,
         metrics: ScoringMetrics | None = None, security: ServerSecurity | None = None,
     ) -> None:
-        from scoring import v2  # v2 uses this module's error table
-
         self.core, self.settings = core, settings or GrpcSettings()
         self.metrics, self.security = metrics or ScoringMetrics(), security or ServerSecurity()
         self.health = health.HealthServicer()
-        self.services = (SERVICE_NAME, v2.SERVICE_NAME)
+        self.services = (SERVICE_NAME, oip.SERVICE_NAME)
         interceptors = [MetricsInterceptor(self.metrics, self.services),
                         *self.security.interceptors()]
         self._server = _grpc_server(self.settings, interceptors)
         pb_grpc.add_ScoringServicer_to_server(ScoringServicer(core, self.metrics), self._server)
-        v2.pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            v2.InferenceServicer(core, self.metrics), self._server)
+        oip.pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            oip.InferenceServicer(core, self.metrics), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         names = (*self.services, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self._server)
@@ -237,13 +205,6 @@ def _value(name: str, value: pb.FieldValue) -> FieldValue:
         raise InvalidInput(f"field '{name}' has no value")
     result: FieldValue = getattr(value, kind)
     return result
-
-
-def remaining_deadline(core: ScoringCore, context: grpc.ServicerContext) -> float:
-    """The core's deadline, shortened to what the client has left (if it set one)."""
-    remaining = context.time_remaining()
-    default = core.settings.deadline_s
-    return default if remaining is None else max(0.0, min(default, remaining))
 
 
 def _ms(seconds: float) -> float:

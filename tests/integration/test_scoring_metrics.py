@@ -19,10 +19,10 @@ from protos.inference import grpc_service_pb2_grpc as v2pb_grpc
 from scoring.core import CoreSettings, ScoringCore
 from scoring.inputs import InputSchema
 from scoring.metrics import ScoringMetrics
+from scoring.oip import field_tensors
 from scoring.security import ServerSecurity
 from scoring.server import GrpcSettings, ScoringServer, field_value
 from scoring.service import ScoringService
-from scoring.v2 import field_tensors
 from tests.fixtures.models import SlowClassifier
 from tests.fixtures.scoring import ScoringWorld, fields_of
 

@@ -19,8 +19,8 @@ from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from scoring.core import ScoringCore
 from scoring.inputs import InputSchema
+from scoring.oip import MAX_ROWS, field_tensors
 from scoring.server import GrpcSettings, ScoringServer, field_value
-from scoring.v2 import MAX_ROWS, field_tensors
 from tests.fixtures.models import SlowClassifier
 from tests.fixtures.scoring import ScoringWorld, fields_of, status_of
 

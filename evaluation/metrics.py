@@ -118,13 +118,14 @@ def evaluate(
     model's outputs on ``X`` if the caller keeps them for ``curves`` too)."""
     chosen = [get_evaluator(name) for name in metrics]
     for evaluator in chosen:
-        _check_fits(evaluator, model)
+        check_fits(evaluator, model)
     outputs, y_true = outputs or Outputs(model, X), np.asarray(y)
     classes = np.asarray(getattr(model, "classes_", []))
     return {e.name: _compute(e, y_true, outputs.get(e.needs), classes) for e in chosen}
 
 
-def _check_fits(evaluator: Evaluator, model: Any) -> None:
+def check_fits(evaluator: Evaluator, model: Any) -> None:
+    """``InvalidInput`` if the metric is not for this kind of model or needs what it lacks."""
     kind = "classifier" if is_classifier(model) else "regressor"
     if (evaluator.task == "classification") != is_classifier(model):
         raise InvalidInput(f"metric {evaluator.name} is for {evaluator.task}, not a {kind}")

@@ -17,13 +17,20 @@ not. When none passes, the best by the metric is reported with its rejection.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
 from common.errors import InvalidInput
 from evaluation.gate import EvaluationConfig, GateDecision, gate, measure_latency, rank_candidates
 from evaluation.metrics import Outputs, applicable, curves, evaluate, is_binary
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+CHAMPION = "\0champion"
+"""The champion's key beside the candidates' ids (no model id holds a NUL)."""
 
 
 class EvaluationReport(BaseModel):
@@ -70,26 +77,57 @@ def evaluate_candidates(
     X_test: Any,
     y_test: Any,
     config: EvaluationConfig,
+    client: Client | None = None,
 ) -> EvaluationReport:
-    """Score every candidate and the champion on the same data, gate them best first."""
+    """Score every candidate and the champion on the same data, gate them best first.
+
+    With a Dask ``client``, (X_test, y_test) are Dask collections and the metrics are
+    computed partition by partition on the cluster (evaluation/partitioned.py); the
+    latency check runs here on the first ``config.batch_size`` rows."""
     if not candidates:
         raise InvalidInput("there are no candidates to evaluate")
-    # Each candidate predicts the test rows once, for its metrics and, if chosen, its curves.
-    outputs = {key: Outputs(model, X_test) for key, model in candidates.items()}
-    scores = {key: _score(model, X_test, y_test, config, outputs[key])
-              for key, model in candidates.items()}
+    if client is not None:
+        scores, champion_metrics, curves_of, rows = _measured_on_cluster(
+            candidates, champion, X_test, y_test, config, client)
+    else:
+        # Each candidate predicts the test rows once, for its metrics and, if chosen, curves.
+        outputs = {key: Outputs(model, X_test) for key, model in candidates.items()}
+        scores = {key: _score(model, X_test, y_test, config, outputs[key])
+                  for key, model in candidates.items()}
+        champion_metrics = None if champion is None else _score(champion, X_test, y_test, config)
+
+        def curves_of(key: str) -> Any:
+            return _curves(candidates[key], X_test, y_test, outputs[key])
+
+        rows = X_test
     ranking = rank_candidates(scores, config.metric)
-    champion_metrics = None if champion is None else _score(champion, X_test, y_test, config)
     decisions, latency = _gate_in_order(
-        ranking, candidates, scores, champion_metrics, X_test, config
+        ranking, candidates, scores, champion_metrics, rows, config
     )
     chosen = next((key for key, decision in decisions.items() if decision.accepted), ranking[0])
     return EvaluationReport(
         metric=config.metric, candidates=scores, ranking=ranking, chosen_id=chosen,
         decision=decisions[chosen], decisions=decisions, latency=latency,
-        champion_metrics=champion_metrics,
-        curves=_curves(candidates[chosen], X_test, y_test, outputs[chosen]),
+        champion_metrics=champion_metrics, curves=curves_of(chosen),
     )
+
+
+def _measured_on_cluster(
+    candidates: dict[str, Any], champion: Any | None, X_test: Any, y_test: Any,
+    config: EvaluationConfig, client: Client,
+) -> tuple[dict[str, dict[str, float]], dict[str, float] | None, Callable[[str], Any], Any]:
+    """Scores, the champion's metrics, the curves and the latency rows, from the cluster."""
+    from evaluation.partitioned import measure_partitioned  # the Dask path only
+
+    models = {**candidates, **({CHAMPION: champion} if champion is not None else {})}
+    measured = measure_partitioned(
+        models, X_test, y_test, {key: metrics_for(m, config) for key, m in models.items()},
+        client)
+    scores = {key: measured[key].metrics for key in candidates}
+    champion_metrics = measured[CHAMPION].metrics if champion is not None else None
+    rows = client.compute(X_test.head(config.batch_size, npartitions=-1, compute=False),
+                          sync=True)
+    return scores, champion_metrics, lambda key: measured[key].curves, rows
 
 
 def metrics_for(model: Any, config: EvaluationConfig) -> list[str]:

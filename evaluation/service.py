@@ -7,15 +7,21 @@ the latency budget, then promotes it in the registry, once preparation has the f
 set's rows online (it materialises them while training runs; see preparation.service).
 Promotion is atomic and promoting the champion again changes nothing, so a redelivered
 event re-announces the same result.
+
+With ``CONVEYOR_COMPUTE`` naming a Dask cluster the evaluation part is read and split on
+the cluster and the metrics are summed partition by partition there (see
+evaluation.partitioned); only a champion of another feature set, whose rows must be
+transformed by its own pipeline, is still judged on the pandas path.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from common.compute import Compute, open_compute
 from common.config import PipelineConfig, load_pipeline_config
 from common.errors import ModelNotFound, NotReady
 from common.events import CandidatesTrained, ModelReady, ModelRejected
@@ -31,6 +37,9 @@ from common.stores import (
 from common.wiring import Stores
 from evaluation.report import EvaluationReport, evaluate_candidates
 from preparation.join import joined_frame
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +80,16 @@ class EvaluationService(Service):
         raw_store: RawBatchStore,
         online: OnlineFeatureStore | None = None,
         online_wait_s: float = 600.0,
+        compute: Compute | None = None,
     ) -> None:
         self.config, self.offline, self.models = config, offline, models
         self.pipelines, self.registry, self.raw_store = pipelines, registry, raw_store
         self.online, self.online_wait_s = online, online_wait_s
+        self.compute = compute or Compute("local")
+
+    def close(self) -> None:
+        """Let go of the cluster (if any)."""
+        self.compute.close()
 
     @handles(CandidatesTrained)
     def on_candidates_trained(self, event: CandidatesTrained) -> ModelReady | ModelRejected:
@@ -82,10 +97,15 @@ class EvaluationService(Service):
         if not event.model_ids:
             reasons = [f"{f.name}: {f.error}" for f in event.failures] or ["no candidates"]
             return self._rejected(event, [f"no candidate was trained ({'; '.join(reasons)})"])
-        X_test, y_test = self._evaluation_part(event.feature_set_id)
         candidates = {model_id: self.models.load(model_id) for model_id in event.model_ids}
+        client = self.compute.client if self._on_cluster(event.feature_set_id) else None
+        if client is not None:
+            X_test, y_test = self._evaluation_part_on_cluster(event.feature_set_id, client)
+        else:
+            X_test, y_test = self._evaluation_part(event.feature_set_id)
         champion = self._champion_on(X_test, event.feature_set_id)
-        report = evaluate_candidates(candidates, champion, X_test, y_test, self.config.evaluation)
+        report = evaluate_candidates(candidates, champion, X_test, y_test,
+                                     self.config.evaluation, client)
         if not report.accepted:
             self._record(report, accepted=None)
             return self._rejected(event, report.reasons())
@@ -97,13 +117,34 @@ class EvaluationService(Service):
         part = self.config.split.apply(frame, record.metadata["label"])
         return part.X_test[record.metadata["features"]], part.y_test
 
-    def _champion_on(self, X_test: pd.DataFrame, fsid: str) -> Any | None:
+    def _evaluation_part_on_cluster(self, fsid: str, client: Client) -> tuple[Any, Any]:
+        """The evaluation part as Dask collections, split on the cluster."""
+        from segregation.partitioned import split_partitioned  # the Dask path only
+
+        record = self.offline.metadata(fsid)
+        label, features = record.metadata["label"], record.metadata["features"]
+        frame = self.offline.read_dask(fsid, columns=[*features, label])
+        test = split_partitioned(frame, self.config.split, client).test
+        return test[features], test[label]
+
+    def _on_cluster(self, fsid: str) -> bool:
+        """Whether to evaluate on the cluster: there is one, and the champion (if any)
+        reads the same feature set (another one's rows are transformed here)."""
+        if not self.compute.distributed:
+            return False
+        champion_id = self._champion_id()
+        return champion_id is None or self._feature_set_of(champion_id) == fsid
+
+    def _feature_set_of(self, model_id: str) -> str:
+        return str(self.models.metadata(model_id).metadata["feature_set_id"])
+
+    def _champion_on(self, X_test: Any, fsid: str) -> Any | None:
         try:
             champion_id = self.registry.champion().model_id
         except ModelNotFound:
             return None
         model = self.models.load(champion_id)
-        champion_fsid = self.models.metadata(champion_id).metadata["feature_set_id"]
+        champion_fsid = self._feature_set_of(champion_id)
         if champion_fsid == fsid:
             return model
         return OnRows(model, self._features_by(champion_fsid, fsid))
@@ -187,5 +228,5 @@ def build(settings: Settings) -> EvaluationService:
     return EvaluationService(
         config, stores.offline, stores.models, stores.feature_pipelines,
         stores.registry(settings, config.name), stores.raw,
-        online=stores.online, online_wait_s=settings.online_wait_s,
+        online=stores.online, online_wait_s=settings.online_wait_s, compute=open_compute(),
     )

@@ -1,6 +1,6 @@
 # The two commands: `make demo` and `make test`. Both set up what they need first.
 .PHONY: setup demo test lint observe dashboards bench-bus bench-features bench-pipeline \
-	bench-monitoring bench-scoring bench-streaming clean
+	bench-monitoring bench-scoring bench-streaming soak fuzz clean
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -34,7 +34,7 @@ dashboards: setup
 
 # Benchmarks are local development: the services they start accept guest and the published
 # signing key, and read their sources from bench/.work (the checks of README's Security).
-BENCH_TARGETS := bench-bus bench-features bench-pipeline bench-monitoring bench-scoring
+BENCH_TARGETS := bench-bus bench-features bench-pipeline bench-monitoring bench-scoring soak fuzz
 $(BENCH_TARGETS): export CONVEYOR_LOCAL_DEV := true
 $(BENCH_TARGETS): export CONVEYOR_SOURCE_ROOTS := ["$(CURDIR)/bench/.work","var/demo"]
 
@@ -55,6 +55,15 @@ bench-scoring: setup
 
 bench-streaming: setup
 	@$(PY) bench/streaming.py
+
+# issue 12: 10 minutes of Score at 1,000 calls/s with two pipeline runs (bench/results/soak.json)
+soak: setup
+	@$(PY) bench/soak.py
+
+# issue 12: the fuzz tests at 10,000 examples each, fresh seed (bench/results/fuzz.json)
+fuzz: setup
+	@CONVEYOR_FUZZ_EXAMPLES=$${CONVEYOR_FUZZ_EXAMPLES:-10000} CONVEYOR_FUZZ_REPORT=bench/results/fuzz.json \
+		$(PY) -m pytest tests/integration/test_fuzz.py -q -p no:randomly -o timeout=0
 
 clean:
 	rm -rf var/ .pytest_cache

@@ -50,6 +50,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -309,8 +310,12 @@ def stage_seconds(seen: dict[str, Any]) -> dict[str, float | None]:
     return stages
 
 
-def run_services(args: argparse.Namespace, csv: Path, work: Path) -> dict[str, Any]:
-    """Start the fleet, publish SourceDataAvailable, time it to ModelReady, clean up."""
+def run_services(args: argparse.Namespace, csv: Path, work: Path,
+                 watch: Callable[[Fleet], contextlib.AbstractContextManager[Any]] | None = None,
+                 ) -> dict[str, Any]:
+    """Start the fleet, publish SourceDataAvailable, time it to ModelReady, clean up.
+    ``watch(fleet)``, if given, is entered from the publish to the final event (bench/scale.py
+    samples the processes' memory in it)."""
     from common.bus.rabbitmq import RabbitMQBus
     from common.events import SourceDataAvailable
     from common.settings import Settings
@@ -329,9 +334,11 @@ def run_services(args: argparse.Namespace, csv: Path, work: Path) -> dict[str, A
         observer, bus = Observer(settings), RabbitMQBus(settings, name="bench-producer")
         event = SourceDataAvailable(dataset="paysim", uri=str(csv), producer="bench")
         cpu_before, redis_before = fleet.cpu_seconds(), redis_cpu_seconds(settings)
-        published = time.perf_counter()
-        bus.publish(event)
-        seen = observer.until_final(str(event.correlation_id), args.timeout, fleet.check_alive)
+        with watch(fleet) if watch else contextlib.nullcontext():
+            published = time.perf_counter()
+            bus.publish(event)
+            seen = observer.until_final(str(event.correlation_id), args.timeout,
+                                        fleet.check_alive)
         final = next(t for t in FINAL if t in seen)
         pipeline_s = seen[final][1] - published
         cpu_after, redis_after = fleet.cpu_seconds(), redis_cpu_seconds(settings)

@@ -1,6 +1,6 @@
 # The two commands: `make demo` and `make test`. Both set up what they need first.
 .PHONY: setup demo test lint observe dashboards bench-bus bench-features bench-pipeline \
-	bench-monitoring bench-scoring bench-streaming soak fuzz clean
+	bench-monitoring bench-scoring bench-streaming bench-scale soak fuzz clean
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -34,7 +34,8 @@ dashboards: setup
 
 # Benchmarks are local development: the services they start accept guest and the published
 # signing key, and read their sources from bench/.work (the checks of README's Security).
-BENCH_TARGETS := bench-bus bench-features bench-pipeline bench-monitoring bench-scoring soak fuzz
+BENCH_TARGETS := bench-bus bench-features bench-pipeline bench-monitoring bench-scoring soak fuzz \
+	bench-scale
 $(BENCH_TARGETS): export CONVEYOR_LOCAL_DEV := true
 $(BENCH_TARGETS): export CONVEYOR_SOURCE_ROOTS := ["$(CURDIR)/bench/.work","var/demo"]
 
@@ -55,6 +56,11 @@ bench-scoring: setup
 
 bench-streaming: setup
 	@$(PY) bench/streaming.py
+
+# 1M, 5M and 20M rows on dask-local and local (long: generates up to 2 GB of CSV once);
+# BENCH_SCALE_ARGS="--rows 1000000 --modes dask-local" chooses.
+bench-scale: setup
+	@$(PY) bench/scale.py $(BENCH_SCALE_ARGS)
 
 # issue 12: 10 minutes of Score at 1,000 calls/s with two pipeline runs (bench/results/soak.json)
 soak: setup

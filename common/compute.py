@@ -212,6 +212,6 @@ def _start(settings: ComputeSettings) -> _Shared:
         threads_per_worker=settings.dask_threads_per_worker,
         memory_limit=settings.dask_memory_limit,
         processes=True,
-        dashboard_address=None,  # no web server (and no port) a service did not ask for
+        dashboard_address=":0",  # a free port: never one a service or another cluster holds
     )
     return _Shared(Client(cluster, set_as_default=False), cluster)

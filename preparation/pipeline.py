@@ -97,7 +97,7 @@ class FeaturePipeline:
         out = _run(pipeline, _unique_index(frame), "fit")
         return FittedFeatureSet(
             spec=self.spec, pipeline=pipeline, feature_set_id=feature_set_id(self.spec, batch_ids),
-            batch_ids=tuple(_batch_ids(batch_ids)), feature_names=_feature_names(out, self.spec),
+            batch_ids=tuple(_batch_ids(batch_ids)), feature_names=feature_names_of(out, self.spec),
             input_dtypes={str(c): str(t) for c, t in frame.dtypes.items()},
         )
 
@@ -188,10 +188,12 @@ class FittedFeatureSet:
                  for block in _consecutive(steps)]
         return pd.concat(parts, axis=1).set_axis(pd.Index(probes[self.entity_key]))
 
-    def transform_and_latest(self, frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """``(transform(frame), latest_aggregates(frame))``, from one run where that gives
-        the same values: each aggregate step also computes its probes (one per entity)
-        beside the frame's rows, so the history is not run through the steps again.
+    def transform_and_latest(self, frame: pd.DataFrame, at: Any = None
+                             ) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """``(transform(frame), latest_aggregates(frame, at))``, from one run where that
+        gives the same values: each aggregate step also computes its probes (one per entity)
+        beside the frame's rows, so the history is not run through the steps again. ``at``
+        defaults to just after the frame's last row (a part of a batch passes the batch's).
 
         That needs the offline run to see the rows the online run would: no row filter
         before an aggregate step, the fit-time dtypes, no aggregate columns in ``frame``;
@@ -201,9 +203,10 @@ class FittedFeatureSet:
         if not steps:
             raise InvalidInput(f"feature set {self.feature_set_id} has no entity aggregates")
         if not self._one_run(frame, steps[-1][0]):
-            return self.transform(frame), self.latest_aggregates(frame)
+            return self.transform(frame), self.latest_aggregates(frame, at)
         parts: dict[int, pd.DataFrame] = {}
-        out = _run(self.pipeline, _unique_index(frame), "offline", latest=(self._at(frame), parts))
+        when = self._at(frame) if at is None else pd.Timestamp(at)
+        out = _run(self.pipeline, _unique_index(frame), "offline", latest=(when, parts))
         latest = pd.concat([parts[index] for index, _ in steps], axis=1)
         return self._output(out, frame, self.carried), latest
 
@@ -308,7 +311,8 @@ def _unique_index(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def _feature_names(out: pd.DataFrame, spec: FeatureSpec) -> tuple[str, ...]:
+def feature_names_of(out: pd.DataFrame, spec: FeatureSpec) -> tuple[str, ...]:
+    """The feature columns of the steps' output ``out`` (all numeric, or ``InvalidInput``)."""
     carried = StepContext(spec.entity_key, spec.timestamp, spec.label).carried
     names = [str(c) for c in out.columns if c not in carried]
     with naming_step(f"feature spec {spec.name}"):

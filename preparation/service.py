@@ -19,6 +19,11 @@ the stream and writes its entity state from the batch (``preparation.streaming``
 marks that ready: scoring reads the latest rows until then, the state after, which
 streamed records keep fresh. A redelivery redoes only what is not marked.
 
+With ``CONVEYOR_COMPUTE`` naming a Dask cluster the fit, the transform and the write of
+the offline parts run on the cluster (``preparation.distributed``): the same fitted set
+and features; a set it cannot prepare there (joined inputs, a custom or shuffled split, a
+batch not typed as stored) is prepared with pandas here, as by default.
+
 ``OnlinePreparationService`` (``conveyor run online-preparation``) is the online path:
 RecordsObserved, checked record by record, applied to the entity state of every feature
 set the stream keeps for the dataset (see its docstring and the README's online path).
@@ -29,10 +34,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import pandas as pd
 from prometheus_client import CollectorRegistry, Counter
 
+from common.compute import Compute, open_compute
 from common.config import PipelineConfig, load_pipeline_config
 from common.errors import InvalidInput, NotFound
 from common.events import (
@@ -57,8 +64,12 @@ from common.wiring import Stores
 from ingestion.contract import DatasetContract
 from ingestion.records import CheckedRecords, check_records
 from preparation import FittedFeatureSet, build_pipeline, feature_set_id
+from preparation.distributed import NotDistributable, prepare_on_cluster
 from preparation.join import joined_frame, missing_inputs
 from preparation.streaming import NotStreamable, StreamPlan
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +93,11 @@ class PreparationService(Service):
         targets: StreamTargets | None = None,
         tolerance_s: float = 300.0,
         count_ttl_s: int = 90 * 86_400,
+        compute: Compute | None = None,
     ) -> None:
         self.config, self.raw_store, self.offline = config, raw_store, offline
         self.online, self.pipelines = online, pipelines
+        self.compute = compute or Compute("local")
         self.state, self.targets = state, targets
         self.tolerance_s, self.count_ttl_s = tolerance_s, count_ttl_s
 
@@ -163,6 +176,11 @@ class PreparationService(Service):
                  fsid, len(entities), dataset)
 
     def _prepare(self, fsid: str, batches: dict[str, str]) -> None:
+        if self.compute.client is not None:
+            try:
+                return self._prepare_on_cluster(fsid, batches, self.compute.client)
+            except NotDistributable as why:
+                log.info("feature set %s prepared with pandas in process: %s", fsid, why)
         frame = joined_frame(self.raw_store, self.config.datasets, self.config.features, batches)
         label = self.config.features.label
         train = self.config.split.apply(frame, label).train
@@ -172,6 +190,17 @@ class PreparationService(Service):
         metadata = {**self._metadata(fitted, batches, len(train)), "online_timestamp": timestamp}
         self.offline.write(fsid, features, metadata, online=online)
         log.info("feature set %s: %d rows, %d features", fsid, len(features),
+                 len(fitted.feature_names))
+
+    def _prepare_on_cluster(self, fsid: str, batches: dict[str, str], client: Client) -> None:
+        done = prepare_on_cluster(client, self.raw_store, self.offline, self.config, fsid,
+                                  batches)
+        fitted = done.fitted
+        self.pipelines.save(fsid, fitted, {"kind": "feature_pipeline", "batch_ids": batches})
+        metadata = {**self._metadata(fitted, batches, done.fit_rows),
+                    "online_timestamp": done.online_timestamp}
+        self.offline.finish_parts(fsid, done.rows, done.columns, metadata, online=done.online)
+        log.info("feature set %s: %d rows, %d features (on the cluster)", fsid, done.rows,
                  len(fitted.feature_names))
 
     @staticmethod
@@ -231,6 +260,7 @@ def build(settings: Settings) -> PreparationService:
         else None,
         targets=StreamTargets(stores.redis, settings.namespace),
         tolerance_s=settings.stream_late_tolerance_s, count_ttl_s=settings.stream_count_ttl_s,
+        compute=open_compute(),
     )
 
 

@@ -392,6 +392,12 @@ class OfflineFeatureStore:
 
     def __init__(self, root: str):
         self._root = DataRoot(root)
+        self._root_url = root
+
+    @property
+    def root(self) -> str:
+        """The data root (a folder or fsspec URL), as given: what a worker opens it with."""
+        return self._root_url
 
     def write(
         self, feature_set_id: str, frame: pd.DataFrame, metadata: dict[str, Any],
@@ -404,24 +410,51 @@ class OfflineFeatureStore:
         with self._root.atomic_open(f"{folder}/features.parquet") as handle:
             # Numbers and ids: dictionary pages would overflow and fall back (wasted work).
             frame.to_parquet(handle, use_dictionary=False, compression="lz4")
+        columns = {str(c): str(t) for c, t in frame.dtypes.items()}
+        return self.finish_parts(feature_set_id, len(frame), columns, metadata, online)
+
+    def start_parts(self, feature_set_id: str) -> None:
+        """Before a partitioned write (a Dask cluster's workers each write parts): nothing
+        of an earlier attempt stays in the set's folder."""
+        self._root.remove_tree(f"features/{check_id('feature set id', feature_set_id)}")
+
+    def write_part(self, feature_set_id: str, number: int, frame: pd.DataFrame) -> None:
+        """Write part ``number`` of a partitioned feature set (``features.parquet/`` is then
+        a folder; the parts in name order are the rows in order)."""
+        folder = f"features/{check_id('feature set id', feature_set_id)}/features.parquet"
+        with self._root.atomic_open(f"{folder}/part-{number:05d}.parquet") as handle:
+            frame.to_parquet(handle, use_dictionary=False, compression="lz4")
+
+    def finish_parts(
+        self, feature_set_id: str, rows: int, columns: dict[str, str], metadata: dict[str, Any],
+        online: pd.DataFrame | None = None,
+    ) -> FeatureSetRecord:
+        """Complete a feature set whose frame is written: its online rows, then the record
+        (which marks it complete, so it comes last)."""
+        folder = f"features/{check_id('feature set id', feature_set_id)}"
         if online is not None:
             with self._root.atomic_open(f"{folder}/{ONLINE_FILE}") as handle:
                 online.to_parquet(handle, use_dictionary=False, compression="lz4")
-        record = FeatureSetRecord(
-            feature_set_id=feature_set_id,
-            rows=len(frame),
-            created_at=utc_now(),
-            columns={str(c): str(t) for c, t in frame.dtypes.items()},
-            metadata=metadata,
-        )
+        record = FeatureSetRecord(feature_set_id=feature_set_id, rows=rows,
+                                  created_at=utc_now(), columns=columns, metadata=metadata)
         self._root.write_bytes(f"{folder}/metadata.json", record.model_dump_json(indent=2).encode())
         return record
 
     def read(self, feature_set_id: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
         """The feature set's frame (all columns, or the named ones)."""
         self.metadata(feature_set_id)
-        with self._root.open(f"features/{feature_set_id}/features.parquet") as handle:
-            return pd.read_parquet(handle, columns=list(columns) if columns else None)
+        path = f"features/{feature_set_id}/features.parquet"
+        wanted = list(columns) if columns else None
+        if not self._root.fs.isdir(self._root.path(path)):
+            with self._root.open(path) as handle:
+                return pd.read_parquet(handle, columns=wanted)
+        parts = []
+        for part in self._root.glob(f"{path}/part-*.parquet"):
+            with self._root.open(part) as handle:
+                parts.append(pd.read_parquet(handle, columns=wanted))
+        frame = pd.concat(parts) if len(parts) > 1 else parts[0]
+        whole = pd.RangeIndex(len(frame))
+        return frame.set_axis(whole) if frame.index.equals(whole) else frame  # as one file
 
     def read_dask(self, feature_set_id: str, columns: Sequence[str] | None = None) -> Any:
         """The feature set's frame as a lazy Dask frame, partitioned by its Parquet row

@@ -19,6 +19,7 @@ here is computed the same way, from its collected outputs. Example::
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -96,6 +97,16 @@ def measure_partitioned(
     totals = {key: sum((p[key] for p in per_partition), Parts()) for key in models}
     return {key: Measured(_metrics(models[key], totals[key], metrics[key]),
                           _curves(models[key], totals[key])) for key in models}
+
+
+def warm_workers(client: Client) -> None:
+    """Import what the partition tasks run (this module, scikit-learn's metrics) on every
+    worker now, not in the first evaluation's tasks."""
+    client.run(_import, __name__)
+
+
+def _import(module: str) -> None:
+    importlib.import_module(module)  # the module itself does not travel back
 
 
 def _partition_parts(X: pd.DataFrame, y: pd.Series, models: dict[str, Any],

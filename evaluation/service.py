@@ -86,6 +86,10 @@ class EvaluationService(Service):
         self.pipelines, self.registry, self.raw_store = pipelines, registry, raw_store
         self.online, self.online_wait_s = online, online_wait_s
         self.compute = compute or Compute("local")
+        if self.compute.client is not None:
+            from evaluation.partitioned import warm_workers  # the Dask path only
+
+            warm_workers(self.compute.client)
 
     def close(self) -> None:
         """Let go of the cluster (if any)."""

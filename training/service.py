@@ -66,8 +66,12 @@ class TrainingService(Service):
     def warm(self) -> TrainingService:
         """Start the worker processes now, so the first run does not wait for them (on a
         Dask cluster the cluster's workers train: no local ones)."""
-        if not self.compute.distributed:
+        if self.compute.client is None:
             self._workers()
+        else:
+            from training.distributed import warm_workers
+
+            warm_workers(self.compute.client, self._estimators())
         return self
 
     def ready(self) -> bool:
@@ -84,9 +88,11 @@ class TrainingService(Service):
     def _workers(self) -> WorkerPool:
         """The training workers, started once and kept across runs."""
         if self._pool is None:
-            estimators = sorted({c.estimator for c in expand(self.config.training)})
-            self._pool = WorkerPool(self.config.training.workers, estimators).start()
+            self._pool = WorkerPool(self.config.training.workers, self._estimators()).start()
         return self._pool
+
+    def _estimators(self) -> list[str]:
+        return sorted({c.estimator for c in expand(self.config.training)})
 
     @handles(FeaturesGenerated)
     def on_features_generated(self, event: FeaturesGenerated) -> CandidatesTrained:

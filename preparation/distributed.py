@@ -512,13 +512,15 @@ class _Written:
     rows: int
     columns: dict[str, str]
     online: pd.DataFrame | None
+    """Online rows for the caller to write (None: none, or the workers wrote them)."""
 
 
 def write_features(client: Client, fitted: FittedFeatureSet, frame: dd.DataFrame,
                    offline: OfflineFeatureStore, fsid: str) -> _Written:
     """Transform every row (a partition of whole entities at a time), put the rows back in
     batch order and write each partition as a part of the offline set; returns the rows,
-    the columns' dtypes and the online rows (None without an entity key)."""
+    the columns' dtypes and the online rows left to write (None without an entity key,
+    and with entity aggregates, whose rows the workers write as parts)."""
     import dask
     import dask.dataframe as dd
 
@@ -534,6 +536,9 @@ def write_features(client: Client, fitted: FittedFeatureSet, frame: dd.DataFrame
     offline.start_parts(fsid)
     parts = [dask.delayed(_write_part)(part, offline.root, fsid, number)
              for number, part in enumerate(ordered.to_delayed())]
+    if fitted.aggregate_columns:  # each entity's row in one partition: written there
+        online = [dask.delayed(_write_online)(rows, offline.root, fsid, number)
+                  for number, rows in enumerate(online)]
     written, online_rows = client.compute([parts, online], sync=True)
     return _Written(sum(r for r, _ in written), _dtypes(written, features_meta),
                     _online(online_rows, fitted, key))
@@ -601,6 +606,11 @@ def _write_part(part: pd.DataFrame, root: str, fsid: str,
     return len(part), {str(c): str(t) for c, t in part.dtypes.items()}
 
 
+def _write_online(rows: pd.DataFrame | None, root: str, fsid: str, number: int) -> None:
+    if rows is not None and len(rows):
+        OfflineFeatureStore(root).write_part(fsid, number, rows, online=True)
+
+
 def _dtypes(written: list[tuple[int, dict[str, str]]], meta: pd.DataFrame) -> dict[str, str]:
     """The columns' dtypes: those of a part with rows (all agree), else the expected ones."""
     found = [dtypes for rows, dtypes in written if rows]
@@ -611,11 +621,10 @@ def _dtypes(written: list[tuple[int, dict[str, str]]], meta: pd.DataFrame) -> di
 
 def _online(parts: list[pd.DataFrame | None], fitted: FittedFeatureSet,
             key: str | None) -> pd.DataFrame | None:
+    """The online rows to write in this process: with aggregates none (the workers wrote
+    them); else each entity's latest row of the partitions' latest rows, taken in batch
+    order of the partitions, so a tie goes to the later row as in one frame."""
     found = [p for p in parts if p is not None]
-    if key is None or not found:
+    if key is None or fitted.aggregate_columns or not found:
         return None
-    if fitted.aggregate_columns:  # an entity's rows are all in one partition
-        return pd.concat(found, ignore_index=True)
-    # Each partition's latest rows, in batch order of the partitions: a tie across them goes
-    # to the later partition, as it goes to the later row in one frame.
     return latest_rows(pd.concat(found), key, fitted.timestamp)

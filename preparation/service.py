@@ -141,14 +141,18 @@ class PreparationService(Service):
         """Each entity's latest values, then the mark evaluation waits for: scoring reads
         them until the set's entity state is ready."""
         try:
-            latest = self.offline.read_online(fsid)
+            parts = self.offline.iter_online(fsid)  # one part, unless a cluster wrote them
         except NotFound:
             log.info("feature set %s keeps no online rows; nothing to materialise", fsid)
             return
         timestamp = self.offline.metadata(fsid).metadata.get("online_timestamp")
-        written = self.online.write_batch(fsid, latest, entity_key, timestamp_column=timestamp)
-        self.online.mark_complete(fsid, len(latest))
-        log.info("feature set %s: %d entities online (%d rows written)", fsid, len(latest),
+        entities = written = 0
+        for latest in parts:  # each entity in one part: a part at a time, memory bounded
+            written += self.online.write_batch(fsid, latest, entity_key,
+                                               timestamp_column=timestamp)
+            entities += len(latest)
+        self.online.mark_complete(fsid, entities)
+        log.info("feature set %s: %d entities online (%d rows written)", fsid, entities,
                  written)
 
     def _materialise_state(self, fsid: str) -> None:

@@ -418,10 +418,13 @@ class OfflineFeatureStore:
         of an earlier attempt stays in the set's folder."""
         self._root.remove_tree(f"features/{check_id('feature set id', feature_set_id)}")
 
-    def write_part(self, feature_set_id: str, number: int, frame: pd.DataFrame) -> None:
+    def write_part(self, feature_set_id: str, number: int, frame: pd.DataFrame, *,
+                   online: bool = False) -> None:
         """Write part ``number`` of a partitioned feature set (``features.parquet/`` is then
-        a folder; the parts in name order are the rows in order)."""
-        folder = f"features/{check_id('feature set id', feature_set_id)}/features.parquet"
+        a folder; the parts in name order are the rows in order), or with ``online`` of its
+        online rows (``online.parquet/``: each entity in one part only)."""
+        name = ONLINE_FILE if online else "features.parquet"
+        folder = f"features/{check_id('feature set id', feature_set_id)}/{name}"
         with self._root.atomic_open(f"{folder}/part-{number:05d}.parquet") as handle:
             frame.to_parquet(handle, use_dictionary=False, compression="lz4")
 
@@ -443,18 +446,18 @@ class OfflineFeatureStore:
     def read(self, feature_set_id: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
         """The feature set's frame (all columns, or the named ones)."""
         self.metadata(feature_set_id)
-        path = f"features/{feature_set_id}/features.parquet"
-        wanted = list(columns) if columns else None
-        if not self._root.fs.isdir(self._root.path(path)):
-            with self._root.open(path) as handle:
-                return pd.read_parquet(handle, columns=wanted)
-        parts = []
-        for part in self._root.glob(f"{path}/part-*.parquet"):
-            with self._root.open(part) as handle:
-                parts.append(pd.read_parquet(handle, columns=wanted))
+        parts = list(self._frames(f"features/{feature_set_id}/features.parquet", columns))
         frame = pd.concat(parts) if len(parts) > 1 else parts[0]
         whole = pd.RangeIndex(len(frame))
         return frame.set_axis(whole) if frame.index.equals(whole) else frame  # as one file
+
+    def _frames(self, path: str, columns: Sequence[str] | None = None) -> Iterator[pd.DataFrame]:
+        """A Parquet file, or each part of a partitioned one (a folder) in order."""
+        wanted = list(columns) if columns else None
+        partitioned = self._root.fs.isdir(self._root.path(path))
+        for part in self._root.glob(f"{path}/part-*.parquet") if partitioned else [path]:
+            with self._root.open(part) as handle:
+                yield pd.read_parquet(handle, columns=wanted)
 
     def read_dask(self, feature_set_id: str, columns: Sequence[str] | None = None) -> Any:
         """The feature set's frame as a lazy Dask frame, partitioned by its Parquet row
@@ -472,11 +475,16 @@ class OfflineFeatureStore:
 
     def read_online(self, feature_set_id: str) -> pd.DataFrame:
         """The entities' latest values written with the set, or ``NotFound`` (none kept)."""
+        parts = list(self.iter_online(feature_set_id))
+        return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+
+    def iter_online(self, feature_set_id: str) -> Iterator[pd.DataFrame]:
+        """``read_online`` a part at a time (one part unless a cluster wrote them): memory
+        bounded by a part, each entity in one part."""
         self.metadata(feature_set_id)
         if not self.has_online(feature_set_id):
             raise NotFound("online rows of feature set", feature_set_id)
-        with self._root.open(f"features/{feature_set_id}/{ONLINE_FILE}") as handle:
-            return pd.read_parquet(handle)
+        return self._frames(f"features/{feature_set_id}/{ONLINE_FILE}")
 
     def metadata(self, feature_set_id: str) -> FeatureSetRecord:
         """The feature set's record, or ``NotFound``."""

@@ -130,9 +130,11 @@ def test_the_same_feature_set_features_and_online_rows(world: World, compute: Co
     assert done.columns == {str(c): str(t) for c, t in features.dtypes.items()}
     pd.testing.assert_frame_equal(stored, features, check_exact=False, rtol=0,
                                   atol=TOLERANCE)
-    assert done.online is not None
-    pd.testing.assert_frame_equal(by_entity(done.online), by_entity(latest),
-                                  check_exact=False, rtol=0, atol=TOLERANCE)
+    assert done.online is None  # the workers wrote them, a part each
+    assert len(list(world.offline.iter_online(world.fsid))) > 1
+    pd.testing.assert_frame_equal(by_entity(world.offline.read_online(world.fsid)),
+                                  by_entity(latest), check_exact=False, rtol=0,
+                                  atol=TOLERANCE)
     # Scoring's fitted transform of a few rows: the same answers from either set.
     rows = world.frame.head(20)
     pd.testing.assert_frame_equal(done.fitted.transform_online(rows),
@@ -201,6 +203,11 @@ def test_a_service_on_the_cluster_writes_what_the_pandas_service_writes(
                 local.pipelines.load(want.feature_set_id))
     assert by_entity(cluster.offline.read_online(got.feature_set_id)).equals(
         by_entity(local.offline.read_online(want.feature_set_id)))
+    for each in (cluster, local):  # what the FeaturesGenerated handler writes to Redis
+        each.on_features_generated(got)
+    entities = local.offline.read_online(want.feature_set_id)["nameOrig"].tolist()
+    assert cluster.online.read(got.feature_set_id, entities) == local.online.read(
+        want.feature_set_id, entities)
 
 
 def service(world: World, compute: Compute, root: str) -> PreparationService:

@@ -424,7 +424,15 @@ def load_phase(args: argparse.Namespace, settings: Any, fleet: SoakFleet,
         for run in runs:
             run.join(args.timeout)
     lost = events_lost(fleet, settings, tally, outcomes)
-    return summarise(args, tally, samples, runs, lost, seconds)
+    return {**summarise(args, tally, samples, runs, lost, seconds),
+            "events_seen": events_seen(client, settings.namespace)}
+
+
+def events_seen(client: redis.Redis, namespace: str) -> dict[str, int]:
+    """Events of the run by type, from the event log (ModelDegraded, DriftDetected...)."""
+    from common.eventlog import EventLog
+
+    return dict(Counter(e["event_type"] for e in EventLog(client, namespace).recent(100_000)))
 
 
 def sample(fleet: SoakFleet, client: redis.Redis, namespace: str) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +59,7 @@ from preparation.pipeline import (
     feature_set_id,
 )
 from preparation.registry import naming_step, step_label
+from preparation.streaming import StreamPlan
 from preparation.transformers import (
     SCORE_FUNCS,
     KBestColumns,
@@ -503,6 +504,35 @@ _FITTERS: dict[str, Callable[..., Any]] = {
     "minmax": _fit_minmax, "categories": _fit_categories, "chi2": _fit_chi2,
     "gather": _fit_gathered,
 }
+
+
+# -- the online path's entity state --------------------------------------------------------
+
+def batch_states_on_cluster(client: Client, raw_store: RawBatchStore, contract: DatasetContract,
+                            batch_id: str, plan: StreamPlan
+                            ) -> Iterator[tuple[list[str], list[bytes]]]:
+    """``plan.batch_states`` of a batch, computed on the cluster a partition of whole
+    entities at a time and handed over one partition's states at a time (what
+    ``EntityStateStore.write_batch_states`` takes: its entities are in no other part)."""
+    import dask
+
+    with _plain_strings():
+        frame = by_entity(read_batch_dask(client, raw_store, batch_id, contract),
+                          plan.entity_key)
+        tasks = [dask.delayed(_states)(part, plan, batch_id, contract.record_id)
+                 for part in frame.to_delayed()]
+        futures = client.compute(tasks)
+    for future in futures:
+        yield future.result()
+        future.release()  # the worker forgets it: one part's states held at a time here
+
+
+def _states(part: pd.DataFrame, plan: StreamPlan, batch_id: str,
+            record_id: str | None) -> tuple[list[str], list[bytes]]:
+    # The record ids the pandas path gives (``batch_record_ids``): the index is the row.
+    ids = (part[record_id].astype(str).tolist() if record_id is not None
+           else [f"{batch_id[:16]}.{row}" for row in part.index])
+    return plan.batch_states(part, ids)
 
 
 # -- transform and write -------------------------------------------------------------------

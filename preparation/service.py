@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import pandas as pd
@@ -64,7 +64,11 @@ from common.wiring import Stores
 from ingestion.contract import DatasetContract
 from ingestion.records import CheckedRecords, check_records
 from preparation import FittedFeatureSet, build_pipeline, feature_set_id
-from preparation.distributed import NotDistributable, prepare_on_cluster
+from preparation.distributed import (
+    NotDistributable,
+    batch_states_on_cluster,
+    prepare_on_cluster,
+)
 from preparation.join import joined_frame, missing_inputs
 from preparation.streaming import NotStreamable, StreamPlan
 
@@ -171,13 +175,28 @@ class PreparationService(Service):
         dataset = self.config.features.inputs[0]
         self.targets.add(dataset, fsid)  # first: no record after this is missed
         batches = self.offline.metadata(fsid).metadata["batch_ids"]
-        frame = joined_frame(self.raw_store, self.config.datasets, self.config.features, batches)
-        ids = batch_record_ids(frame, self.config.datasets[dataset], batches[dataset])
-        entities, states = plan.batch_states(frame, ids)
-        self.state.write_batch_states(fsid, entities, states, plan.retention)
+        entities = 0
+        for part, states in self._batch_states(plan, dataset, batches[dataset]):
+            self.state.write_batch_states(fsid, part, states, plan.retention)
+            entities += len(part)
         self.state.mark_ready(fsid)  # from now on scoring reads the state, not the rows
         log.info("feature set %s: entity state of %d entities online, kept from %s records",
-                 fsid, len(entities), dataset)
+                 fsid, entities, dataset)
+
+    def _batch_states(self, plan: StreamPlan, dataset: str,
+                      batch_id: str) -> Iterator[tuple[list[str], list[bytes]]]:
+        """The batch's entity states: on the cluster a part at a time, or here at once."""
+        contract = self.config.datasets[dataset]
+        if self.compute.client is not None:
+            try:
+                yield from batch_states_on_cluster(self.compute.client, self.raw_store,
+                                                   contract, batch_id, plan)
+                return
+            except NotDistributable as why:
+                log.info("entity state of %s built in process: %s", batch_id, why)
+        frame = joined_frame(self.raw_store, self.config.datasets, self.config.features,
+                             {dataset: batch_id})
+        yield plan.batch_states(frame, batch_record_ids(frame, contract, batch_id))
 
     def _prepare(self, fsid: str, batches: dict[str, str]) -> None:
         if self.compute.client is not None:

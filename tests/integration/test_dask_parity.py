@@ -26,6 +26,7 @@ from common.datasets import paysim
 from common.errors import InvalidInput
 from common.events import RawDataExtracted
 from common.stores import ModelStore, OfflineFeatureStore, RawBatchStore
+from common.stores.entity_state import MemoryEntityState, MemoryStreamTargets
 from common.wiring import feature_pipeline_root
 from ingestion.contract import ContractTyping, read_batch
 from preparation import FittedFeatureSet, build_pipeline, feature_set_id
@@ -183,7 +184,8 @@ def same_state(got: Any, want: Any, where: str) -> None:
 
 
 def test_a_service_on_the_cluster_writes_what_the_pandas_service_writes(
-        tmp_path: Path, compute: Compute) -> None:
+        tmp_path: Path, compute: Compute, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="preparation.service")
     world = World(tmp_path, parsed(paysim_config()), paysim(3_000, seed=9))
     event = RawDataExtracted(dataset="paysim", batch_id=world.batches["paysim"],
                              source_uri="tx.csv", rows=3_000, columns=[], producer="test")
@@ -208,13 +210,19 @@ def test_a_service_on_the_cluster_writes_what_the_pandas_service_writes(
     entities = local.offline.read_online(want.feature_set_id)["nameOrig"].tolist()
     assert cluster.online.read(got.feature_set_id, entities) == local.online.read(
         want.feature_set_id, entities)
+    assert cluster.state is not None and local.state is not None
+    assert cluster.state.is_ready(got.feature_set_id)  # built on the cluster, a part at a time
+    assert cluster.state.read(got.feature_set_id, entities) == local.state.read(
+        want.feature_set_id, entities)
+    assert "in process" not in caplog.text  # neither the set nor the state fell back
 
 
 def service(world: World, compute: Compute, root: str) -> PreparationService:
     where = str(Path(world.root).parent / root)
     return PreparationService(world.config, world.raw, OfflineFeatureStore(where),
-                              MemoryOnlineStore(),
-                              ModelStore(feature_pipeline_root(where), KEY), compute=compute)
+                              MemoryOnlineStore(), ModelStore(feature_pipeline_root(where), KEY),
+                              state=MemoryEntityState(), targets=MemoryStreamTargets(),
+                              compute=compute)
 
 
 # -- a worker killed mid-transform -----------------------------------------------------------

@@ -221,10 +221,10 @@ def by_entity(frame: dd.DataFrame, key: str | None) -> dd.DataFrame:
     if key is None:
         return frame
     moved = frame.shuffle(on=key, npartitions=frame.npartitions)
-    return moved.map_partitions(_in_batch_order, meta=frame._meta)
+    return moved.map_partitions(_sorted_by_position, meta=frame._meta)
 
 
-def _in_batch_order(part: pd.DataFrame) -> pd.DataFrame:
+def _sorted_by_position(part: pd.DataFrame) -> pd.DataFrame:
     return part.sort_index(kind="stable")
 
 
@@ -562,7 +562,7 @@ def write_features(client: Client, fitted: FittedFeatureSet, frame: dd.DataFrame
     features_meta = _features_meta(fitted, client, moved)
     features = dd.from_delayed([t[0] for t in tasks], meta=features_meta, verify_meta=False)
     online = [t[1] for t in tasks]
-    ordered = _in_order(features, frame.divisions) if fitted.aggregate_columns else features
+    ordered = in_batch_order(features, frame.divisions) if fitted.aggregate_columns else features
     offline.start_parts(fsid)
     parts = [dask.delayed(_write_part)(part, offline.root, fsid, number)
              for number, part in enumerate(ordered.to_delayed())]
@@ -615,8 +615,9 @@ def _features_meta(fitted: FittedFeatureSet, client: Client,
     return fitted.transform(sample).iloc[:0]
 
 
-def _in_order(features: dd.DataFrame, divisions: tuple[Any, ...]) -> dd.DataFrame:
-    """The rows back in batch order, partitioned as the batch's pieces are."""
+def in_batch_order(features: dd.DataFrame, divisions: tuple[Any, ...]) -> dd.DataFrame:
+    """Rows indexed by batch position back in batch order, partitioned as the batch's
+    pieces are (``divisions``: the batch frame's)."""
     named = features.map_partitions(_row_column, meta=_row_column(features._meta))
     back = named.set_index(ROW, divisions=list(divisions))
     return back.map_partitions(_unnamed, meta=_unnamed(back._meta))

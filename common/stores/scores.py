@@ -20,6 +20,7 @@ scoring run under ``scores/<run_id>/`` in the data root. Example::
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -88,10 +89,35 @@ def _as_bytes(entry: bytes | str) -> bytes:
 
 
 class BatchScoreStore:
-    """Batch scores as one Parquet file per run under a data root."""
+    """Batch scores as one Parquet file per run under a data root, or (a run scored on a
+    Dask cluster) as a folder of parts in row order, each written by the worker that
+    scored it, completed by ``parts.json`` (written last: without it the run is not
+    stored)."""
 
     def __init__(self, root: str):
         self._root = DataRoot(root)
+        self._root_url = root
+
+    @property
+    def root(self) -> str:
+        """The data root (a folder or fsspec URL), as given: what a worker opens it with."""
+        return self._root_url
+
+    def start_parts(self, run_id: str) -> None:
+        """Before a partitioned write: nothing of an earlier attempt of the run stays."""
+        self._root.remove_tree(f"scores/{check_id('run id', run_id)}")
+
+    def write_part(self, run_id: str, number: int, frame: pd.DataFrame) -> None:
+        """Write part ``number`` of a run's scores (atomically)."""
+        with self._root.atomic_open(_part(check_id("run id", run_id), number)) as handle:
+            frame.to_parquet(handle)
+
+    def finish_parts(self, run_id: str, rows: int, parts: int) -> str:
+        """Complete a run written as parts; returns the parts folder's URL."""
+        folder = _parts(check_id("run id", run_id))
+        self._root.write_bytes(f"{folder}.json", json.dumps({"rows": rows, "parts": parts})
+                               .encode())
+        return self._root.uri(folder)
 
     def write(self, run_id: str, frame: pd.DataFrame) -> str:
         """Store a run's scores (atomically); returns the file's URL."""
@@ -104,24 +130,49 @@ class BatchScoreStore:
         """A run's scores, or ``NotFound``."""
         if not self.exists(run_id):
             raise NotFound("batch scores of run", run_id)
-        with self._root.open(_scores(run_id)) as handle:
-            return pd.read_parquet(handle)
+        if not self._partitioned(run_id):
+            with self._root.open(_scores(run_id)) as handle:
+                return pd.read_parquet(handle)
+        frames = []
+        for number in range(self._parts_record(run_id)["parts"]):
+            with self._root.open(_part(run_id, number)) as handle:
+                frames.append(pd.read_parquet(handle))
+        return pd.concat(frames, ignore_index=True)
 
     def exists(self, run_id: str) -> bool:
-        """Whether scores of this run are stored."""
-        return self._root.exists(_scores(check_id("run id", run_id)))
+        """Whether scores of this run are stored (all of them)."""
+        return self._root.exists(_scores(check_id("run id", run_id))) or self._partitioned(
+            run_id)
 
     def rows(self, run_id: str) -> int:
         """How many rows a run's scores hold (from the Parquet footer), or ``NotFound``."""
         if not self.exists(run_id):
             raise NotFound("batch scores of run", run_id)
+        if self._partitioned(run_id):
+            return int(self._parts_record(run_id)["rows"])
         with self._root.open(_scores(run_id)) as handle:
             return int(pq.ParquetFile(handle).metadata.num_rows)
 
     def uri(self, run_id: str) -> str:
-        """The URL of a run's scores file (whether written yet or not)."""
+        """The URL of a run's scores file, or of its parts' folder (written or not)."""
+        if self._partitioned(run_id):
+            return self._root.uri(_parts(run_id))
         return self._root.uri(_scores(check_id("run id", run_id)))
+
+    def _partitioned(self, run_id: str) -> bool:
+        return self._root.exists(f"{_parts(check_id('run id', run_id))}.json")
+
+    def _parts_record(self, run_id: str) -> dict[str, int]:
+        return cast(dict[str, int], self._root.read_json(f"{_parts(run_id)}.json"))
 
 
 def _scores(run_id: str) -> str:
     return f"scores/{run_id}/scores.parquet"
+
+
+def _parts(run_id: str) -> str:
+    return f"scores/{run_id}/parts"
+
+
+def _part(run_id: str, number: int) -> str:
+    return f"{_parts(run_id)}/part-{number:05d}.parquet"

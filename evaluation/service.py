@@ -17,7 +17,7 @@ transformed by its own pipeline, is still judged on the pandas path.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
@@ -37,9 +37,6 @@ from common.stores import (
 from common.wiring import Stores
 from evaluation.report import EvaluationReport, evaluate_candidates
 from preparation.join import joined_frame
-
-if TYPE_CHECKING:
-    from distributed import Client
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +101,7 @@ class EvaluationService(Service):
         candidates = {model_id: self.models.load(model_id) for model_id in event.model_ids}
         client = self.compute.client if self._on_cluster(event.feature_set_id) else None
         if client is not None:
-            X_test, y_test = self._evaluation_part_on_cluster(event.feature_set_id, client)
+            X_test, y_test = self._evaluation_part_on_cluster(event.feature_set_id)
         else:
             X_test, y_test = self._evaluation_part(event.feature_set_id)
         champion = self._champion_on(X_test, event.feature_set_id)
@@ -121,14 +118,14 @@ class EvaluationService(Service):
         part = self.config.split.apply(frame, record.metadata["label"])
         return part.X_test[record.metadata["features"]], part.y_test
 
-    def _evaluation_part_on_cluster(self, fsid: str, client: Client) -> tuple[Any, Any]:
+    def _evaluation_part_on_cluster(self, fsid: str) -> tuple[Any, Any]:
         """The evaluation part as Dask collections, split on the cluster."""
         from segregation.partitioned import split_partitioned  # the Dask path only
 
         record = self.offline.metadata(fsid)
         label, features = record.metadata["label"], record.metadata["features"]
-        frame = self.offline.read_dask(fsid, columns=[*features, label])
-        test = split_partitioned(frame, self.config.split, client).test
+        stored = self.offline.read_dask(fsid, columns=[*features, label])
+        test = split_partitioned(stored.frame, self.config.split, stored.lengths).test
         return test[features], test[label]
 
     def _on_cluster(self, fsid: str) -> bool:

@@ -2,16 +2,19 @@
 
 The built-in strategies choose rows by position only, so the positions are computed once
 from the frame's length (as for a pandas frame of that length) and each partition keeps
-its own: nothing but the partitions' lengths comes back to the caller. A custom strategy
+its own; only the partitions' lengths are needed up front (a feature set's come from its
+Parquet footers). A custom strategy
 may read the frame's contents, and shuffling reorders a whole part; neither is done on a
 Dask frame (``InvalidInput``). Example::
 
-    parts = split_partitioned(frame, config, client)      # frame: a dask DataFrame
+    stored = offline.read_dask(feature_set_id)            # a dask frame and its lengths
+    parts = split_partitioned(stored.frame, config, stored.lengths)
     X_test, y_test = parts.test[features], parts.test[label]
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -35,14 +38,18 @@ class PartitionedSplit:
     test: dd.DataFrame
 
 
-def split_partitioned(frame: dd.DataFrame, config: SplitConfig, client: Client) -> PartitionedSplit:
-    """``config``'s split of ``frame``, partition by partition, computed on ``client``."""
+def split_partitioned(frame: dd.DataFrame, config: SplitConfig,
+                      lengths: Sequence[int] | Client) -> PartitionedSplit:
+    """``config``'s split of ``frame``, whose partitions hold ``lengths`` rows (or, given
+    a client, counted on its cluster first): lazy, each partition keeping its own rows of
+    each part."""
+    if not isinstance(lengths, Sequence):
+        lengths = partition_lengths(frame, lengths)
     if config.strategy not in STRATEGIES or config.shuffle:
         raise InvalidInput(
             f"split strategy {config.strategy!r}{' with shuffle' if config.shuffle else ''} "
             f"is not supported on a Dask frame; use one of {sorted(STRATEGIES)} without shuffle")
-    lengths = partition_lengths(frame, client)
-    rows = int(lengths.sum())
+    rows = int(sum(lengths))
     if rows < 2:
         raise InvalidInput(f"cannot split {rows} row(s): need at least 2")
     index_only = pd.DataFrame(index=pd.RangeIndex(rows))
@@ -52,9 +59,13 @@ def split_partitioned(frame: dd.DataFrame, config: SplitConfig, client: Client) 
     return PartitionedSplit(_keep(frame, train, offsets), _keep(frame, test, offsets))
 
 
-def partition_lengths(frame: dd.DataFrame, client: Client) -> np.ndarray:
-    """Rows in each partition of ``frame`` (from Parquet metadata where dask can)."""
-    return np.asarray(client.compute(frame.map_partitions(len), sync=True), dtype=np.int64)
+def partition_lengths(frame: dd.DataFrame, client: Client) -> list[int]:
+    """Rows in each partition of ``frame``, counted on the cluster (reads every partition:
+    where the lengths are known, from Parquet footers, pass those)."""
+    import dask
+
+    return [int(n) for n in client.compute([dask.delayed(len)(part)
+                                            for part in frame.to_delayed()], sync=True)]
 
 
 def _keep(frame: dd.DataFrame, positions: np.ndarray, offsets: np.ndarray) -> dd.DataFrame:

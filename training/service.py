@@ -185,8 +185,8 @@ class TrainingService(Service):
         label, features, client = record.metadata["label"], record.metadata["features"], \
             self.compute.client
         assert client is not None  # distributed
-        frame = self.offline.read_dask(record.feature_set_id, columns=[*features, label])
-        train = split_partitioned(frame, self.config.split, client).train
+        stored = self.offline.read_dask(record.feature_set_id, columns=[*features, label])
+        train = split_partitioned(stored.frame, self.config.split, stored.lengths).train
         counts = class_counts_by_partition(train[label], client)
         totals = pd.DataFrame(counts).fillna(0).sum()
         sample = None

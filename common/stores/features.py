@@ -37,6 +37,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -92,6 +93,28 @@ return written
 """
 MAX_ENTITIES_PER_CALL = 1000
 """A script call's keys go through Lua's ``unpack``, whose stack is bounded."""
+
+
+@dataclass(frozen=True)
+class Partitioned:
+    """A lazy Dask frame and the rows of each of its partitions, in order."""
+
+    frame: Any
+    lengths: list[int]
+
+
+def _row_group(uri: str, group: int, columns: list[str] | None) -> pd.DataFrame:
+    """One row group of a Parquet file, read where the task runs."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    with fsspec.open(uri, "rb") as handle:
+        return pq.ParquetFile(handle).read_row_group(group, columns=columns).to_pandas()
+
+
+def _empty(schema: Any, columns: list[str] | None) -> pd.DataFrame:
+    table = schema.empty_table()
+    return (table.select(columns) if columns else table).to_pandas()
 
 
 def online_key(namespace: str, feature_set_id: str, entity_id: object) -> bytes:
@@ -454,19 +477,37 @@ class OfflineFeatureStore:
     def _frames(self, path: str, columns: Sequence[str] | None = None) -> Iterator[pd.DataFrame]:
         """A Parquet file, or each part of a partitioned one (a folder) in order."""
         wanted = list(columns) if columns else None
-        partitioned = self._root.fs.isdir(self._root.path(path))
-        for part in self._root.glob(f"{path}/part-*.parquet") if partitioned else [path]:
+        for part in self._part_paths(path):
             with self._root.open(part) as handle:
                 yield pd.read_parquet(handle, columns=wanted)
 
-    def read_dask(self, feature_set_id: str, columns: Sequence[str] | None = None) -> Any:
-        """The feature set's frame as a lazy Dask frame, partitioned by its Parquet row
-        groups, for work on a cluster (its workers must see the data root)."""
+    def read_dask(self, feature_set_id: str, columns: Sequence[str] | None = None) -> Partitioned:
+        """The feature set's frame as a lazy Dask frame, one partition per Parquet row
+        group (of the file, or of each part in order), with each partition's rows from
+        the footers, for work on a cluster (its workers must see the data root). Built
+        from the row groups rather than ``dd.read_parquet``, whose optimiser may fuse
+        partitions differently in two graphs of the same frame."""
+        import dask
         import dask.dataframe as dd  # only the Dask path imports Dask
+        import pyarrow.parquet as pq
 
         self.metadata(feature_set_id)
-        return dd.read_parquet(self._root.uri(f"features/{feature_set_id}/features.parquet"),
-                               columns=list(columns) if columns else None)
+        wanted = list(columns) if columns else None
+        parts, lengths, meta = [], [], None
+        for path in self._part_paths(f"features/{feature_set_id}/features.parquet"):
+            with self._root.open(path) as handle:
+                footer = pq.ParquetFile(handle)
+                meta = meta if meta is not None else _empty(footer.schema_arrow, wanted)
+                for group in range(footer.num_row_groups):
+                    lengths.append(footer.metadata.row_group(group).num_rows)
+                    parts.append(dask.delayed(_row_group)(self._root.uri(path), group, wanted))
+        frame = dd.from_delayed(parts, meta=meta, verify_meta=False)
+        return Partitioned(frame, lengths)
+
+    def _part_paths(self, path: str) -> list[str]:
+        if self._root.fs.isdir(self._root.path(path)):
+            return self._root.glob(f"{path}/part-*.parquet")
+        return [path]
 
     def has_online(self, feature_set_id: str) -> bool:
         """Whether the set keeps its entities' latest values for the online store."""

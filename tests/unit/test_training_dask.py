@@ -16,7 +16,7 @@ from common.compute import Compute, ComputeSettings, open_compute
 from common.config import load_pipeline_config
 from common.stores import OfflineFeatureStore
 from segregation.config import SplitConfig
-from segregation.partitioned import split_partitioned
+from segregation.partitioned import partition_lengths, split_partitioned
 from tests.fixtures.warm import warm_training_workers
 from training.config import TrainingConfig
 from training.sampling import (
@@ -119,7 +119,8 @@ def test_a_dask_frame_splits_into_the_rows_pandas_gives(compute: Compute, strate
     data = frame(3_001)
     config = SplitConfig(strategy=strategy, ratio=0.8, seed=5)
     expected = config.apply(data, "label")
-    parts = split_partitioned(dd.from_pandas(data, npartitions=4), config, compute.client)
+    parts_in = dd.from_pandas(data, npartitions=4)
+    parts = split_partitioned(parts_in, config, partition_lengths(parts_in, compute.client))
     for mine, theirs in ((parts.train, expected.train), (parts.test, expected.test)):
         pd.testing.assert_frame_equal(compute.client.compute(mine, sync=True), theirs)
 
@@ -174,8 +175,13 @@ def test_the_service_trains_on_the_same_sample_locally_and_on_the_cluster(
 ) -> None:
     data = frame(20_000)
     offline = OfflineFeatureStore(str(tmp_path))
-    record = offline.write("fs1", data, {"label": "label", "features": ["a", "b", "c"],
-                                         "batch_ids": {"d": "b1"}})
+    offline.start_parts("fs1")  # as preparation on a cluster writes it: parts in row order
+    for number, start in enumerate(range(0, 20_000, 6_000)):
+        offline.write_part("fs1", number, data.iloc[start:start + 6_000])
+    record = offline.finish_parts(
+        "fs1", len(data), {str(c): str(t) for c, t in data.dtypes.items()},
+        {"label": "label", "features": ["a", "b", "c"], "batch_ids": {"d": "b1"}})
+    assert offline.read_dask("fs1").lengths == [6_000, 6_000, 6_000, 2_000]
     X_here, y_here, sample_here = service(tmp_path, None, 1_000)._training_part(record)
     X_there, y_there, sample_there = service(tmp_path, compute, 1_000)._training_part(record)
     assert sample_here == sample_there and sample_here is not None

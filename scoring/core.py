@@ -43,7 +43,7 @@ from common.errors import ConveyorError, InvalidInput, ModelNotFound, NotFound, 
 from common.events import ModelReady
 from common.stores import ModelRegistry, ModelStore, OnlineFeatureStore
 from common.stores.entity_state import EntityStateStore, Entry
-from preparation.online import online_matrix
+from preparation.online import compile_online, online_matrix
 from preparation.streaming import NotStreamable, StreamPlan, last_record_us, timestamp_us
 from scoring.batching import AdaptiveBatchSize, DeadlineExceeded, MicroBatcher, Overloaded
 from scoring.compiled import CompiledTrees, compiled_or_same
@@ -185,6 +185,27 @@ class _Request:
     freshness: Freshness | None = None
 
 
+@dataclass(frozen=True)
+class _Ask:
+    """One Score call, queued to be scored with the calls that came at the same time."""
+
+    query: ScoreQuery
+    deadline: float
+    """On the monotonic clock."""
+    began: float
+    """On the ``perf_counter`` clock: the answer's latency counts from here."""
+
+
+@dataclass(frozen=True)
+class _Block:
+    """Several requests' feature rows for one model: the rows of the requests that could
+    be transformed (``members``: their places), and why the others could not."""
+
+    matrix: np.ndarray
+    members: list[int]
+    errors: dict[int, Exception]
+
+
 @dataclass(eq=False)
 class LoadedModel:
     """A model version with its fitted feature set and its micro-batcher."""
@@ -247,12 +268,41 @@ class LoadedModel:
         """The model's feature row for a request (its own feature set's online transform,
         compiled into row functions by ``preparation.online`` where it can be); ``check``
         the request's fields against the schema unless the caller already has."""
-        query = request.query
         if check:
-            self.schema.check(query.fields)
-        record = self.schema.record(
+            self.schema.check(request.query.fields)
+        return online_matrix(self.features, [self._record(request)], self.feature_names)[0]
+
+    def block(self, requests: Sequence[_Request], *, check: bool = True) -> _Block:
+        """The feature rows of several requests: in one pass of the compiled row plan
+        where it models them all, else one by one, a request that cannot be transformed
+        left out with its error. Raises when none can be."""
+        try:
+            if check:
+                for request in requests:
+                    self.schema.check(request.query.fields)
+            matrix = compile_online(self.features).matrix(
+                [self._record(request) for request in requests], self.feature_names)
+        except ConveyorError:
+            matrix = None  # find which request it is, below
+        if matrix is not None:
+            return _Block(matrix, list(range(len(requests))), {})
+        rows, members, errors = [], [], {}
+        for index, request in enumerate(requests):
+            try:
+                rows.append(self.features_of(request, check=check))
+                members.append(index)
+            except Exception as exc:
+                if len(requests) == 1:
+                    raise
+                errors[index] = exc
+        if not rows:
+            raise next(iter(errors.values()))
+        return _Block(np.vstack(rows), members, errors)
+
+    def _record(self, request: _Request) -> dict[str, Any]:
+        query = request.query
+        return self.schema.record(
             query.entity_id, query.fields, request.online.get(self.feature_set_id))
-        return online_matrix(self.features, [record], self.feature_names)[0]
 
     def predict(self, request: _Request) -> tuple[np.ndarray, np.ndarray]:
         """The feature row and its probabilities for one request, predicted in a micro-batch."""
@@ -319,6 +369,14 @@ class ScoringCore:
         self.on_batch = on_batch
         """Called with (version, rows) after each predict call of a model (metrics)."""
         self._in_flight = InFlight()
+        self._asks: MicroBatcher[_Ask, ScoreResult | Exception] = MicroBatcher(
+            f"{registry.name}:score", self._score_asks, max_queue=self.settings.max_queue,
+            batch_size=AdaptiveBatchSize(self.settings.latency_budget_s,
+                                         initial=self.settings.max_batch,
+                                         maximum=self.settings.max_batch),
+            busy_only=True, inline=True)
+        """Score calls in, batches of them to ``_score_asks``: what queued while the last
+        batch was scored is the next batch; a call that finds it idle is scored inline."""
 
     @property
     def ready(self) -> bool:
@@ -374,16 +432,35 @@ class ScoringCore:
         return loaded
 
     def score(self, query: ScoreQuery, deadline_s: float | None = None) -> ScoreResult:
-        """Score one row; ``InvalidInput``, ``ModelNotFound``, ``NoAnswer``... otherwise."""
-        return self.score_many([query], deadline_s)[0]
+        """Score one row; ``InvalidInput``, ``ModelNotFound``, ``NoAnswer``... otherwise.
+
+        Concurrent calls are scored together: the call queues to the request batcher,
+        which scores what is queued as one batch (``_score_asks``); a call that finds it
+        idle is scored at once on its own thread, alone."""
+        deadline_s = self.settings.deadline_s if deadline_s is None else deadline_s
+        ask = _Ask(query, time.monotonic() + deadline_s, time.perf_counter())
+        with self._in_flight.request():
+            outcome = self._asks.submit(ask).result()
+        if isinstance(outcome, Exception):
+            raise outcome
+        self._report([query], [outcome])
+        self._observe([query])
+        return outcome
 
     def score_many(
         self, queries: Sequence[ScoreQuery], deadline_s: float | None = None
     ) -> list[ScoreResult]:
-        """Score rows in order, each within the deadline (default ``settings.deadline_s``)."""
+        """Score rows in order as one batch, all within one deadline (default
+        ``settings.deadline_s``); the first row that fails fails the call."""
         deadline_s = self.settings.deadline_s if deadline_s is None else deadline_s
+        deadline, began = time.monotonic() + deadline_s, time.perf_counter()
         with self._in_flight.request():
-            results = [self._score_one(query, deadline_s) for query in queries]
+            outcomes = self._score_asks([_Ask(query, deadline, began) for query in queries])
+        results = []
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):
+                raise outcome
+            results.append(outcome)
         self._report(queries, results)
         self._observe(queries)
         return results
@@ -393,7 +470,10 @@ class ScoringCore:
         version's), by feature name, without predicting: what a request is scored on."""
         decision = self.router.route(query.model_version or None, request_key=query.entity_id)
         model = self._loaded[decision.primary.version]
-        request = self._with_online(query, [model], time.monotonic() + self.settings.deadline_s)
+        deadline = time.monotonic() + self.settings.deadline_s
+        request = self._with_online([query], [model], deadline)[0]
+        if isinstance(request, Exception):
+            raise request
         row = model.features_of(request)
         return dict(zip(model.feature_names, row.tolist(), strict=True))
 
@@ -446,6 +526,7 @@ class ScoringCore:
 
     def close(self) -> None:
         """Stop the batchers and the link threads."""
+        self._asks.close()
         for loaded in self._loaded.values():
             loaded.batcher.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -490,28 +571,70 @@ class ScoringCore:
         for version in [v for v in self._loaded if v not in versions]:
             self.retire(version)
 
-    def _score_one(self, query: ScoreQuery, deadline_s: float) -> ScoreResult:
-        began = time.perf_counter()
+    def _score_asks(self, asks: Sequence[_Ask]) -> list[ScoreResult | Exception]:
+        """Score calls that came together, each answer or error in its call's place: each
+        call routed on its own, then each group of calls routed alike read from Redis in
+        one round trip, transformed and predicted as one block, through ``answer`` once
+        (the group's earliest deadline is the group's)."""
+        outcomes: list[ScoreResult | Exception | None] = [None] * len(asks)
         models = self._loaded  # one read: a retirement replaces the dict, never mutates it
+        groups: dict[tuple[Any, ...], tuple[RouteDecision, list[int]]] = {}
+        now = time.monotonic()
+        for index, ask in enumerate(asks):
+            try:
+                decision = self._route(ask, models, now)
+            except ConveyorError as exc:
+                outcomes[index] = exc
+                continue
+            groups.setdefault(_group_key(decision), (decision, []))[1].append(index)
+        for decision, members in groups.values():
+            answers = self._score_group(decision, [asks[i] for i in members], models)
+            for index, outcome in zip(members, answers, strict=True):
+                outcomes[index] = outcome
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _route(self, ask: _Ask, models: Mapping[str, LoadedModel], now: float) -> RouteDecision:
+        """The call's links; its fields checked first (the request's fault before any
+        model runs), then its deadline (spent waiting in a queue: no read, no predict)."""
+        query = ask.query
         decision = self.router.route(query.model_version or None, request_key=query.entity_id)
-        links = [decision.primary, *decision.fallbacks]
-        loaded = [models[link.version] for link in links]
-        loaded[0].schema.check(query.fields)  # the request's fault, before any model runs
-        if deadline_s <= 0:  # spent waiting for a thread: no Redis read, no predict for it
+        models[decision.primary.version].schema.check(query.fields)
+        if ask.deadline <= now:
             raise LateAnswer(["the deadline passed before scoring began"])
-        request = self._with_online(query, loaded, time.monotonic() + deadline_s)
-        rows: dict[str, np.ndarray] = {}  # each asked link's feature row
-        checked = loaded[0].schema
+        return decision
+
+    def _score_group(self, decision: RouteDecision, asks: Sequence[_Ask],
+                     models: Mapping[str, LoadedModel]) -> list[ScoreResult | Exception]:
+        links = [models[link.version] for link in (decision.primary, *decision.fallbacks)]
+        deadline = min(ask.deadline for ask in asks)
+        requests = self._with_online([ask.query for ask in asks], links, deadline)
+        outcomes: list[ScoreResult | Exception | None] = [
+            request if isinstance(request, Exception) else None for request in requests]
+        live = [request for request in requests if isinstance(request, _Request)]
+        places = [i for i, request in enumerate(requests) if isinstance(request, _Request)]
+        if not live:
+            return [outcome for outcome in outcomes if outcome is not None]
+        blocks: dict[str, _Block] = {}
+        checked = links[0].schema
 
         def start(link: DeployedModel) -> Future[np.ndarray]:
             model = models[link.version]
-            row = model.features_of(request, check=model.schema is not checked)
-            rows[link.version] = row
-            return model.batcher.submit(row, deadline=request.deadline)
+            block = blocks[link.version] = model.block(live, check=model.schema is not checked)
+            return model.start_rows(block.matrix, deadline, self._executor)
 
-        reply = self._ask_links(decision, start, deadline_s)
-        return _result(query, models[reply.version], rows[reply.version], reply.value, reply,
-                       request.degraded, began, request.freshness)
+        try:
+            reply = self._ask_links(decision, start, deadline - time.monotonic())
+        except ConveyorError as exc:
+            return [exc if outcome is None else outcome for outcome in outcomes]
+        block, model = blocks[reply.version], models[reply.version]
+        for index, error in block.errors.items():
+            outcomes[places[index]] = error
+        for row, (index, proba) in enumerate(zip(block.members, reply.value, strict=True)):
+            request = live[index]
+            outcomes[places[index]] = _result(
+                request.query, model, block.matrix[row], proba, reply, request.degraded,
+                asks[places[index]].began, request.freshness)
+        return [outcome for outcome in outcomes if outcome is not None]
 
     def _ask_links(self, decision: RouteDecision, start: Callable[[DeployedModel], Future[Any]],
                    deadline_s: float) -> Answer:
@@ -536,43 +659,56 @@ class ScoringCore:
         except NoAnswer as exc:
             raise _no_answer(exc, raised, 1 + len(decision.fallbacks)) from None
 
-    def _with_online(
-        self, query: ScoreQuery, loaded: Sequence[LoadedModel], deadline: float
-    ) -> _Request:
-        online: dict[str, Mapping[str, Any] | None] = {}
-        degraded, freshness = False, None
-        for model in loaded:
+    def _with_online(self, queries: Sequence[ScoreQuery], loaded: Sequence[LoadedModel],
+                     deadline: float) -> list[_Request | Exception]:
+        """Each query with its entity's aggregates for every feature set of ``loaded``
+        (one round trip per set for all queries), or why it cannot be scored."""
+        online: list[dict[str, Mapping[str, Any] | None]] = [{} for _ in queries]
+        degraded = [False] * len(queries)
+        freshness: list[Freshness | None] = [None] * len(queries)
+        failed: dict[int, Exception] = {}
+        first = loaded[0].feature_set_id
+        for model in {m.feature_set_id: m for m in loaded if m.schema.aggregate_columns}.values():
             fsid = model.feature_set_id
-            if fsid in online or not model.schema.aggregate_columns:
-                continue
-            online[fsid], down, fresh = self._read_online(query, model)
-            degraded = degraded or down
-            freshness = fresh if fsid == loaded[0].feature_set_id else freshness
+            for index, read in enumerate(self._read_online(queries, model)):
+                if isinstance(read, Exception):
+                    failed.setdefault(index, read)
+                    continue
+                online[index][fsid], down, fresh = read
+                degraded[index] = degraded[index] or down
+                freshness[index] = fresh if fsid == first else freshness[index]
         limit = self.settings.max_feature_age_s
-        age = None if freshness is None else freshness.age_s
-        stale = bool(limit) and age is not None and age > limit
-        return _Request(query, online, deadline, degraded or stale, freshness)
+        return [failed.get(index) or _Request(
+            query, online[index], deadline, degraded[index] or _stale(freshness[index], limit),
+            freshness[index]) for index, query in enumerate(queries)]
 
-    def _read_online(
-        self, query: ScoreQuery, model: LoadedModel
-    ) -> tuple[Mapping[str, Any] | None, bool, Freshness | None]:
-        """The entity's aggregates (None: no past), whether Redis was down, and how fresh
+    def _read_online(self, queries: Sequence[ScoreQuery], model: LoadedModel
+                     ) -> list[tuple[Mapping[str, Any] | None, bool, Freshness | None] | Exception]:
+        """Each entity's aggregates (None: no past), whether Redis was down, and how fresh
         they are: from the entity state at the request's time where the stream keeps one,
         else from the latest row the batch wrote (freshness unknown)."""
         try:
-            if model.stream is not None and self._state_ready(model.feature_set_id):
-                assert self.state is not None
-                held = self.state.read(model.feature_set_id, [query.entity_id])[0]
-                if held is not None:
-                    return _stream_values(model.stream, held, query)
-            return (*self._read_latest(query, model), None)
+            reads = self._read_state(queries, model)
+            missing = [i for i, read in enumerate(reads) if read is None]
+            latest = self._read_latest([queries[i].entity_id for i in missing], model)
+            for index, row in zip(missing, latest, strict=True):
+                reads[index] = (row, False, None)
+            return [read for read in reads if read is not None]
         except REDIS_DOWN as exc:
-            schema = model.schema
-            if schema.carries_aggregates(query.fields):
-                logger.warning("online store unreachable (%s): scoring degraded", exc)
-                return None, True, None
-            missing = [c for c in schema.aggregate_columns if c not in query.fields]
-            raise FeaturesUnavailable(model.feature_set_id, missing) from exc
+            logger.warning("online store unreachable (%s): scoring degraded", exc)
+            return [_without_store(query, model) for query in queries]
+
+    def _read_state(self, queries: Sequence[ScoreQuery], model: LoadedModel
+                    ) -> list[tuple[Mapping[str, Any] | None, bool, Freshness | None]
+                              | Exception | None]:
+        """From the entity state, where the stream keeps one and it is ready (None: an
+        entity to read from the latest rows)."""
+        if model.stream is None or self.state is None or not self._state_ready(
+                model.feature_set_id):
+            return [None] * len(queries)
+        held = self.state.read(model.feature_set_id, [query.entity_id for query in queries])
+        return [None if entries is None else _stream_read(model.stream, entries, query)
+                for entries, query in zip(held, queries, strict=True)]
 
     def _state_ready(self, feature_set_id: str) -> bool:
         """Whether the set's entity state has its batch written (until then the latest
@@ -588,18 +724,18 @@ class ScoringCore:
             return True
         return False
 
-    def _read_latest(
-        self, query: ScoreQuery, model: LoadedModel
-    ) -> tuple[Mapping[str, Any] | None, bool]:
-        """The entity's latest online row (None: no past)."""
-        schema = model.schema
+    def _read_latest(self, entity_ids: Sequence[str], model: LoadedModel
+                     ) -> list[Mapping[str, Any] | None]:
+        """The entities' latest online rows (None: no past)."""
+        if not entity_ids:
+            return []
         try:
-            row = self.online.read(model.feature_set_id, [query.entity_id])[0]
+            rows = self.online.read(model.feature_set_id, entity_ids)
         except NotFound:
-            return None, False  # nothing materialized yet: every entity is new
-        if row is None:
-            return None, False
-        return {c: row[c] for c in schema.aggregate_columns if c in row}, False
+            return [None] * len(entity_ids)  # nothing materialized yet: every entity is new
+        columns = model.schema.aggregate_columns
+        return [None if row is None else {c: row[c] for c in columns if c in row}
+                for row in rows]
 
     def _observe(self, queries: Sequence[ScoreQuery]) -> None:
         if self.on_observed is None:
@@ -646,6 +782,38 @@ def _stream_values(plan: StreamPlan, held: Sequence[Entry],
               if c not in query.fields}  # a value the request carries wins, as before
     ages = {c: age for c, age in ages_s.items() if age is not None}
     return values, False, Freshness(None if last is None else (at - last) / 1e6, ages)
+
+
+def _stream_read(plan: StreamPlan, held: Sequence[Entry], query: ScoreQuery
+                 ) -> tuple[dict[str, float], bool, Freshness] | Exception:
+    try:
+        return _stream_values(plan, held, query)
+    except InvalidInput as exc:  # this request's timestamp: its own error, not the batch's
+        return exc
+
+
+def _without_store(query: ScoreQuery, model: LoadedModel
+                   ) -> tuple[None, bool, None] | Exception:
+    """With the online store down: scored degraded if the request carries its aggregates,
+    else ``FeaturesUnavailable`` naming what it lacks."""
+    schema = model.schema
+    if schema.carries_aggregates(query.fields):
+        return None, True, None
+    missing = [c for c in schema.aggregate_columns if c not in query.fields]
+    return FeaturesUnavailable(model.feature_set_id, missing)
+
+
+def _stale(freshness: Freshness | None, limit_s: float) -> bool:
+    """Whether features are older than ``limit_s`` (0: no limit) at the request's time."""
+    age = None if freshness is None else freshness.age_s
+    return bool(limit_s) and age is not None and age > limit_s
+
+
+def _group_key(decision: RouteDecision) -> tuple[Any, ...]:
+    """What calls routed alike share: their links in order, why, and the shadow."""
+    shadow = None if decision.shadow is None else decision.shadow.version
+    return (decision.primary.version, *(link.version for link in decision.fallbacks),
+            decision.fallback, decision.reason, shadow)
 
 
 def fallback_reserve(decision: RouteDecision) -> float | None:

@@ -108,7 +108,7 @@ def prepare_on_cluster(client: Client, raw_store: RawBatchStore, offline: Offlin
     contract = config.datasets[dataset]
     with _plain_strings():
         frame = read_batch_dask(client, raw_store, batches[dataset], contract)
-        train = _train_part(frame, config, client)
+        train = _train_part(frame, config)
         pipeline = build_pipeline(spec)
         fitted, fit_rows = fit_on_cluster(pipeline, train, batches.values(), client)
         written = write_features(client, fitted, frame, offline, fsid)
@@ -178,10 +178,18 @@ def _read_piece(piece: RawPiece, root: str, categories: Mapping[str, list[Any]])
     return frame
 
 
-def _train_part(frame: dd.DataFrame, config: PipelineConfig, client: Client) -> dd.DataFrame:
+def _train_part(frame: dd.DataFrame, config: PipelineConfig) -> dd.DataFrame:
     from segregation.partitioned import split_partitioned
 
-    return split_partitioned(frame, config.split, client).train
+    return split_partitioned(frame, config.split, batch_lengths(frame)).train
+
+
+def batch_lengths(frame: dd.DataFrame) -> list[int]:
+    """Rows of each partition of a ``read_batch_dask`` frame, from its divisions (batch
+    positions: the first row of each partition, and the last row)."""
+    starts = list(frame.divisions)
+    return [b - a for a, b in zip(starts[:-2], starts[1:-1], strict=True)] + [
+        starts[-1] - starts[-2] + 1]
 
 
 # -- fitting -------------------------------------------------------------------------------
@@ -555,11 +563,12 @@ def write_features(client: Client, fitted: FittedFeatureSet, frame: dd.DataFrame
     import dask.dataframe as dd
 
     key = fitted.entity_key
-    moved = client.persist(by_entity(frame, key) if fitted.aggregate_columns else frame)
-    at = _probe_time(moved, fitted, client)
+    # Not persisted: the rows are moved once, in the graph that also writes them.
+    moved = by_entity(frame, key) if fitted.aggregate_columns else frame
+    at = _probe_time(frame, fitted, client)
     tasks = [dask.delayed(_transform_part, nout=2)(part, fitted, at)
              for part in moved.to_delayed()]
-    features_meta = _features_meta(fitted, client, moved)
+    features_meta = _features_meta(fitted, client, frame)
     features = dd.from_delayed([t[0] for t in tasks], meta=features_meta, verify_meta=False)
     online = [t[1] for t in tasks]
     ordered = in_batch_order(features, frame.divisions) if fitted.aggregate_columns else features

@@ -190,3 +190,17 @@ def test_the_service_trains_on_the_same_sample_locally_and_on_the_cluster(
     np.testing.assert_array_equal(y_here.to_numpy(), y_there.to_numpy())
     X_all, _, none = service(tmp_path, compute, None)._training_part(record)
     assert none is None and len(X_all) == 16_000
+
+
+def test_a_model_s_metadata_records_its_sample_and_only_then(compute: Compute) -> None:
+    data = frame(4_000)
+    plan = sample_plan(data["label"].value_counts(), max_rows=1_000, seed=4)
+    X, y = take_sample(data[["a", "b", "c"]], data["label"], plan)
+    config = TrainingConfig.model_validate({"candidates": CANDIDATES[:1]})
+    [sampled] = train_candidates(config, X, y, feature_set_id="fs1", batch_ids=["b1"],
+                                 client=compute.client, sample=plan.metadata()).trained
+    assert sampled.metadata["training_sample"] == plan.metadata()
+    assert sampled.metadata["training_rows"] == 1_000
+    [whole] = train_candidates(config, X, y, feature_set_id="fs1", batch_ids=["b1"],
+                               client=compute.client).trained
+    assert "training_sample" not in whole.metadata

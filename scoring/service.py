@@ -49,10 +49,10 @@ from common.stores import (
 from common.stores.entity_state import RedisEntityState
 from common.wiring import Stores
 from ingestion.contract import DatasetContract, read_typed
-from scoring.batch import DEFAULT_CHUNK_ROWS, BatchModel, score_features, score_raw
 from scoring.core import CoreSettings, ScoringCore
 from scoring.metrics import ScoringMetrics
 from scoring.observing import RecordObserver
+from scoring.offline import DEFAULT_CHUNK_ROWS, BatchModel, score_features, score_raw
 from scoring.reporting import (
     ReportsDroppedCollector,
     ReportSettings,

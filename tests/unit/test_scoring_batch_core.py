@@ -11,7 +11,7 @@ from sklearn.preprocessing import StandardScaler
 
 from common.errors import InvalidInput
 from preparation import build_pipeline
-from scoring.batch import BatchModel, entity_chunks, score_features, score_raw
+from scoring.offline import BatchModel, entity_chunks, score_features, score_raw
 from tests.fixtures.scoring import SPEC, history
 
 

@@ -1,4 +1,5 @@
-"""Offline batch scoring: a model version over a raw batch or a feature set, in chunks. Pure.
+"""Offline batch scoring: a model version over a raw batch or a feature set, in chunks. Pure
+(but for the cluster's scorers, whose workers write the parts they score).
 
 A raw batch goes through the model's own fitted feature set (its offline transform, row
 filters and entity aggregates included, each row's aggregates from the entity's earlier
@@ -14,6 +15,12 @@ The result has one row per scored row: ``row_id`` (the input row's index), ``ent
     model = BatchModel("v3", estimator, fitted, list(fitted.feature_names))
     scores = score_raw(model, typed_raw_frame, chunk_rows=50_000)
     scores = score_features(model, feature_set_frame)         # already transformed
+
+On a Dask cluster (``CONVEYOR_COMPUTE``) the same scores are made partition by partition
+and written as partitioned Parquet by the workers, each entity's rows in one partition in
+batch order: ``score_raw_on_cluster`` and ``score_features_on_cluster``::
+
+    uri, rows = score_raw_on_cluster(client, model, raw_frame, BatchScoreStore(root), run_id)
 """
 
 from __future__ import annotations
@@ -22,12 +29,17 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from common.errors import InvalidInput
+from common.stores import BatchScoreStore
+
+if TYPE_CHECKING:
+    import dask.dataframe as dd
+    from distributed import Client
 
 logger = logging.getLogger(__name__)
 
@@ -67,12 +79,16 @@ def score_features(
     progress: Progress | None = None,
 ) -> pd.DataFrame:
     """Score rows of the model's own feature set (already transformed), chunk by chunk."""
-    missing = [name for name in model.feature_names if name not in frame.columns]
+    _check_features(model, list(frame.columns))
+    chunks = (frame.iloc[start:start + chunk_rows] for start in range(0, len(frame), chunk_rows))
+    return _score_chunks(model, chunks, _count(frame, chunk_rows), progress)
+
+
+def _check_features(model: BatchModel, columns: Sequence[str]) -> None:
+    missing = [name for name in model.feature_names if name not in columns]
     if missing:
         raise InvalidInput(f"the feature set lacks features of model version {model.version}: "
                            f"{', '.join(missing)}")
-    chunks = (frame.iloc[start:start + chunk_rows] for start in range(0, len(frame), chunk_rows))
-    return _score_chunks(model, chunks, _count(frame, chunk_rows), progress)
 
 
 def entity_chunks(
@@ -140,3 +156,58 @@ def _entities(transformed: pd.DataFrame, key: str | None) -> pd.arrays.StringArr
     if key and key in transformed.columns:
         return pd.array(transformed[key].astype("string").to_numpy(), dtype="string")
     return pd.array([None] * len(transformed), dtype="string")
+
+
+# -- on a Dask cluster (CONVEYOR_COMPUTE) ----------------------------------------------------
+
+def score_raw_on_cluster(client: Client, model: BatchModel, frame: dd.DataFrame,
+                         scores: BatchScoreStore, run_id: str) -> tuple[str, int]:
+    """``score_raw`` partition by partition on a Dask cluster, written as partitioned
+    Parquet: each entity's rows moved into one partition in batch order (its aggregates
+    are those of the whole batch), transformed and predicted there, the rows put back in
+    batch order and each partition written as a part of the run by its worker (the run's
+    record last). ``frame`` is the typed raw batch indexed by batch position
+    (``preparation.distributed.read_batch_dask``). Returns the parts' URL and the rows."""
+    from preparation.distributed import by_entity, in_batch_order
+
+    moved = by_entity(frame, model.features.entity_key)
+    meta = _predict(model, pd.DataFrame())
+    scored = moved.map_partitions(_score_part, model, meta=meta.set_axis(meta["row_id"]))
+    return _write_parts(client, in_batch_order(scored, frame.divisions), scores, run_id)
+
+
+def score_features_on_cluster(client: Client, model: BatchModel, frame: dd.DataFrame,
+                              scores: BatchScoreStore, run_id: str) -> tuple[str, int]:
+    """``score_features`` partition by partition on a Dask cluster (``frame``: the model's
+    feature set, ``OfflineFeatureStore.read_dask``), written as partitioned Parquet."""
+    _check_features(model, list(frame.columns))
+    meta = _predict(model, pd.DataFrame())
+    return _write_parts(client, frame.map_partitions(_predict_part, model, meta=meta), scores,
+                        run_id)
+
+
+def _predict_part(part: pd.DataFrame, model: BatchModel) -> pd.DataFrame:
+    return _predict(model, part)
+
+
+def _score_part(part: pd.DataFrame, model: BatchModel) -> pd.DataFrame:
+    """A partition's scores, indexed by batch position (``row_id``)."""
+    out = _predict(model, model.features.transform(part) if len(part) else pd.DataFrame())
+    return out.set_axis(out["row_id"].to_numpy())
+
+
+def _write_parts(client: Client, scored: dd.DataFrame, scores: BatchScoreStore,
+                 run_id: str) -> tuple[str, int]:
+    import dask
+
+    scores.start_parts(run_id)
+    parts = scored.to_delayed()
+    tasks = [dask.delayed(_write_part)(part, scores.root, run_id, number)
+             for number, part in enumerate(parts)]
+    rows = sum(client.compute(tasks, sync=True))
+    return scores.finish_parts(run_id, rows, len(parts)), rows
+
+
+def _write_part(part: pd.DataFrame, root: str, run_id: str, number: int) -> int:
+    BatchScoreStore(root).write_part(run_id, number, part.reset_index(drop=True))
+    return len(part)

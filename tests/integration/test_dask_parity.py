@@ -1,5 +1,6 @@
 """The Dask path gives what the pandas path gives: the same fitted feature set (same object,
-same fitted statistics), the same features and online rows, for the PaySim pipeline and for
+same fitted statistics), the same features and online rows, the same batch scores (of the
+raw batch and of the feature set, written as parts), for the PaySim pipeline and for
 a many-entity stream with count and time-window aggregates and every partial-statistics
 fitter (mean and most-frequent imputation, standard and min-max scaling, one-hot, chi2),
 each on a LocalCluster of two workers and a batch of several partitions. A worker killed
@@ -19,13 +20,14 @@ import numpy as np
 import pandas as pd
 import pytest
 from sklearn.base import BaseEstimator
+from sklearn.linear_model import LogisticRegression
 
+from app.config import PipelineConfig
 from common.compute import Compute, ComputeSettings, open_compute
-from common.config import PipelineConfig
 from common.datasets import paysim
 from common.errors import InvalidInput
 from common.events import RawDataExtracted
-from common.stores import ModelStore, OfflineFeatureStore, RawBatchStore
+from common.stores import BatchScoreStore, ModelStore, OfflineFeatureStore, RawBatchStore
 from common.stores.entity_state import MemoryEntityState, MemoryStreamTargets
 from common.wiring import feature_pipeline_root
 from ingestion.contract import ContractTyping, read_batch
@@ -33,6 +35,13 @@ from preparation import FittedFeatureSet, build_pipeline, feature_set_id
 from preparation import distributed as on_cluster
 from preparation.distributed import prepare_on_cluster
 from preparation.service import PreparationService
+from scoring.offline import (
+    BatchModel,
+    score_features,
+    score_features_on_cluster,
+    score_raw,
+    score_raw_on_cluster,
+)
 from tests.fixtures.dask_faults import with_killer
 from tests.fixtures.pipeline import MemoryOnlineStore, parsed, paysim_config
 from tests.fixtures.streaming import stream_frame
@@ -273,3 +282,36 @@ def test_a_transform_that_keeps_killing_fails_retryably_with_nothing_complete(
     again = prepare.on_raw_data_extracted(event)  # the retry, with workers that stay up
     assert again is not None and prepare.offline.exists(world.fsid)
     assert len(prepare.offline.read(world.fsid)) == 2_000
+
+
+# -- batch scoring ---------------------------------------------------------------------------
+
+def trained(fitted: FittedFeatureSet, features: pd.DataFrame) -> BatchModel:
+    names = list(fitted.feature_names)
+    estimator = LogisticRegression(max_iter=500).fit(features[names],
+                                                     features["isFraud"].astype(int))
+    return BatchModel("v1", estimator, fitted, names)
+
+
+def test_the_same_batch_scores(world: World, compute: Compute, tmp_path: Path) -> None:
+    fitted, features, _ = world.pandas()
+    model = trained(fitted, features)
+    assert compute.client is not None
+    store = BatchScoreStore(str(tmp_path / "scores"))
+    with on_cluster._plain_strings():
+        frame = on_cluster.read_batch_dask(compute.client, world.raw, world.batches["paysim"],
+                                           world.config.datasets["paysim"])
+        uri, rows = score_raw_on_cluster(compute.client, model, frame, store, "raw-run")
+    want = score_raw(model, world.frame, chunk_rows=1_000)
+    got = store.read("raw-run")
+    assert (rows, store.rows("raw-run")) == (len(want), len(want))
+    assert uri.endswith("/parts") and store.exists("raw-run")
+    assert got.dtypes.to_dict() == want.dtypes.to_dict()
+    pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=0, atol=TOLERANCE)
+
+    world.on_cluster(compute)  # the feature set, stored as parts
+    stored = world.offline.read_dask(world.fsid)
+    score_features_on_cluster(compute.client, model, stored.frame, store, "features-run")
+    want = score_features(model, world.offline.read(world.fsid))
+    pd.testing.assert_frame_equal(store.read("features-run"), want, check_exact=False,
+                                  rtol=0, atol=TOLERANCE)

@@ -5,6 +5,11 @@ Sections: ``datasets`` (contracts), ``features`` (the feature spec), ``split``,
 unknown keys, so a typo fails at start with the key named. On Kubernetes the file is
 mounted from a ConfigMap; locally it is ``config/pipeline.yaml``.
 
+Each stage owns its section's model (``ingestion.contract``, ``preparation.spec``,
+``segregation.config``, ``training.config``, ``evaluation.gate``); this module assembles
+them into the application's config, so it lives above the stages' libraries and
+``common/`` stays free of them. The stages' service shells (their ``build``) read it.
+
 Example::
 
     config = load_pipeline_config("config/pipeline.yaml")

@@ -24,6 +24,7 @@ from uuid import uuid4
 import pandas as pd
 import redis
 
+from app.config import PipelineConfig, load_pipeline_config
 from app.console import broker_reachable, model_table, queue_table, redis_reachable
 from app.demo_monitoring import (
     MONITORING_ENV,
@@ -33,7 +34,6 @@ from app.demo_monitoring import (
 )
 from app.local import start_missing_services, wait_until
 from common.bus.rabbitmq import RabbitMQBus
-from common.config import PipelineConfig, load_pipeline_config
 from common.datasets import paysim
 from common.eventlog import EventLog
 from common.events import Event, SourceDataAvailable

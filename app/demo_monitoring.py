@@ -33,10 +33,10 @@ import grpc
 import pandas as pd
 import redis
 
+from app.config import PipelineConfig
 from app.console import bearer_metadata, scoring_channel
 from app.local import LocalService, wait_until
 from common.bus.rabbitmq import RabbitMQBus
-from common.config import PipelineConfig
 from common.errors import ConveyorError, ModelNotFound
 from common.eventlog import EventLog
 from common.events import Event

@@ -64,10 +64,10 @@ import pandas as pd
 from prometheus_client.parser import text_string_to_metric_families
 from sklearn.linear_model import LogisticRegression
 
+from app.config import load_pipeline_config
 from app.local import LocalService, wait_until
 from common.bus.publisher import Message
 from common.bus.rabbitmq import RabbitMQBus, properties
-from common.config import load_pipeline_config
 from common.events import ScoreServed, ServedScore
 from common.reference import (
     input_references,

@@ -41,7 +41,7 @@ import pandas as pd
 from sklearn import metrics as skm
 from sklearn.utils import all_estimators
 
-from common.config import PipelineConfig, load_pipeline_config
+from app.config import PipelineConfig, load_pipeline_config
 from preparation import build_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent

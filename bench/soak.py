@@ -365,7 +365,7 @@ def traffic(args: argparse.Namespace, config: Any) -> tuple[list[Any], list[Any]
 
 
 def soak(args: argparse.Namespace) -> dict[str, Any]:
-    from common.config import load_pipeline_config
+    from app.config import load_pipeline_config
     from common.settings import Settings
 
     run_id = uuid4().hex[:8]

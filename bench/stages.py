@@ -92,7 +92,7 @@ class Meter:
 
 
 def services(csv: Path, meter: Meter, work: Path) -> None:
-    from common.config import load_pipeline_config
+    from app.config import load_pipeline_config
     from common.events import SourceDataAvailable
     from common.settings import Settings
     from common.wiring import Stores
@@ -130,8 +130,8 @@ def services(csv: Path, meter: Meter, work: Path) -> None:
 
 
 def plain(csv: Path, meter: Meter) -> None:
+    from app.config import load_pipeline_config
     from bench import plain_pipeline as p
-    from common.config import load_pipeline_config
     from preparation import build_pipeline
 
     config = load_pipeline_config(p.DEFAULT_CONFIG)

@@ -21,8 +21,8 @@ from typing import Any
 
 import pandas as pd
 
+from app.config import PipelineConfig, load_pipeline_config
 from common.compute import Compute, open_compute
-from common.config import PipelineConfig, load_pipeline_config
 from common.errors import ModelNotFound, NotReady
 from common.events import CandidatesTrained, ModelReady, ModelRejected
 from common.runtime import Service, handles

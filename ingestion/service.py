@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import logging
 
+from app.config import PipelineConfig, load_pipeline_config
 from common.compute import compute_settings
-from common.config import PipelineConfig, load_pipeline_config
 from common.errors import InvalidInput, NotFound
 from common.events import IngestionFailed, RawDataExtracted, SourceDataAvailable
 from common.runtime import Service, handles

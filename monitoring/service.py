@@ -35,7 +35,7 @@ from typing import Literal
 from prometheus_client import CollectorRegistry
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from common.config import load_pipeline_config
+from app.config import load_pipeline_config
 from common.errors import ModelIdNotFound, ModelNotFound
 from common.events import (
     DriftDetected,

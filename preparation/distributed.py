@@ -46,7 +46,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import MinMaxScaler, OneHotEncoder, StandardScaler
 from sklearn.preprocessing._data import _handle_zeros_in_scale, _is_constant_feature
 
-from common.config import PipelineConfig
+from app.config import PipelineConfig
 from common.errors import InvalidInput
 from common.stores import OfflineFeatureStore, RawBatchStore, RawPiece, latest_rows
 from ingestion.contract import DatasetContract, typing_id

@@ -39,8 +39,8 @@ from typing import TYPE_CHECKING
 import pandas as pd
 from prometheus_client import CollectorRegistry, Counter
 
+from app.config import PipelineConfig, load_pipeline_config
 from common.compute import Compute, open_compute
-from common.config import PipelineConfig, load_pipeline_config
 from common.errors import InvalidInput, NotFound
 from common.events import (
     FeaturesGenerated,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 
-from common.config import load_pipeline_config
+from app.config import load_pipeline_config
 from common.errors import NotFound
 from common.events import BatchScoringRequested, ScoringCompleted
 from common.runtime import Service, handles

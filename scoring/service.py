@@ -30,9 +30,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from app.config import PipelineConfig, load_pipeline_config
 from common.bus.dispatch import HandlerSpec
 from common.bus.rabbitmq import RabbitMQBus
-from common.config import PipelineConfig, load_pipeline_config
 from common.errors import InvalidInput, NotFound
 from common.events import BatchScoringRequested, ModelDegraded, ModelReady, ScoringCompleted
 from common.runtime import Service, handles

@@ -20,10 +20,10 @@ from sklearn import metrics as skm
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from app.config import load_pipeline_config
 from app.services import build_service
 from common.bus.idempotency import MemoryProcessedEvents
 from common.bus.memory import InMemoryBus
-from common.config import load_pipeline_config
 from common.eventlog import EventLog
 from common.events import (
     CandidatesTrained,

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from common.config import PipelineConfig, load_pipeline_config, parse_pipeline_config
+from app.config import PipelineConfig, load_pipeline_config, parse_pipeline_config
 from common.errors import InvalidInput
 from tests.fixtures.breast_cancer import CONFIG as BREAST_CANCER_CONFIG
 from tests.fixtures.pipeline import PAYSIM_CONFIG, write_config

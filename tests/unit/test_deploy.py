@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
+from app.config import load_pipeline_config
 from app.services import service_names
-from common.config import load_pipeline_config
 from tests.fixtures.k8s import (
     LIBRARY_ENV,
     OVERLAYS,

@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 import yaml
 
-from common.config import load_pipeline_config
+from app.config import load_pipeline_config
 from tests.fixtures.k8s import (
     K8S,
     OPTIONAL_COMPONENTS,

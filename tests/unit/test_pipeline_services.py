@@ -14,9 +14,9 @@ from typing import Any
 import pandas as pd
 import pytest
 
+from app.config import PipelineConfig
 from common.bus.idempotency import MemoryProcessedEvents
 from common.bus.memory import InMemoryBus
-from common.config import PipelineConfig
 from common.errors import ModelNotFound
 from common.events import (
     CandidatesTrained,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from common.config import load_pipeline_config
+from app.config import load_pipeline_config
 from common.datasets import paysim
 from common.stores import RawBatchStore
 from ingestion.contract import ContractTyping, read_batch

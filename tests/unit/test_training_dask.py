@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from app.config import load_pipeline_config
 from common.compute import Compute, ComputeSettings, open_compute
-from common.config import load_pipeline_config
 from common.stores import OfflineFeatureStore
 from segregation.config import SplitConfig
 from segregation.partitioned import partition_lengths, split_partitioned

@@ -17,7 +17,9 @@ SMALL: dict[str, Any] = {"compute": "dask-local", "dask_workers": 1, "dask_memor
 
 
 def test_the_default_is_pandas_in_process_without_importing_dask() -> None:
+    # The services whose heavy work can move import Dask only on the Dask path.
     code = ("import sys; from common.compute import open_compute\n"
+            "import ingestion.service, preparation.service, scoring.offline\n"
             "with open_compute() as c: assert (c.mode, c.client, c.distributed) == "
             "('local', None, False)\n"
             "assert not [m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed')]")

@@ -22,7 +22,7 @@ from threadpoolctl import threadpool_limits
 
 from common.cpus import available_cpus
 from training.config import Candidate, TrainingConfig, resolve_estimator
-from training.trainer import TRANSIENT, Failure, describe
+from training.failures import TRANSIENT, Failure, describe
 
 RETRIED = (*TRANSIENT, KilledWorker)
 

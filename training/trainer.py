@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import sklearn
-from pebble import ProcessExpired, ProcessPool
+from pebble import ProcessPool
 from pyarrow import feather
 from threadpoolctl import threadpool_limits
 
@@ -41,12 +41,12 @@ from common.cpus import available_cpus
 from common.errors import InvalidInput
 from common.reference import input_references, model_reference, reference_rows
 from training.config import Candidate, TrainingConfig, expand, resolve_estimator
+from training.failures import TRANSIENT, Failure, describe
 
 if TYPE_CHECKING:
     from distributed import Client
 
 log = logging.getLogger(__name__)
-TRANSIENT = (ProcessExpired, OSError, MemoryError, ConnectionError)
 LABEL_COLUMN = "__label__"
 _worker_data: dict[str, Any] = {}
 _worker_start: dict[str, Any] = {}
@@ -61,14 +61,6 @@ class TrainedCandidate:
     name: str
     model: Any
     metadata: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Failure:
-    """A candidate that could not be trained, and why."""
-
-    name: str
-    error: str
 
 
 @dataclass
@@ -243,11 +235,6 @@ class _Scheduler:
             self._schedule(candidate)
         else:
             self.outcomes[candidate.name] = Failure(candidate.name, describe(exc))
-
-
-def describe(exc: BaseException) -> str:
-    """An error as its type and message."""
-    return f"{type(exc).__name__}: {exc}"
 
 
 def _init_worker(estimators: tuple[str, ...], barrier: Any) -> None:

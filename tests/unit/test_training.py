@@ -21,7 +21,8 @@ from common.errors import InvalidInput
 from tests.fixtures.models import FailingClassifier, attempts
 from tests.fixtures.warm import warm_training_workers
 from training.config import Candidate, CandidateSpec, TrainingConfig, expand, resolve_estimator
-from training.trainer import Failure, TrainingResult, model_id_for, train_candidates
+from training.failures import Failure
+from training.trainer import TrainingResult, model_id_for, train_candidates
 
 warm_training_workers()
 

@@ -68,7 +68,7 @@ from preparation.transformers import (
     require_numeric,
     to_utc,
 )
-from segregation.strategies import STRATEGIES
+from segregation.strategies import STRATEGIES, train_rows
 
 if TYPE_CHECKING:
     import dask.dataframe as dd
@@ -109,9 +109,9 @@ def prepare_on_cluster(client: Client, raw_store: RawBatchStore, offline: Offlin
     with _plain_strings():
         frame = read_batch_dask(client, raw_store, batches[dataset], contract)
         train = _train_part(frame, config)
-        pipeline = build_pipeline(spec)
-        fitted, fit_rows = fit_on_cluster(pipeline, train, batches.values(), client)
+        fitted = fit_on_cluster(build_pipeline(spec), train, batches.values(), client)
         written = write_features(client, fitted, frame, offline, fsid)
+    fit_rows = train_rows(sum(batch_lengths(frame)), config.split.ratio)  # as the split
     return Prepared(fitted, written.rows, written.columns, written.online,
                     None if fitted.aggregate_columns else fitted.timestamp, fit_rows)
 
@@ -195,32 +195,36 @@ def batch_lengths(frame: dd.DataFrame) -> list[int]:
 # -- fitting -------------------------------------------------------------------------------
 
 def fit_on_cluster(pipeline: FeaturePipeline, train: dd.DataFrame, batch_ids: Any,
-                   client: Client) -> tuple[FittedFeatureSet, int]:
-    """``pipeline.fit`` of the training part, a step at a time on the cluster; returns the
-    fitted set (the same object pandas fits) and the rows it was fitted on."""
+                   client: Client) -> FittedFeatureSet:
+    """``pipeline.fit`` of the training part, a step at a time on the cluster: the same
+    fitted set pandas fits. The steps' transforms stay lazy; the rows are persisted only
+    before a step that needs statistics of them all."""
     steps = clone(pipeline.pipeline)
     key = pipeline.spec.entity_key
     has_aggregates = any(isinstance(s, EntityAggregate) for _, s in steps.steps)
-    current = client.persist(by_entity(train, key) if has_aggregates and key else train)
-    fit_rows = _rows(current, client)
-    input_dtypes = {str(c): str(t) for c, t in train._meta.dtypes.items()}
+    current = by_entity(train, key) if has_aggregates and key else train
+    sample = _sample(current, client)
     for name, step in steps.steps:
         index, kind = name.split("_", 1)
         with naming_step(step_label(int(index), kind)):
-            sample = _sample(current, client)  # empty only when every partition is
+            if sample.empty:  # a filter may have emptied the sample, not every partition
+                sample = _sample(current, client)
             if sample.empty:
                 raise InvalidInput("no rows left to fit on")
+            if _fit_kind(step) is not None:
+                current = client.persist(current)
             _fit_step(step, current, sample, client)
-            meta = step.transform(sample).iloc[:0]
-            current = client.persist(current.map_partitions(_transform_step, step, meta,
-                                                            meta=meta))
-    out = _sample(current, client)
-    fitted = FittedFeatureSet(
+            # A sample of the rows after the step: their columns and dtypes, not values.
+            sample = step.transform(sample)
+            meta = sample.iloc[:0]
+            current = current.map_partitions(_transform_step, step, meta, meta=meta)
+    out = sample if len(sample) else _sample(current, client)
+    return FittedFeatureSet(
         spec=pipeline.spec, pipeline=steps,
         feature_set_id=feature_set_id(pipeline.spec, batch_ids),
         batch_ids=tuple(sorted(set(batch_ids))),
-        feature_names=feature_names_of(out, pipeline.spec), input_dtypes=input_dtypes)
-    return fitted, fit_rows
+        feature_names=feature_names_of(out, pipeline.spec),
+        input_dtypes={str(c): str(t) for c, t in train._meta.dtypes.items()})
 
 
 def by_entity(frame: dd.DataFrame, key: str | None) -> dd.DataFrame:
@@ -234,10 +238,6 @@ def by_entity(frame: dd.DataFrame, key: str | None) -> dd.DataFrame:
 
 def _sorted_by_position(part: pd.DataFrame) -> pd.DataFrame:
     return part.sort_index(kind="stable")
-
-
-def _rows(frame: dd.DataFrame, client: Client) -> int:
-    return int(sum(client.compute(frame.map_partitions(len), sync=True)))
 
 
 def _sample(frame: dd.DataFrame, client: Client) -> pd.DataFrame:

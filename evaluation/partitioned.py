@@ -118,6 +118,8 @@ def _partition_parts(X: pd.DataFrame, y: pd.Series, models: dict[str, Any],
 def partition_parts(model: Any, X: pd.DataFrame, y: np.ndarray, names: list[str]) -> Parts:
     """One partition's partial statistics of ``model`` for the metrics ``names``."""
     outputs, parts = Outputs(model, X), Parts(rows=len(y))
+    if len(y) == 0:  # a partition with no test rows (a sequential split's early ones)
+        return parts
     if not is_classifier(model):
         errors = y - outputs.predictions
         parts.regression = np.array([len(y), (errors ** 2).sum(), np.abs(errors).sum(),

@@ -42,6 +42,7 @@ class DaskScheduler:
         """Each candidate's outcome by name: (model, fit seconds) or a ``Failure``."""
         self.data = (self.client.scatter(X, broadcast=True, hash=False),
                      self.client.scatter(y, broadcast=True, hash=False))
+        self.host_threads = threads_by_host(self.client)
         try:
             for candidate in candidates:
                 self._submit(candidate)
@@ -54,7 +55,8 @@ class DaskScheduler:
     def _submit(self, candidate: Candidate) -> None:
         assert self.data is not None
         self.attempts[candidate.name] = self.attempts.get(candidate.name, 0) + 1
-        future = self.client.submit(fit_on_worker, candidate, *self.data, pure=False,
+        future = self.client.submit(fit_on_worker, candidate, *self.data, self.host_threads,
+                                    pure=False,
                                     key=f"train-{candidate.name}-{uuid.uuid4().hex[:8]}")
         self.pending[future] = (candidate, time.monotonic())
 
@@ -102,13 +104,28 @@ def _import_estimators(estimators: list[str]) -> None:
         resolve_estimator(name)
 
 
-def fit_on_worker(candidate: Candidate, X: pd.DataFrame, y: pd.Series) -> tuple[Any, float]:
-    """Fit one candidate where the task runs, its native threads shared fairly with the
-    worker's other task threads (the CPUs this worker may use / its task threads)."""
+def threads_by_host(client: Client) -> dict[str, int]:
+    """Task threads of every worker on each host, summed (a LocalCluster's workers share
+    one machine's CPUs; a Kubernetes worker pod has its own)."""
+    hosts: dict[str, int] = {}
+    for address, worker in client.scheduler_info(n_workers=-1)["workers"].items():
+        host = worker.get("host") or address
+        hosts[host] = hosts.get(host, 0) + int(worker.get("nthreads", 1))
+    return hosts
+
+
+def fit_on_worker(candidate: Candidate, X: pd.DataFrame, y: pd.Series,
+                  host_threads: dict[str, int]) -> tuple[Any, float]:
+    """Fit one candidate where the task runs, its native threads (OpenMP, BLAS) a fair
+    share of the CPUs this worker may use among the task threads of its host's workers,
+    as the local pool gives each of its workers CPUs / workers: no oversubscription."""
     from distributed import get_worker
 
     model = resolve_estimator(candidate.estimator, candidate.name)(**candidate.params)
-    threads = max(1, available_cpus() // max(1, get_worker().state.nthreads))
+    worker = get_worker()
+    sharing = host_threads.get(worker.address.split("://")[-1].rsplit(":", 1)[0],
+                               worker.state.nthreads)
+    threads = max(1, available_cpus() // max(1, sharing))
     with threadpool_limits(limits=threads):
         started = time.perf_counter()
         model.fit(X, y)

@@ -100,3 +100,21 @@ def test_the_report_on_the_cluster_is_the_pandas_one(compute: Compute) -> None:
     assert (there.ranking, there.chosen_id) == (here.ranking, here.chosen_id)
     assert_same_curves(there.curves, here.curves)
     assert set(there.latency) == set(here.latency)
+
+
+def test_partitions_without_test_rows_count_for_nothing(compute: Compute) -> None:
+    from segregation.config import SplitConfig
+    from segregation.partitioned import split_partitioned
+
+    X, y = dataset(load_breast_cancer)
+    model = HistGradientBoostingClassifier(max_iter=10, random_state=0).fit(X, y)
+    frame = dd.from_pandas(X.assign(__y=y), npartitions=5)
+    lengths = [int(n) for n in compute.client.compute(  # type: ignore[union-attr]
+        [part.shape[0] for part in frame.to_delayed()], sync=True)]
+    test = split_partitioned(frame, SplitConfig(strategy="sequential", ratio=0.8), lengths).test
+    expected = SplitConfig(strategy="sequential", ratio=0.8).apply(X.assign(__y=y), "__y")
+    names = applicable(model)
+    measured = measure_partitioned({"m": model}, test[list(X.columns)], test["__y"],
+                                   {"m": names}, compute.client)  # type: ignore[arg-type]
+    assert measured["m"].metrics == pytest.approx(
+        evaluate(model, expected.X_test, expected.y_test, names), **CLOSE)

@@ -16,7 +16,7 @@ import pytest
 
 from scoring.core import ScoringCore
 from scoring.server import GrpcSettings, ScoringServer
-from tests.fixtures.scoring import ScoringWorld, scoring_world
+from tests.fixtures.scoring import ScoringWorld, loaded_core, scoring_world
 from tests.support.harness import BusNamespace
 
 
@@ -29,10 +29,8 @@ def world(tmp_path: Path, ns: BusNamespace) -> ScoringWorld:
 @pytest.fixture
 def core(world: ScoringWorld) -> Iterator[ScoringCore]:
     """The world's chain loaded, with limits loose enough that circuits never open."""
-    core = world.core(deadline_s=2.0, latency_budget_s=1.0)
-    core.load_chain()
-    yield core
-    core.close()
+    with loaded_core(world, deadline_s=2.0, latency_budget_s=1.0) as core:
+        yield core
 
 
 @pytest.fixture

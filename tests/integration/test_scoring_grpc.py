@@ -21,8 +21,7 @@ from scoring.core import ScoringCore
 from scoring.inputs import InputSchema
 from scoring.server import GrpcSettings, ScoringServer, field_value
 from scoring.service import ScoringService
-from tests.fixtures.models import SlowClassifier
-from tests.fixtures.scoring import ScoringWorld, fields_of, status_of
+from tests.fixtures.scoring import ScoringWorld, fields_of, slow_champion_channel, status_of
 
 pytestmark = pytest.mark.integration
 
@@ -161,16 +160,8 @@ def test_health_is_serving_with_a_model_and_not_without(
 
 def test_a_slow_champion_is_answered_by_previous_within_the_deadline(
         world: ScoringWorld) -> None:
-    world.add_model(SlowClassifier(world.estimators["v2"], delay_s=2.0), "m-slow")
-    core = world.core(deadline_s=0.3, warmup_calls=0)
-    core.load_chain()
-    server = ScoringServer(core, GrpcSettings(host="127.0.0.1", port=0)).start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            reply = pb_grpc.ScoringStub(channel).Score(request(world), timeout=1.0)
-    finally:
-        server.stop(0)
-        core.close()
+    with slow_champion_channel(world) as channel:
+        reply = pb_grpc.ScoringStub(channel).Score(request(world), timeout=1.0)
     assert (reply.model_version, reply.fallback) == ("v2", True)
     assert "v3 passed its deadline" in reply.fallback_reason
     assert reply.latency_ms < 300

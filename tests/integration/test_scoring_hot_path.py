@@ -17,7 +17,7 @@ from common.errors import Status
 from common.events import ModelReady
 from scoring.core import ScoreQuery, ScoringCore
 from scoring.inputs import InputSchema
-from tests.fixtures.scoring import ScoringWorld, fields_of, scoring_world
+from tests.fixtures.scoring import ScoringWorld, fields_of, loaded_core, scoring_world
 from tests.support.harness import delete_redis_keys, isolated_settings
 
 pytestmark = pytest.mark.integration
@@ -32,10 +32,9 @@ def world(tmp_path: Path) -> Iterator[ScoringWorld]:
 
 @pytest.fixture
 def core(world: ScoringWorld) -> Iterator[ScoringCore]:
-    core = world.core(deadline_s=2.0, latency_budget_s=1.0)  # circuits are not under test
-    core.load_chain()
-    yield core
-    core.close()
+    # limits loose enough that circuits never open: they are not under test
+    with loaded_core(world, deadline_s=2.0, latency_budget_s=1.0) as core:
+        yield core
 
 
 def query(world: ScoringWorld, position: int) -> ScoreQuery:

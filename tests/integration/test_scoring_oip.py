@@ -21,8 +21,7 @@ from scoring.core import ScoringCore
 from scoring.inputs import InputSchema
 from scoring.oip import MAX_ROWS, field_tensors
 from scoring.server import GrpcSettings, ScoringServer, field_value
-from tests.fixtures.models import SlowClassifier
-from tests.fixtures.scoring import ScoringWorld, fields_of, status_of
+from tests.fixtures.scoring import ScoringWorld, fields_of, slow_champion_channel, status_of
 
 pytestmark = pytest.mark.integration
 
@@ -245,17 +244,9 @@ def test_column_tensors_and_integer_numbers_are_accepted(world: ScoringWorld, st
 
 
 def test_a_slow_champion_is_answered_by_previous_and_says_so(world: ScoringWorld) -> None:
-    world.add_model(SlowClassifier(world.estimators["v2"], delay_s=2.0), "m-slow")
-    core = world.core(deadline_s=0.3, warmup_calls=0)
-    core.load_chain()
-    server = ScoringServer(core, GrpcSettings(host="127.0.0.1", port=0)).start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
-                infer(raw_fields(world, range(2))), timeout=1.0)
-    finally:
-        server.stop(0)
-        core.close()
+    with slow_champion_channel(world) as channel:
+        reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            infer(raw_fields(world, range(2))), timeout=1.0)
     assert (reply.model_version, reply.parameters["fallback"].bool_param) == ("v2", True)
     assert "v3 passed its deadline" in reply.parameters["fallback_reason"].string_param
 

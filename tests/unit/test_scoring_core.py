@@ -32,7 +32,7 @@ from scoring.core import (
 from scoring.inputs import InputSchema
 from scoring.router import NoAnswer, NoModelDeployed
 from tests.fixtures.pipeline import MemoryOnlineStore
-from tests.fixtures.scoring import ScoringWorld, fields_of, scoring_world
+from tests.fixtures.scoring import ScoringWorld, fields_of, loaded_core, scoring_world
 
 COUNT, MEAN = "nameOrig_amount_count_last3", "nameOrig_amount_mean_last3"
 MINUTE_US = 60 * 1_000_000
@@ -52,10 +52,9 @@ def fresh_world(tmp_path: Path) -> ScoringWorld:
 
 @pytest.fixture
 def core(world: ScoringWorld) -> Iterator[ScoringCore]:
-    core = world.core(deadline_s=5.0, latency_budget_s=5.0)  # circuits are not under test
-    core.load_chain()
-    yield core
-    core.close()
+    # limits loose enough that circuits never open: they are not under test
+    with loaded_core(world, deadline_s=5.0, latency_budget_s=5.0) as core:
+        yield core
 
 
 def query(world: ScoringWorld, position: int, **changes: Any) -> ScoreQuery:

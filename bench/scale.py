@@ -252,21 +252,39 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=3_600.0,
                         help="seconds to wait for the final event of a run")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the output's earlier runs of other sizes and modes")
+    parser.add_argument("--generate-only", action="store_true",
+                        help="write the sources (cached) and run nothing")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
-    runs = []
+    if args.generate_only:
+        for rows in sorted(args.rows or SIZES):
+            log.warning("%s", scaled_csv(rows, args.seed))
+        return
+    runs = earlier(args)
     for rows in sorted(args.rows or SIZES):
         for mode in args.modes or MODES:
+            runs = [r for r in runs if (r["rows"], r["mode"]) != (rows, mode)]
             runs.append(one_run(args, rows, mode))
             log.warning("%s", json.dumps({k: runs[-1][k] for k in ("rows", "mode", "seconds")}))
             write(args, runs)
     print(json.dumps(write(args, runs), indent=2))
 
 
+def earlier(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """With --merge, the runs already in the output (a run of the same size and mode is
+    replaced by the new one)."""
+    if not (args.merge and args.output.exists()):
+        return []
+    runs: list[dict[str, Any]] = json.loads(args.output.read_text())["runs"]
+    return runs
+
+
 def write(args: argparse.Namespace, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The results so far (written after every run: a later failure keeps them)."""
     result = {
-        "runs": runs, "checks": checks(runs),
+        "runs": sorted(runs, key=lambda r: (r["rows"], r["mode"])), "checks": checks(runs),
         "method": (
             "seconds: SourceDataAvailable published -> ModelReady received (bench/pipeline.py "
             "run_services; services started and ready beforehand, not timed); "

@@ -266,7 +266,13 @@ def main() -> None:
     for rows in sorted(args.rows or SIZES):
         for mode in args.modes or MODES:
             runs = [r for r in runs if (r["rows"], r["mode"]) != (rows, mode)]
-            runs.append(one_run(args, rows, mode))
+            try:
+                runs.append(one_run(args, rows, mode))
+            except Exception as exc:  # noqa: BLE001 - a failed run is a result too
+                log.exception("%s rows on %s failed", f"{rows:,}", mode)
+                runs.append({"rows": rows, "mode": mode, "seconds": None,
+                             "seconds_per_million_rows": None, "peak_rss_gb": {},
+                             "outcome": f"failed: {type(exc).__name__}: {exc}"[:2000]})
             log.warning("%s", json.dumps({k: runs[-1][k] for k in ("rows", "mode", "seconds")}))
             write(args, runs)
     print(json.dumps(write(args, runs), indent=2))

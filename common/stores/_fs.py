@@ -40,6 +40,19 @@ def check_id(kind: str, value: str) -> str:
     return value
 
 
+class RootedStore:
+    """A store kept under one data root (its files through ``self._root``)."""
+
+    def __init__(self, root: str):
+        self._root = DataRoot(root)
+        self._root_url = root
+
+    @property
+    def root(self) -> str:
+        """The data root (a folder or fsspec URL), as given: what a worker opens it with."""
+        return self._root_url
+
+
 class DataRoot:
     """A folder or fsspec URL under which a store keeps its files (paths are relative)."""
 

@@ -50,7 +50,7 @@ from redis.exceptions import NoScriptError
 from common.errors import InvalidInput, NotFound
 from common.events import utc_now
 from common.stores._codec import RowSchema, encode_rows, timestamps_us
-from common.stores._fs import DataRoot, check_id
+from common.stores._fs import RootedStore, check_id
 
 Command = tuple[Any, ...]
 FIELD_TS = "_ts"
@@ -406,21 +406,12 @@ class FeatureSetRecord(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict, description="The writer's own.")
 
 
-class OfflineFeatureStore:
+class OfflineFeatureStore(RootedStore):
     """Feature sets as Parquet plus a metadata JSON, one folder per feature set id.
 
     A feature set id is derived from its content, so writing an id again rewrites the
     same data (atomically); callers skip the work with ``exists``.
     """
-
-    def __init__(self, root: str):
-        self._root = DataRoot(root)
-        self._root_url = root
-
-    @property
-    def root(self) -> str:
-        """The data root (a folder or fsspec URL), as given: what a worker opens it with."""
-        return self._root_url
 
     def write(
         self, feature_set_id: str, frame: pd.DataFrame, metadata: dict[str, Any],

@@ -30,7 +30,7 @@ import redis
 
 from common.errors import InvalidInput, NotFound
 from common.events import ServedScore
-from common.stores._fs import DataRoot, check_id
+from common.stores._fs import RootedStore, check_id
 
 FIELD_SCORE = b"s"
 """Stream entry field holding the score's JSON."""
@@ -88,20 +88,11 @@ def _as_bytes(entry: bytes | str) -> bytes:
     return entry if isinstance(entry, bytes) else entry.encode()
 
 
-class BatchScoreStore:
+class BatchScoreStore(RootedStore):
     """Batch scores as one Parquet file per run under a data root, or (a run scored on a
     Dask cluster) as a folder of parts in row order, each written by the worker that
     scored it, completed by ``parts.json`` (written last: without it the run is not
     stored)."""
-
-    def __init__(self, root: str):
-        self._root = DataRoot(root)
-        self._root_url = root
-
-    @property
-    def root(self) -> str:
-        """The data root (a folder or fsspec URL), as given: what a worker opens it with."""
-        return self._root_url
 
     def start_parts(self, run_id: str) -> None:
         """Before a partitioned write: nothing of an earlier attempt of the run stays."""

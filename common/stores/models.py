@@ -405,17 +405,7 @@ def _promote(
     if target == old:
         return registered, target
     state.chain = [v for v in state.chain if v != target] + [target]
-    state.history.append(
-        HistoryEntry(
-            at=utc_now(),
-            by=by,
-            action="promote",
-            model_id=state.versions[target],
-            from_version=old,
-            to_version=target,
-            reason=reason,
-        )
-    )
+    _moved(state, "promote", target, (old, target), reason, by)
     return True, target
 
 
@@ -443,15 +433,14 @@ def _demote(state: RegistryState, reason: str, by: str) -> tuple[bool, str]:
     if len(state.chain) < 2:
         raise ModelNotFound(state.name, "previous")
     demoted = state.chain.pop()
-    state.history.append(
-        HistoryEntry(
-            at=utc_now(),
-            by=by,
-            action="demote",
-            model_id=state.versions[demoted],
-            from_version=demoted,
-            to_version=state.chain[-1],
-            reason=reason,
-        )
-    )
+    _moved(state, "demote", demoted, (demoted, state.chain[-1]), reason, by)
     return True, state.chain[-1]
+
+
+def _moved(state: RegistryState, action: Literal["promote", "demote"], version: str,
+           change: tuple[str | None, str], reason: str, by: str) -> None:
+    """Record that ``version`` was promoted or demoted: the champion went from
+    ``change[0]`` to ``change[1]``."""
+    state.history.append(HistoryEntry(
+        at=utc_now(), by=by, action=action, model_id=state.versions[version],
+        from_version=change[0], to_version=change[1], reason=reason))

@@ -40,8 +40,10 @@ from tests.fixtures.scoring_service import (
     GatedClassifier,
     ServiceWorld,
     gate_is_waiting,
+    namespace_fixture,
     scoring_settings,
     service_world,
+    world_fixture,
 )
 from tests.support.harness import BusNamespace, wait_until
 
@@ -206,16 +208,8 @@ def test_a_hung_redis_fails_fast_instead_of_at_the_deadline(
 # -- overload, deadlines, no model, retirement (the shared Redis) -----------------------
 
 
-@pytest.fixture
-def ns(tmp_path: Path, services_up: None) -> Iterator[BusNamespace]:
-    namespace = BusNamespace(scoring_settings(tmp_path))
-    yield namespace
-    namespace.close()
-
-
-@pytest.fixture
-def world(tmp_path: Path, ns: BusNamespace) -> ServiceWorld:
-    return service_world(tmp_path, ns.settings)
+ns = namespace_fixture()
+world = world_fixture()
 
 
 @contextlib.contextmanager

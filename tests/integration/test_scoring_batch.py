@@ -33,8 +33,8 @@ from tests.fixtures.scoring_service import (
     GatedClassifier,
     ServiceWorld,
     gate_is_waiting,
-    scoring_settings,
-    service_world,
+    namespace_fixture,
+    world_fixture,
 )
 from tests.support.harness import (
     BusNamespace,
@@ -48,20 +48,8 @@ pytestmark = pytest.mark.integration
 CHUNK_ROWS = 97  # several chunks per batch, cut across entities
 
 
-@pytest.fixture
-def ns(
-    tmp_path: Path, services_up: None, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[BusNamespace]:
-    monkeypatch.setenv("CONVEYOR_GRPC_PORT", "0")
-    monkeypatch.setenv("CONVEYOR_BATCH_SCORING_CHUNK_ROWS", str(CHUNK_ROWS))
-    namespace = BusNamespace(scoring_settings(tmp_path))
-    yield namespace
-    namespace.close()
-
-
-@pytest.fixture
-def world(tmp_path: Path, ns: BusNamespace) -> ServiceWorld:
-    return service_world(tmp_path, ns.settings)
+ns = namespace_fixture(CONVEYOR_GRPC_PORT="0", CONVEYOR_BATCH_SCORING_CHUNK_ROWS=str(CHUNK_ROWS))
+world = world_fixture()
 
 
 @dataclass

@@ -38,7 +38,11 @@ from protos.conveyor.scoring.v1 import scoring_pb2 as pb
 from protos.conveyor.scoring.v1 import scoring_pb2_grpc as pb_grpc
 from scoring.server import field_value
 from tests.fixtures.scoring import KEY
-from tests.fixtures.scoring_service import ServiceWorld, scoring_settings, service_world
+from tests.fixtures.scoring_service import (
+    ServiceWorld,
+    scoring_settings,
+    world_fixture,
+)
 from tests.support.harness import BusNamespace, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -54,9 +58,7 @@ def ns(tmp_path: Path, services_up: None) -> Iterator[BusNamespace]:
     namespace.close()
 
 
-@pytest.fixture
-def world(tmp_path: Path, ns: BusNamespace) -> ServiceWorld:
-    return service_world(tmp_path, ns.settings)
+world = world_fixture()
 
 
 class ScoringProcess:

@@ -7,9 +7,6 @@ Redis. Each reported row of features must reproduce its score through the estima
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import grpc
 import pandas as pd
 import pytest
@@ -21,27 +18,20 @@ from protos.conveyor.scoring.v1 import scoring_pb2 as pb
 from protos.conveyor.scoring.v1 import scoring_pb2_grpc as pb_grpc
 from scoring.server import field_value
 from scoring.service import ScoringService
-from tests.fixtures.scoring_service import ServiceWorld, scoring_settings, service_world
+from tests.fixtures.scoring_service import (
+    ServiceWorld,
+    namespace_fixture,
+    world_fixture,
+)
 from tests.support.harness import BusNamespace, running_consumer, running_services, wait_until
 
 pytestmark = pytest.mark.integration
 CALLS = 12
 
 
-@pytest.fixture
-def ns(
-    tmp_path: Path, services_up: None, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[BusNamespace]:
-    monkeypatch.setenv("CONVEYOR_GRPC_PORT", "0")
-    monkeypatch.setenv("CONVEYOR_SCORE_REPORT_FLUSH_SIZE", "5")  # several events
-    namespace = BusNamespace(scoring_settings(tmp_path))
-    yield namespace
-    namespace.close()
-
-
-@pytest.fixture
-def world(tmp_path: Path, ns: BusNamespace) -> ServiceWorld:
-    return service_world(tmp_path, ns.settings)
+ns = namespace_fixture(CONVEYOR_GRPC_PORT="0",
+                       CONVEYOR_SCORE_REPORT_FLUSH_SIZE="5")  # several events
+world = world_fixture()
 
 
 def score_calls(world: ServiceWorld, target: str) -> list[pb.ScoreResponse]:

@@ -20,12 +20,12 @@ from pandas.testing import assert_frame_equal
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer
 
-from common.datasets import paysim
 from common.errors import InvalidInput
 from preparation import FittedFeatureSet, build_pipeline
 from preparation.online import compile_online, online_matrix
 from preparation.registry import kind_of, known_kinds
 from preparation.transformers import OnColumns
+from tests.fixtures.pipeline import paysim_accounts
 from tests.fixtures.scoring import SPEC as SCORING_SPEC
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "pipeline.yaml"
@@ -72,15 +72,9 @@ TIME_FORMS = ("%Y-%m-%dT%H:%M:%S+00:00", "%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%d %H:%M:%
               "%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S.%f+02:00")
 
 
-def transactions(rows: int = 500, seed: int = 11) -> pd.DataFrame:
-    frame = paysim(rows, seed=seed, fraud_rate=0.05)
-    pool = np.random.default_rng(seed).integers(0, 40, len(frame))
-    return frame.assign(nameOrig=[f"C{i}" for i in pool])
-
-
 @pytest.fixture(scope="module")
 def frame() -> pd.DataFrame:
-    return transactions()
+    return paysim_accounts(500, seed=11, accounts=40)
 
 
 def fixture_spec() -> dict[str, Any]:

@@ -28,6 +28,7 @@ from preparation import (
     missing_inputs,
     parse_spec,
 )
+from tests.fixtures.pipeline import paysim_accounts
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "pipeline.yaml"
 CARRIED = ["nameOrig", "timestamp", "isFraud"]
@@ -56,16 +57,9 @@ PARITY_SPEC: dict[str, Any] = {
 }
 
 
-def transactions(rows: int = 400, seed: int = 3) -> pd.DataFrame:
-    """PaySim rows whose origins come from a pool of 25 accounts, so entities have a past."""
-    frame = paysim(rows, seed=seed, fraud_rate=0.05)
-    pool = np.random.default_rng(seed).integers(0, 25, len(frame))
-    return frame.assign(nameOrig=[f"C{i}" for i in pool])
-
-
 @pytest.fixture(scope="module")
 def frame() -> pd.DataFrame:
-    return transactions()
+    return paysim_accounts(400, seed=3, accounts=25)
 
 
 @pytest.fixture(scope="module")

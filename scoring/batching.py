@@ -273,6 +273,12 @@ class MicroBatcher(Generic[Row, Result]):
         """``submit`` for asyncio callers (grpc.aio); call it from inside the event loop."""
         return asyncio.wrap_future(self.submit(row, deadline=deadline))
 
+    def idle(self, deadline: float | None = None) -> bool:
+        """Whether a row submitted now, with this deadline, would be predicted at once on
+        the caller's thread (``inline``, see ``_runs_inline``): the caller would not wait."""
+        with self._cond:
+            return self._runs_inline(deadline)
+
     def stats(self) -> BatcherStats:
         """Counters, current batch size and queue depth, read consistently."""
         with self._cond:
@@ -322,10 +328,14 @@ class MicroBatcher(Generic[Row, Result]):
 
     def _run(self) -> None:
         while (taken := self._next_batch()) is not None:
-            live, expired = taken
-            self._expire(expired)
-            if live:
-                self._run_batch(live)
+            self._run_taken(*taken)
+            taken = None  # nothing of this batch is held while waiting for the next
+
+    def _run_taken(self, live: list[_Pending[Row, Result]],
+                   expired: list[_Pending[Row, Result]]) -> None:
+        self._expire(expired)
+        if live:
+            self._run_batch(live)
 
     def _next_batch(self) -> _Taken[Row, Result] | None:
         """Block for a first row, linger up to max_wait_s for a full batch, take it."""

@@ -206,6 +206,44 @@ class _Block:
     errors: dict[int, Exception]
 
 
+class _Group:
+    """Calls routed alike, answered once as one block by ``answer`` (a closure): by
+    whoever asks first, the others waiting for it."""
+
+    def __init__(self, size: int, answer: Callable[[], list[ScoreResult | Exception]]) -> None:
+        self._size, self._answer = size, answer
+        self._lock = threading.Lock()
+        self._outcomes: list[ScoreResult | Exception] | None = None
+
+    def outcomes(self) -> list[ScoreResult | Exception]:
+        """Each call's answer or error, in order; answered by the first caller."""
+        with self._lock:
+            if self._outcomes is None:
+                try:
+                    self._outcomes = self._answer()
+                except Exception as exc:  # a bug: every call of the group fails with it
+                    logger.exception("scoring a group of %d calls failed", self._size)
+                    self._outcomes = [exc] * self._size
+                self._answer = _answered  # holds the models no more (a retirement waits)
+            return self._outcomes
+
+
+def _answered() -> list[ScoreResult | Exception]:
+    raise AssertionError("a group is answered once")
+
+
+@dataclass(frozen=True)
+class _Share:
+    """One call's place in a ``_Group``."""
+
+    group: _Group
+    index: int
+
+    def outcome(self) -> ScoreResult | Exception:
+        """The call's answer or error (waits while another caller answers the group)."""
+        return self.group.outcomes()[self.index]
+
+
 @dataclass(eq=False)
 class LoadedModel:
     """A model version with its fitted feature set and its micro-batcher."""
@@ -280,8 +318,7 @@ class LoadedModel:
             if check:
                 for request in requests:
                     self.schema.check(request.query.fields)
-            matrix = compile_online(self.features).matrix(
-                [self._record(request) for request in requests], self.feature_names)
+            matrix = self._plan_matrix([self._record(request) for request in requests])
         except ConveyorError:
             matrix = None  # find which request it is, below
         if matrix is not None:
@@ -299,6 +336,24 @@ class LoadedModel:
             raise next(iter(errors.values()))
         return _Block(np.vstack(rows), members, errors)
 
+    def _plan_matrix(self, records: Sequence[dict[str, Any]]) -> np.ndarray | None:
+        """The compiled row plan's rows of records, one pass per set of columns the
+        records have (a record is transformed as it would be alone: one without a column
+        another has must not get it as a missing value), or None (not modelled)."""
+        plan = compile_online(self.features)
+        alike: dict[frozenset[str], list[int]] = {}
+        for index, record in enumerate(records):
+            alike.setdefault(frozenset(record), []).append(index)
+        if len(alike) == 1:
+            return plan.matrix(records, self.feature_names)
+        matrix = np.empty((len(records), len(self.feature_names)), dtype=np.float64)
+        for places in alike.values():
+            part = plan.matrix([records[i] for i in places], self.feature_names)
+            if part is None:
+                return None
+            matrix[places] = part
+        return matrix
+
     def _record(self, request: _Request) -> dict[str, Any]:
         query = request.query
         return self.schema.record(
@@ -312,15 +367,15 @@ class LoadedModel:
     def start_rows(self, rows: np.ndarray | list[dict[str, Any]], deadline: float | None,
                    pool: Executor) -> Future[np.ndarray]:
         """Start predicting a feature matrix, or raw records (transformed here, by this
-        model's own feature set): a few rows as one item of the micro-batcher (batched
-        with other requests), many in one call on ``pool``. The future holds rows x
-        classes; cancelling it drops the rows if they are still queued."""
+        model's own feature set): up to a full batch of rows as one item of the
+        micro-batcher (batched with other requests), more in one call on ``pool``. The
+        future holds rows x classes; cancelling it drops the rows if they are still queued."""
         matrix = rows if isinstance(rows, np.ndarray) else online_matrix(
             self.features, rows, self.feature_names)
         if matrix.ndim != 2 or matrix.shape[1] != len(self.feature_names):
             raise InvalidInput(f"model {self.model_id} version {self.version} takes "
                                f"{len(self.feature_names)} features, got shape {matrix.shape}")
-        if len(matrix) >= self.batcher.batch_size.maximum:
+        if len(matrix) > self.batcher.batch_size.maximum:
             return pool.submit(self._predict_all, matrix)
         return self.batcher.submit(matrix, deadline=deadline)
 
@@ -369,7 +424,7 @@ class ScoringCore:
         self.on_batch = on_batch
         """Called with (version, rows) after each predict call of a model (metrics)."""
         self._in_flight = InFlight()
-        self._asks: MicroBatcher[_Ask, ScoreResult | Exception] = MicroBatcher(
+        self._asks: MicroBatcher[_Ask, ScoreResult | Exception | _Share] = MicroBatcher(
             f"{registry.name}:score", self._score_asks, max_queue=self.settings.max_queue,
             batch_size=AdaptiveBatchSize(self.settings.latency_budget_s,
                                          initial=self.settings.max_batch,
@@ -441,6 +496,8 @@ class ScoringCore:
         ask = _Ask(query, time.monotonic() + deadline_s, time.perf_counter())
         with self._in_flight.request():
             outcome = self._asks.submit(ask).result()
+            if isinstance(outcome, _Share):
+                outcome = outcome.outcome()
         if isinstance(outcome, Exception):
             raise outcome
         self._report([query], [outcome])
@@ -455,7 +512,9 @@ class ScoringCore:
         deadline_s = self.settings.deadline_s if deadline_s is None else deadline_s
         deadline, began = time.monotonic() + deadline_s, time.perf_counter()
         with self._in_flight.request():
-            outcomes = self._score_asks([_Ask(query, deadline, began) for query in queries])
+            outcomes = [outcome.outcome() if isinstance(outcome, _Share) else outcome
+                        for outcome in self._score_asks(
+                            [_Ask(query, deadline, began) for query in queries])]
         results = []
         for outcome in outcomes:
             if isinstance(outcome, Exception):
@@ -571,12 +630,14 @@ class ScoringCore:
         for version in [v for v in self._loaded if v not in versions]:
             self.retire(version)
 
-    def _score_asks(self, asks: Sequence[_Ask]) -> list[ScoreResult | Exception]:
-        """Score calls that came together, each answer or error in its call's place: each
-        call routed on its own, then each group of calls routed alike read from Redis in
-        one round trip, transformed and predicted as one block, through ``answer`` once
-        (the group's earliest deadline is the group's)."""
-        outcomes: list[ScoreResult | Exception | None] = [None] * len(asks)
+    def _score_asks(self, asks: Sequence[_Ask]) -> list[ScoreResult | Exception | _Share]:
+        """Calls that came together, each one's answer, error or share of a group in its
+        place. Each call is routed on its own; each group of calls routed alike is read
+        from Redis in one round trip, then transformed and predicted as one block through
+        ``answer`` once (the group's earliest deadline is the group's): here when its first
+        link answers without waiting (its model idle and fast: the usual case), else by
+        the first of its callers to ask, so a slow link holds only the calls sent to it."""
+        outcomes: list[ScoreResult | Exception | _Share | None] = [None] * len(asks)
         models = self._loaded  # one read: a retirement replaces the dict, never mutates it
         groups: dict[tuple[Any, ...], tuple[RouteDecision, list[int]]] = {}
         now = time.monotonic()
@@ -588,9 +649,9 @@ class ScoringCore:
                 continue
             groups.setdefault(_group_key(decision), (decision, []))[1].append(index)
         for decision, members in groups.values():
-            answers = self._score_group(decision, [asks[i] for i in members], models)
-            for index, outcome in zip(members, answers, strict=True):
-                outcomes[index] = outcome
+            group = self._group(decision, [asks[i] for i in members], models)
+            for share, place in enumerate(members):
+                outcomes[place] = _Share(group, share)
         return [outcome for outcome in outcomes if outcome is not None]
 
     def _route(self, ask: _Ask, models: Mapping[str, LoadedModel], now: float) -> RouteDecision:
@@ -603,11 +664,23 @@ class ScoringCore:
             raise LateAnswer(["the deadline passed before scoring began"])
         return decision
 
-    def _score_group(self, decision: RouteDecision, asks: Sequence[_Ask],
-                     models: Mapping[str, LoadedModel]) -> list[ScoreResult | Exception]:
+    def _group(self, decision: RouteDecision, asks: Sequence[_Ask],
+               models: Mapping[str, LoadedModel]) -> _Group:
+        """Calls routed alike with their online features read; answered here if the
+        primary can answer at once."""
         links = [models[link.version] for link in (decision.primary, *decision.fallbacks)]
         deadline = min(ask.deadline for ask in asks)
         requests = self._with_online([ask.query for ask in asks], links, deadline)
+        group = _Group(len(asks), lambda: self._answer_group(
+            decision, asks, requests, models, deadline))
+        if links[0].batcher.idle(deadline):
+            group.outcomes()
+        return group
+
+    def _answer_group(self, decision: RouteDecision, asks: Sequence[_Ask],
+                      requests: Sequence[_Request | Exception],
+                      models: Mapping[str, LoadedModel], deadline: float
+                      ) -> list[ScoreResult | Exception]:
         outcomes: list[ScoreResult | Exception | None] = [
             request if isinstance(request, Exception) else None for request in requests]
         live = [request for request in requests if isinstance(request, _Request)]
@@ -615,7 +688,7 @@ class ScoringCore:
         if not live:
             return [outcome for outcome in outcomes if outcome is not None]
         blocks: dict[str, _Block] = {}
-        checked = links[0].schema
+        checked = models[decision.primary.version].schema
 
         def start(link: DeployedModel) -> Future[np.ndarray]:
             model = models[link.version]

@@ -30,7 +30,7 @@ from scoring.core import (
     ScoringCore,
 )
 from scoring.inputs import InputSchema
-from scoring.router import NoAnswer, NoModelDeployed
+from scoring.router import NoModelDeployed
 from tests.fixtures.pipeline import MemoryOnlineStore
 from tests.fixtures.scoring import ScoringWorld, fields_of, loaded_core, scoring_world
 
@@ -167,12 +167,6 @@ def test_score_many_answers_every_row_in_order_as_one_at_a_time_would(
         [expected(world, q)[1][-1] for q in queries], rel=1e-9)
 
 
-@pytest.mark.xfail(strict=True, raises=NoAnswer, reason=(
-    "a block of known entities and one with no past: the compiled row plan (and the "
-    "pandas transform_online) leave the new entity's count NaN when other records of the "
-    "block carry the aggregate columns, where a lone record gets 0, so the model refuses "
-    "the row (LogisticRegression: 'Input X contains NaN') and no link answers. Concurrent "
-    "Score calls are scored as one block since 724454e, so this reaches gRPC callers too"))
 def test_an_entity_with_no_past_is_scored_alike_in_a_block_with_known_ones(
         world: ScoringWorld, core: ScoringCore) -> None:
     new = ScoreQuery("C-new", query(world, 10).fields)

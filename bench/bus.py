@@ -35,6 +35,7 @@ from uuid import uuid4
 
 import pika
 import redis
+from save import save_results
 
 # The repository root on the path: the bench namespace is cleaned up by the test harness
 # (tests/support), which is not an installed package.
@@ -365,8 +366,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     results = run(args)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    save_results(args.output, results)
     print(json.dumps(results, indent=2))
 
 

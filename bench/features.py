@@ -29,7 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
@@ -69,8 +69,8 @@ def main() -> None:
         conveyor = bench_conveyor(settings, work, run)
         feast = bench_feast(url, work, parquet, run)
     results = report(conveyor, feast, settings)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)  # not save_results: bench/streaming.py
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")  # imports this as bench.features
     print_summary(results)
 
 
@@ -404,6 +404,12 @@ def workload() -> dict[str, Any]:
 
 
 def machine(settings: Settings) -> dict[str, Any]:
+    return {**host(settings, ("redis", "hiredis", "orjson", "pandas")), "feast": FEAST_VERSION}
+
+
+def host(settings: Settings, packages: Sequence[str]) -> dict[str, Any]:
+    """The machine a bench ran on: platform, CPU, memory, Python, the Redis server's
+    version and the versions of ``packages``."""
     info = cast(dict[str, Any], redis.Redis.from_url(settings.redis_url).info("server"))
     return {
         "platform": platform.platform(),
@@ -412,8 +418,7 @@ def machine(settings: Settings) -> dict[str, Any]:
         "memory_gib": memory_gib(),
         "python": platform.python_version(),
         "redis_server": info.get("redis_version"),
-        "packages": {name: version(name) for name in ("redis", "hiredis", "orjson", "pandas")},
-        "feast": FEAST_VERSION,
+        "packages": {name: version(name) for name in packages},
     }
 
 

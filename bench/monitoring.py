@@ -66,6 +66,7 @@ from sklearn.linear_model import LogisticRegression
 
 from app.config import load_pipeline_config
 from app.local import LocalService, wait_until
+from bench.save import save_results
 from common.bus.publisher import Message
 from common.bus.rabbitmq import RabbitMQBus, properties
 from common.events import ScoreServed, ServedScore
@@ -480,8 +481,7 @@ def main() -> None:
         results["compared_with_scoring"] = scoring_comparison(results["scores_per_s"])
     else:
         results = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    save_results(args.out, results)
     print(json.dumps({k: results[k] for k in ("events_per_s", "scores_per_s",
                                               "drift_ms_per_10k_scores",
                                               "compared_with_scoring")}, indent=2))

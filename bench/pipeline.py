@@ -59,6 +59,7 @@ from uuid import uuid4
 
 import pika
 import redis
+from save import save_results
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / ".work"
@@ -609,8 +610,7 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     result = run(args)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    save_results(args.output, result)
     print(json.dumps(result, indent=2))
 
 

@@ -51,7 +51,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import re
 import secrets
 import shutil
@@ -75,8 +74,9 @@ import grpc
 import numpy as np
 import pandas as pd
 import redis
-from features import cpu_model, delete_keys, memory_gib
+from features import delete_keys, host
 from pipeline import free_port
+from save import save_results
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -153,8 +153,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     results = report(systems, fallback, args, settings) | {
         "conveyor_predict_calls": batches, "score_in_process_c1": in_process}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    save_results(RESULTS, results)
     print_summary(results)
 
 
@@ -943,15 +942,8 @@ def workload(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def machine(settings: Settings) -> dict[str, Any]:
-    info = redis.Redis.from_url(settings.redis_url).info("server")
     return {
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "cpus": os.cpu_count(),
-        "memory_gib": memory_gib(),
-        "python": platform.python_version(),
-        "redis_server": info.get("redis_version"),  # type: ignore[union-attr]
-        "packages": {name: version(name) for name in ("grpcio", "scikit-learn", "numpy")},
+        **host(settings, ("grpcio", "scikit-learn", "numpy")),
         "mlserver": mlserver_versions(),
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
     }

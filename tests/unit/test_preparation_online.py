@@ -25,22 +25,14 @@ from preparation import FittedFeatureSet, build_pipeline
 from preparation.online import compile_online, online_matrix
 from preparation.registry import kind_of, known_kinds
 from preparation.transformers import OnColumns
-from tests.fixtures.pipeline import paysim_accounts
+from tests.fixtures.pipeline import AGGREGATE_STEPS, AGGREGATES, paysim_accounts
 from tests.fixtures.scoring import SPEC as SCORING_SPEC
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "pipeline.yaml"
 BASE = {"name": "online", "inputs": ["transactions"], "entity_key": "nameOrig",
         "timestamp": "timestamp", "label": "isFraud"}
-AGGREGATES = ["nameOrig_amount_count_48h", "nameOrig_amount_sum_48h",
-              "nameOrig_amount_mean_48h", "nameOrig_amount_mean_last2"]
 EVERY_KIND = {**BASE, "steps": [
-    {"kind": "entity_aggregate", "params": {"column": "amount", "window": "48h"}},
-    {"kind": "entity_aggregate", "params": {"column": "amount", "window": 2,
-                                            "stats": ["mean"]}},
-    {"kind": "impute", "params": {"columns": AGGREGATES[2:], "strategy": "constant",
-                                  "fill_value": 0}},
-    {"kind": "scale", "params": {"columns": AGGREGATES[:2]}},
-    {"kind": "filter", "params": {"where": {"type": {"!=": "DEBIT"}}}},
+    *AGGREGATE_STEPS,
     {"kind": "difference", "params": {"a": ["newbalanceOrig", "amount"],
                                       "b": "oldbalanceOrg", "name": "errorBalanceOrig"}},
     {"kind": "difference", "params": {"a": "step", "b": "isFlaggedFraud", "name": "steps"}},

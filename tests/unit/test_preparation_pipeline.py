@@ -28,23 +28,15 @@ from preparation import (
     missing_inputs,
     parse_spec,
 )
-from tests.fixtures.pipeline import paysim_accounts
+from tests.fixtures.pipeline import AGGREGATE_STEPS, AGGREGATES, paysim_accounts
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "pipeline.yaml"
 CARRIED = ["nameOrig", "timestamp", "isFraud"]
-AGGREGATES = ["nameOrig_amount_count_48h", "nameOrig_amount_sum_48h",
-              "nameOrig_amount_mean_48h", "nameOrig_amount_mean_last2"]
 PARITY_SPEC: dict[str, Any] = {
     "name": "parity", "inputs": ["transactions"], "entity_key": "nameOrig",
     "timestamp": "timestamp", "label": "isFraud",
     "steps": [
-        {"kind": "entity_aggregate", "params": {"column": "amount", "window": "48h"}},
-        {"kind": "entity_aggregate",
-         "params": {"column": "amount", "window": 2, "stats": ["mean"]}},
-        {"kind": "impute", "params": {"columns": AGGREGATES[2:], "strategy": "constant",
-                                      "fill_value": 0}},
-        {"kind": "scale", "params": {"columns": AGGREGATES[:2]}},
-        {"kind": "filter", "params": {"where": {"type": {"!=": "DEBIT"}}}},
+        *AGGREGATE_STEPS,
         {"kind": "difference", "params": {"a": ["newbalanceOrig", "amount"],
                                           "b": "oldbalanceOrg", "name": "errorBalanceOrig"}},
         {"kind": "ratio", "params": {"a": "amount", "b": "oldbalanceOrg", "name": "share"}},

@@ -22,7 +22,7 @@ from sklearn.preprocessing import FunctionTransformer
 
 from common.errors import InvalidInput
 from preparation import FittedFeatureSet, build_pipeline
-from preparation.online import compile_online, online_matrix
+from preparation.online import OnlinePlan, compile_online, online_matrix
 from preparation.registry import kind_of, known_kinds
 from preparation.transformers import OnColumns
 from tests.fixtures.pipeline import AGGREGATE_STEPS, AGGREGATES, paysim_accounts
@@ -143,8 +143,7 @@ def test_every_step_of_these_specs_has_a_row_form(fitted: FittedFeatureSet) -> N
 
 def test_single_random_rows_give_the_pandas_matrix(
         fitted: FittedFeatureSet, frame: pd.DataFrame) -> None:
-    rng = np.random.default_rng(5)
-    plan, names = compile_online(fitted), list(fitted.feature_names)
+    rng, plan = np.random.default_rng(5), compile_online(fitted)
     fast_rows = 0
     for _ in range(200):
         record = random_record(frame, fitted, rng)
@@ -155,20 +154,16 @@ def test_single_random_rows_give_the_pandas_matrix(
                 fitted.transform_online([record])
             assert plan.matrix([record]) is None  # the row path never answers an error
             continue
-        matrix = plan.matrix([record])
-        if matrix is None:
+        if not fast_path_agrees(fitted, plan, [record], expected):
             continue
         fast_rows += 1
-        np.testing.assert_allclose(matrix, expected[names].to_numpy(np.float64),
-                                   rtol=1e-12, atol=1e-12, equal_nan=True)
         assert_frame_equal(fitted.transform_online([record]), expected, check_exact=True)
     assert fast_rows >= 130  # the awkward cases above are modelled, not sent to pandas
 
 
 def test_small_batches_give_the_pandas_frame(
         fitted: FittedFeatureSet, frame: pd.DataFrame) -> None:
-    rng = np.random.default_rng(8)
-    plan, names = compile_online(fitted), list(fitted.feature_names)
+    rng, plan = np.random.default_rng(8), compile_online(fitted)
     fast_batches = 0
     for _ in range(40):
         form = int(rng.integers(0, len(TIME_FORMS) + 1))  # one client, one time format
@@ -178,13 +173,21 @@ def test_small_batches_give_the_pandas_frame(
             expected = reference(fitted, records)
         except (InvalidInput, ValueError):
             continue
-        matrix = plan.matrix(records)
-        if matrix is not None:
-            fast_batches += 1
-            np.testing.assert_allclose(matrix, expected[names].to_numpy(np.float64),
-                                       rtol=1e-12, atol=1e-12, equal_nan=True)
+        fast_batches += fast_path_agrees(fitted, plan, records, expected)
         assert_frame_equal(fitted.transform_online(records), expected, check_exact=True)
     assert fast_batches >= 15
+
+
+def fast_path_agrees(fitted: FittedFeatureSet, plan: OnlinePlan, records: list[dict[str, Any]],
+                     expected: pd.DataFrame) -> bool:
+    """Whether the compiled row plan modelled the records (else pandas answers); where it
+    did, its matrix must be the pandas transform's, to 1e-12."""
+    matrix = plan.matrix(records)
+    if matrix is None:
+        return False
+    np.testing.assert_allclose(matrix, expected[list(fitted.feature_names)].to_numpy(np.float64),
+                               rtol=1e-12, atol=1e-12, equal_nan=True)
+    return True
 
 
 @pytest.mark.parametrize("change", [

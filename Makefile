@@ -39,23 +39,11 @@ BENCH_TARGETS := bench-bus bench-features bench-pipeline bench-monitoring bench-
 $(BENCH_TARGETS): export CONVEYOR_LOCAL_DEV := true
 $(BENCH_TARGETS): export CONVEYOR_SOURCE_ROOTS := ["$(CURDIR)/bench/.work","var/demo"]
 
-bench-bus: setup
-	@$(PY) bench/bus.py
-
-bench-features: setup
-	@$(PY) bench/features.py
-
-bench-pipeline: setup
-	@$(PY) bench/pipeline.py
-
-bench-monitoring: setup
-	@$(PY) bench/monitoring.py
-
-bench-scoring: setup
-	@$(PY) bench/scoring.py
-
-bench-streaming: setup
-	@$(PY) bench/streaming.py
+# bench-NAME runs bench/NAME.py, which writes bench/results/NAME.json
+BENCH_SCRIPTS := bench-bus bench-features bench-pipeline bench-monitoring bench-scoring \
+	bench-streaming
+$(BENCH_SCRIPTS): bench-%: setup
+	@$(PY) bench/$*.py
 
 # 1M, 5M and 20M rows on dask-local and local (long: generates up to 2 GB of CSV once);
 # BENCH_SCALE_ARGS="--rows 1000000 --modes dask-local" chooses.

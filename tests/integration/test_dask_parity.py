@@ -315,3 +315,19 @@ def test_the_same_batch_scores(world: World, compute: Compute, tmp_path: Path) -
     want = score_features(model, world.offline.read(world.fsid))
     pd.testing.assert_frame_equal(store.read("features-run"), want, check_exact=False,
                                   rtol=0, atol=TOLERANCE)
+
+
+def test_a_set_the_cluster_cannot_prepare_is_prepared_with_pandas(
+        tmp_path: Path, compute: Compute, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="preparation.service")
+    shuffled = parsed(paysim_config(split={"shuffle": True}))
+    world = World(tmp_path, shuffled, paysim(1_500, seed=3))
+    event = RawDataExtracted(dataset="paysim", batch_id=world.batches["paysim"],
+                             source_uri="tx.csv", rows=1_500, columns=[], producer="test")
+    got = service(world, compute, "cluster").on_raw_data_extracted(event)
+    want = service(world, Compute("local"), "local").on_raw_data_extracted(event)
+    assert got is not None and want is not None and got.features == want.features
+    assert "prepared with pandas in process: split strategy 'sequential' with shuffle" in (
+        caplog.text)
+    stored = Path(world.root).parent / "cluster" / "features" / got.feature_set_id
+    assert (stored / "features.parquet").is_file()  # one file: the pandas path wrote it

@@ -158,10 +158,10 @@ def read_batch_dask(client: Client, raw_store: RawBatchStore, batch_id: str,
     found = client.gather(client.map(_categories, pieces, root=raw_store.root, columns=names,
                                      pure=False))
     categories = {n: sorted(set().union(*(f[n] for f in found))) for n in names}
-    meta = _read_piece(pieces[0], raw_store.root, categories).iloc[:0]
+    read = PieceReader(raw_store.root, categories)
     divisions = [p.first_row for p in pieces] + [pieces[-1].first_row + pieces[-1].rows - 1]
-    return dd.from_map(_read_piece, pieces, root=raw_store.root, categories=categories,
-                       meta=meta, divisions=divisions, enforce_metadata=False)
+    return dd.from_map(read, pieces, meta=read(pieces[0]).iloc[:0], divisions=divisions,
+                       enforce_metadata=False)
 
 
 def _categories(piece: RawPiece, root: str, columns: list[str]) -> dict[str, list[Any]]:
@@ -171,11 +171,20 @@ def _categories(piece: RawPiece, root: str, columns: list[str]) -> dict[str, lis
     return {c: list(frame[c].cat.categories) for c in columns}
 
 
-def _read_piece(piece: RawPiece, root: str, categories: Mapping[str, list[Any]]) -> pd.DataFrame:
-    frame = RawBatchStore(root).read_piece(piece)
-    for name, values in categories.items():
-        frame[name] = frame[name].cat.set_categories(values)
-    return frame
+@dataclass(frozen=True)
+class PieceReader:
+    """Reads a raw piece where the task runs, with the batch's categories; of the
+    ``columns`` a computation uses only (Dask passes them: a Parquet reads no other)."""
+
+    root: str
+    categories: Mapping[str, list[Any]]
+
+    def __call__(self, piece: RawPiece, columns: list[str] | None = None) -> pd.DataFrame:
+        frame = RawBatchStore(self.root).read_piece(piece, columns=columns)
+        for name, values in self.categories.items():
+            if name in frame.columns:
+                frame[name] = frame[name].cat.set_categories(values)
+        return frame
 
 
 def _train_part(frame: dd.DataFrame, config: PipelineConfig) -> dd.DataFrame:
@@ -588,7 +597,7 @@ def _probe_time(frame: dd.DataFrame, fitted: FittedFeatureSet,
     """When the latest aggregates are probed: just after the batch's last row (as pandas)."""
     if not fitted.aggregate_columns or not fitted.timestamp:
         return None
-    latest = _partials(frame, client, _latest_time, fitted.timestamp)
+    latest = _partials(frame[[fitted.timestamp]], client, _latest_time, fitted.timestamp)
     found = [t for t in latest if not pd.isna(t)]
     return max(found) + pd.Timedelta(1, "ns") if found else None
 

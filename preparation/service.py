@@ -105,6 +105,10 @@ class PreparationService(Service):
         self.state, self.targets = state, targets
         self.tolerance_s, self.count_ttl_s = tolerance_s, count_ttl_s
 
+    def close(self) -> None:
+        """Let go of the cluster (if any): the last service of the process shuts it down."""
+        self.compute.close()
+
     @handles(RawDataExtracted)
     def on_raw_data_extracted(self, event: RawDataExtracted) -> FeaturesGenerated | None:
         """Build the feature set the batch completes, or wait for the other inputs."""

@@ -21,6 +21,7 @@ A process holds at most one cluster (and one client) per compute target: every
 
 from __future__ import annotations
 
+import atexit
 import re
 import threading
 from dataclasses import dataclass
@@ -155,6 +156,13 @@ class _Clusters:
             shared.users += 1
         return Compute(settings.mode, shared.client, release=lambda: self._release(key))
 
+    def shut_down_all(self) -> None:
+        """At exit: every cluster still held (a service that never closed its compute)."""
+        with self._lock:
+            held, self._shared = list(self._shared.values()), {}
+        for shared in held:
+            shared.shut_down()
+
     def _release(self, key: tuple[Any, ...]) -> None:
         with self._lock:
             shared = self._shared[key]
@@ -168,6 +176,7 @@ class _Clusters:
 # Process-wide on purpose: a cluster is worker processes, not a value to build per call;
 # every service (and every handler thread) of one process shares it.
 _CLUSTERS = _Clusters()
+atexit.register(_CLUSTERS.shut_down_all)  # workers left running would hold the exit up
 
 
 def open_compute(settings: ComputeSettings | None = None) -> Compute:

@@ -99,3 +99,12 @@ def test_a_local_compute_has_nothing_to_close() -> None:
     with compute:
         assert not compute.distributed
     compute.close()
+
+
+def test_a_process_that_never_closes_its_cluster_still_exits() -> None:
+    code = ("from common.compute import ComputeSettings, open_compute\n"
+            "c = open_compute(ComputeSettings(compute='dask-local', dask_workers=1,"
+            " dask_memory_limit='1GB'))\n"
+            "assert c.client.submit(abs, -1).result() == 1\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120,
+                   env={"PATH": "/usr/bin:/bin"}, capture_output=True)

@@ -3,7 +3,7 @@
 The batch is read a piece per task (``RawBatchStore.pieces``: a part, or a row group),
 each row indexed by its batch position, so the split takes the same rows as on pandas
 (``segregation.partitioned``). The fit goes step by step over the training part, each
-fitted step then run on every partition before the next is fitted:
+fitted step's transform added to the (lazy) rows before the next is fitted:
 
 - a step that learns nothing from the values (ratio, difference, date_parts, log, drop,
   filter, entity_aggregate, an impute with a constant) is fitted on a sample of rows, which
@@ -13,14 +13,16 @@ fitted step then run on every partition before the next is fitted:
   minima and maxima, value counts, class sums), then their fitted estimators are those
   pandas fits, with those statistics in place: the feature set is the same object;
 - impute with the median and select_k_best with mutual_info need every value at once:
-  the columns they read are gathered in this process (the one step that does not scale).
+  the columns they read are gathered in this process (the steps that do not scale).
 
 With entity aggregates the rows are first moved so that each entity's rows are in one
 partition, in batch order, so every aggregate is exact; the transform then runs the
-fitted feature set partition by partition (with every entity's latest aggregates for the
-online store beside it), the rows go back to batch order and each partition is written as
-a part of the offline feature set by the worker that holds it. Statistics combined across
-partitions differ from one pass over all rows only by floating-point rounding (~1e-15).
+fitted feature set partition by partition, the rows go back to batch order and each
+partition is written as a part of the offline feature set by the worker that holds it;
+every entity's latest aggregates, for the online store, are written beside them as parts
+too (``batch_states_on_cluster`` builds the online path's entity state the same way).
+Statistics combined across partitions differ from one pass over all rows only by
+floating-point rounding (~1e-15).
 
 Example::
 

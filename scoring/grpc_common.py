@@ -2,7 +2,10 @@
 to ``grpc.StatusCode`` (``grpc_errors``) and the request's deadline (``remaining_deadline``).
 
 Both servicers (``scoring/server.py``'s Scoring and ``scoring/oip.py``'s Open Inference
-Protocol) stand on this module, so neither imports the other. Example::
+Protocol) stand on this module, so neither imports the other. ``Limits`` bound what one
+call may carry (rows, id and text lengths, fields), each refused as INVALID_ARGUMENT naming
+what is too long; ``check_listen`` refuses an open listen address without tokens, or
+tokens over plaintext, unless a setting allows it. Example::
 
     class Servicer:
         @grpc_errors                      # ConveyorError -> its code; anything else INTERNAL
@@ -19,8 +22,9 @@ from typing import Any, TypeVar
 
 import grpc
 
-from common.errors import ConveyorError, Status
+from common.errors import ConveyorError, InvalidInput, Status
 from scoring.core import ScoringCore
+from scoring.security import ServerSecurity
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +38,56 @@ GRPC_CODES: dict[Status, grpc.StatusCode] = {
     Status.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 Handler = TypeVar("Handler", bound=Callable[..., Any])
+MAX_ROWS = 4096
+"""Rows one ScoreBatch or ModelInfer call may carry."""
+MAX_ID_CHARS = 256
+"""Longest entity id, request id, model version or field name."""
+MAX_TEXT_CHARS = 4096
+"""Longest text value of a field."""
+MAX_FIELDS = 512
+"""Most fields of one row."""
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost", "[::1]")
+
+
+def check_length(what: str, value: str, limit: int = MAX_ID_CHARS) -> str:
+    """``value`` if it is at most ``limit`` characters, else INVALID_ARGUMENT naming it.
+
+    >>> check_length("entity_id", "C-42")
+    'C-42'
+    """
+    if len(value) > limit:
+        raise InvalidInput(f"{what} is {len(value)} characters long, more than the {limit} "
+                           "allowed")
+    return value
+
+
+def check_count(what: str, count: int, limit: int) -> None:
+    """INVALID_ARGUMENT naming ``what`` when ``count`` is over ``limit``."""
+    if count > limit:
+        raise InvalidInput(f"{what}: {count}, more than the {limit} one call may carry")
+
+
+class InsecureListen(ConveyorError):
+    """The server would take calls from other hosts without authentication, or tokens
+    over plaintext, and no setting allows it."""
+
+    status = Status.INVALID_ARGUMENT
+
+
+def check_listen(host: str, security: ServerSecurity, *, allowed: bool) -> str | None:
+    """Why listening on ``host`` with ``security`` is unsafe (None: it is safe). Raises
+    ``InsecureListen`` naming the settings unless ``allowed`` (then the caller warns)."""
+    problem = None
+    if security.tokens and not security.tls:
+        problem = ("bearer tokens would travel in plaintext: set CONVEYOR_GRPC_TLS_CERT and "
+                   "CONVEYOR_GRPC_TLS_KEY")
+    elif host not in LOOPBACK_HOSTS and not security.tokens:
+        problem = (f"the gRPC server listens on {host} without authentication: set "
+                   "CONVEYOR_GRPC_AUTH_TOKENS (and TLS), or CONVEYOR_GRPC_HOST=127.0.0.1")
+    if problem and not allowed:
+        raise InsecureListen(f"{problem}; CONVEYOR_GRPC_ALLOW_INSECURE=true allows it "
+                             "(a private network that is trusted)")
+    return problem
 
 
 def grpc_errors(method: Handler) -> Handler:

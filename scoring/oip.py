@@ -41,7 +41,7 @@ from common.errors import InvalidInput, NotFound
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from scoring.core import InferResult, ScoringCore
-from scoring.grpc_common import grpc_errors, remaining_deadline
+from scoring.grpc_common import MAX_ROWS, grpc_errors, remaining_deadline
 from scoring.inputs import InputSchema
 from scoring.metrics import ScoringMetrics
 
@@ -49,7 +49,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "conveyor"
 PLATFORM = "conveyor-sklearn"
 OUTPUTS = ("predict_proba", "predict")
-MAX_ROWS = 4096
 """Rows one ModelInfer may carry (larger inputs: offline batch scoring)."""
 
 NUMERIC = {"BOOL": "?", "INT8": "<i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8",

@@ -30,7 +30,15 @@ from protos.conveyor.scoring.v1 import scoring_pb2 as pb
 from protos.conveyor.scoring.v1 import scoring_pb2_grpc as pb_grpc
 from scoring import oip
 from scoring.core import ScoreQuery, ScoreResult, ScoringCore
-from scoring.grpc_common import grpc_errors, remaining_deadline
+from scoring.grpc_common import (
+    MAX_FIELDS,
+    MAX_ROWS,
+    MAX_TEXT_CHARS,
+    check_count,
+    check_length,
+    grpc_errors,
+    remaining_deadline,
+)
 from scoring.inputs import FieldValue
 from scoring.metrics import MetricsInterceptor, ScoringMetrics
 from scoring.router import ModelHealth
@@ -75,8 +83,11 @@ class ScoringServicer(pb_grpc.ScoringServicer):
     def ScoreBatch(
         self, request: pb.ScoreBatchRequest, context: grpc.ServicerContext
     ) -> pb.ScoreBatchResponse:
+        check_count("ScoreBatch rows", len(request.rows), MAX_ROWS)
         queries = [to_query(row) for row in request.rows]
         results = self.core.score_many(queries, remaining_deadline(self.core, context))
+        if not context.is_active():  # the client cancelled or gave up: nobody to answer
+            context.abort(grpc.StatusCode.CANCELLED, "the call was cancelled")
         for result in results:
             self.metrics.observe_score(result)
         return pb.ScoreBatchResponse(responses=[to_response(r) for r in results])
@@ -90,12 +101,16 @@ class ScoringServicer(pb_grpc.ScoringServicer):
 
 
 def to_query(request: pb.ScoreRequest) -> ScoreQuery:
-    """A ``ScoreQuery`` from a ``ScoreRequest``; a field without a value is refused."""
+    """A ``ScoreQuery`` from a ``ScoreRequest``; a field without a value, and an id, name
+    or text over its length limit (``scoring.grpc_common``), are refused, named."""
     if not request.entity_id:
         raise InvalidInput("entity_id is missing")
-    fields = {name: _value(name, value) for name, value in request.fields.items()}
-    return ScoreQuery(request.entity_id, fields, request.model_version or None,
-                      request.request_id, observe=request.observe)
+    check_count("fields", len(request.fields), MAX_FIELDS)
+    fields = {check_length("field name", name): _value(name, value)
+              for name, value in request.fields.items()}
+    return ScoreQuery(check_length("entity_id", request.entity_id), fields,
+                      check_length("model_version", request.model_version) or None,
+                      check_length("request_id", request.request_id), observe=request.observe)
 
 
 def to_response(result: ScoreResult) -> pb.ScoreResponse:
@@ -204,6 +219,8 @@ def _value(name: str, value: pb.FieldValue) -> FieldValue:
     if kind is None:
         raise InvalidInput(f"field '{name}' has no value")
     result: FieldValue = getattr(value, kind)
+    if kind == "text":
+        check_length(f"field '{name}'", value.text, MAX_TEXT_CHARS)
     return result
 
 

@@ -50,6 +50,7 @@ from common.stores.entity_state import RedisEntityState
 from common.wiring import Stores
 from ingestion.contract import DatasetContract, read_typed
 from scoring.core import CoreSettings, ScoringCore
+from scoring.grpc_common import check_listen
 from scoring.metrics import ScoringMetrics
 from scoring.observing import RecordObserver
 from scoring.offline import DEFAULT_CHUNK_ROWS, BatchModel, score_features, score_raw
@@ -74,8 +75,13 @@ class ScoringSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CONVEYOR_", extra="ignore")
 
+    grpc_host: str = "0.0.0.0"
+    """Address the gRPC server listens on (all interfaces: a pod's; 127.0.0.1: this host)."""
     grpc_port: int = 50051
     """Port of the gRPC server (0 picks a free one)."""
+    grpc_allow_insecure: bool = False
+    """Allow listening beyond loopback without bearer tokens, or tokens without TLS (a
+    trusted private network); logged as a warning. Local development allows it too."""
     grpc_threads: int = 32
     """Threads serving gRPC calls."""
     grpc_max_concurrent_rpcs: int = 256
@@ -335,7 +341,12 @@ def build(settings: Settings) -> Service:
     a fixed port, a supervisor of that many forked instances sharing the port (port 0,
     the tests' free port, cannot be shared: one instance)."""
     own = ScoringSettings()
-    own.security()  # first: a bad security setting fails before anything starts
+    # first: a bad or unsafe security setting fails before anything starts
+    problem = check_listen(own.grpc_host, own.security(),
+                           allowed=own.grpc_allow_insecure or settings.local_dev)
+    if problem:
+        log.warning("insecure gRPC listen allowed (CONVEYOR_GRPC_ALLOW_INSECURE or "
+                    "CONVEYOR_LOCAL_DEV): %s", problem)
     workers = own.scoring_workers or available_cpus()
     if workers <= 1 or own.grpc_port == 0:
         return build_instance(settings, own)
@@ -370,7 +381,8 @@ def build_instance(
     batch = BatchScoring(registry, stores.models, stores.feature_pipelines, stores.raw,
                          stores.offline, BatchScoreStore(settings.data_root), config.datasets,
                          own.batch_scoring_chunk_rows) if own.scoring_batch else None
-    grpc_settings = GrpcSettings(port=own.grpc_port, threads=own.grpc_threads,
+    grpc_settings = GrpcSettings(host=own.grpc_host, port=own.grpc_port,
+                                 threads=own.grpc_threads,
                                  max_concurrent_rpcs=own.grpc_max_concurrent_rpcs,
                                  reuse_port=reuse_port,
                                  max_connection_age_s=own.grpc_max_connection_age_s)

@@ -330,21 +330,24 @@ def profile_score(work: Path, namespace: str, calls: int = 300) -> dict[str, Any
     schema = InputSchema.of(world.fitted)
     queries = [scoring.core.ScoreQuery(row["nameOrig"], fields_of(row, schema))
                for _, row in world.frame.sample(calls, random_state=SEED).iterrows()]
-    requests = [core._with_online(q, [model], time.monotonic() + 60) for q in queries]
+    requests = [core._with_online([q], [model], time.monotonic() + 60)[0] for q in queries]
     fsid = world.fitted.feature_set_id
     figures = {
         "redis_read_ms": median_ms(lambda q: world.online.read(fsid, [q.entity_id]), queries),
         "predict_one_row_ms": median_ms(
             lambda r: model.predict_batch([model.features_of(r)]), requests),
     }
-    fast_transform = scoring.core.online_matrix
+    fast_transform, plan_matrix = scoring.core.online_matrix, scoring.core.LoadedModel._plan_matrix
     try:
         for path, transform in (("row_path", fast_transform), ("pandas_path", _pandas_matrix)):
             scoring.core.online_matrix = transform  # type: ignore[assignment]
+            if path == "pandas_path":  # a block's rows one by one, through online_matrix
+                scoring.core.LoadedModel._plan_matrix = lambda *_: None  # type: ignore
             figures[f"{path}_transform_ms"] = median_ms(model.features_of, requests)
             figures[f"{path}_score_ms"] = median_ms(core.score, queries)
     finally:
         scoring.core.online_matrix = fast_transform
+        scoring.core.LoadedModel._plan_matrix = plan_matrix  # type: ignore[method-assign]
         core.close()
         delete_keys(redis.Redis.from_url(Settings().redis_url),
                     f"{namespace}-profile:*".encode())

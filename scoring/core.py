@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import math
 import threading
 import time
 import uuid
@@ -291,16 +292,53 @@ class LoadedModel:
                 for row, end in zip(rows, ends, strict=True)]
 
     def _predict_proba(self, matrix: np.ndarray) -> np.ndarray:
+        """Probabilities of every row; a row whose values the model refuses (scikit-learn's
+        'Input X contains infinity or a value too large', or NaN it cannot take) gets NaN
+        probabilities, found row by row, so it fails only its own request (``refused``)."""
         _one_openmp_thread()
+        try:
+            return self._estimator_proba(matrix)
+        except ValueError as exc:
+            if not _refuses_values(exc):
+                raise
+        rows = []
+        for row in matrix:
+            try:
+                rows.append(self._estimator_proba(row[np.newaxis, :])[0])
+            except ValueError as exc:
+                if not _refuses_values(exc):
+                    raise
+                rows.append(np.full(len(self.classes), np.nan))
+        return np.vstack(rows)
+
+    def _estimator_proba(self, matrix: np.ndarray) -> np.ndarray:
         if not self.frame_input:
             try:
                 return np.asarray(self.estimator.predict_proba(matrix))
+            except ValueError as exc:
+                if _refuses_values(exc):
+                    raise  # the values' fault, not the input's form
+                self._needs_frames()
             except Exception:  # e.g. a ColumnTransformer that picks columns by name
-                logger.info("model %s version %s needs named columns: predicting on "
-                            "DataFrames", self.model_id, self.version)
-                self.frame_input = True
+                self._needs_frames()
         return np.asarray(self.estimator.predict_proba(
             pd.DataFrame(matrix, columns=self.feature_names)))
+
+    def _needs_frames(self) -> None:
+        logger.info("model %s version %s needs named columns: predicting on DataFrames",
+                    self.model_id, self.version)
+        self.frame_input = True
+
+    def refused(self, row: np.ndarray) -> InvalidInput:
+        """The error of a feature row the model refused (NaN probabilities), naming the
+        features whose values are out of any model's range."""
+        extreme = [f"{name}={value:.3g}" for name, value in zip(
+            self.feature_names, row.tolist(), strict=True)
+            if not math.isfinite(value) or abs(value) > EXTREME]
+        named = f" ({', '.join(extreme[:5])})" if extreme else ""
+        return InvalidInput(f"model {self.model_id} version {self.version} cannot score the "
+                            f"request's values{named}: too large, or missing where it takes "
+                            "no missing value")
 
     def features_of(self, request: _Request, *, check: bool = True) -> np.ndarray:
         """The model's feature row for a request (its own feature set's online transform,
@@ -567,6 +605,11 @@ class ScoringCore:
                 return models[link.version].start_rows(rows, deadline, self._executor)
 
             reply = self._ask_links(decision, start, deadline_s)
+        refused = np.flatnonzero(np.isnan(reply.value).any(axis=1))
+        if len(refused):
+            raise InvalidInput(f"rows {', '.join(map(str, refused[:10]))}: model version "
+                               f"{reply.version} cannot score their values (too large, or "
+                               "missing where it takes no missing value)")
         return InferResult(reply.value, models[reply.version].classes, reply.version,
                            reply.fallback, reply.fallback_reason, reply.fallback_kind,
                            reply.role, (time.perf_counter() - began) * 1e3)
@@ -704,6 +747,9 @@ class ScoringCore:
             outcomes[places[index]] = error
         for row, (index, proba) in enumerate(zip(block.members, reply.value, strict=True)):
             request = live[index]
+            if np.isnan(proba).any():
+                outcomes[places[index]] = model.refused(block.matrix[row])
+                continue
             outcomes[places[index]] = _result(
                 request.query, model, block.matrix[row], proba, reply, request.degraded,
                 asks[places[index]].began, request.freshness)
@@ -923,6 +969,17 @@ class InlineStart(Executor):
         if isinstance(fn, Started):
             return fn.start(*args, **kwargs)
         return self.pool.submit(fn, *args, **kwargs)
+
+
+EXTREME = 1e100
+"""A feature value beyond this is named when a model refuses a row (1e308 squared, or
+scaled by a small deviation, overflows)."""
+_REFUSED_VALUES = ("Input X contains", "Input contains", "Input y contains")
+
+
+def _refuses_values(exc: ValueError) -> bool:
+    """Whether scikit-learn's input check refused the values (infinity, too large, NaN)."""
+    return str(exc).startswith(_REFUSED_VALUES)
 
 
 def _fitted_on_frames(estimator: Any) -> bool:

@@ -92,4 +92,16 @@ def _check_value(name: str, value: FieldValue, kind: str | None) -> None:
     if kind is None:
         return  # an extra field (an aggregate override, or unused): the steps ignore it
     if not isinstance(value, KINDS[kind]) or (kind == "number" and isinstance(value, bool)):
-        raise InvalidField(name, f"must be a {kind}, got {type(value).__name__} {value!r}")
+        raise InvalidField(name, f"must be a {kind}, got {type(value).__name__} "
+                                 f"{_shown(value)}")
+
+
+def _shown(value: FieldValue, limit: int = 64) -> str:
+    """A value for an error message, cut to ``limit`` characters (the message travels in
+    gRPC metadata, whose size a client limits).
+
+    >>> _shown("x" * 100, limit=8)
+    "'xxxxxx…"
+    """
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

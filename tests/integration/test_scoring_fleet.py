@@ -117,17 +117,17 @@ class Load:
         self.last: dict[str, str] = {}
         self.failures: Counter[str] = Counter()
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._call, args=(t, n), daemon=True)
+        self.threads = [threading.Thread(target=self._call, args=(t, n), daemon=True)
                          for t in targets for n in range(threads_each)]
 
     def __enter__(self) -> Load:
-        for thread in self._threads:
+        for thread in self.threads:
             thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
-        for thread in self._threads:
+        for thread in self.threads:
             thread.join(30)
 
     def answered(self) -> int:
@@ -249,8 +249,11 @@ def test_workers_share_the_port_answer_alike_and_a_killed_one_is_replaced(
         wait_until(lambda: load.answered() >= answered + 50, 30,
                    message="calls answered after the replacement")
     assert killed not in process.worker_pids()
-    # Only calls in flight on the killed worker's connections can fail; new ones are
-    # answered by the other worker, then by both.
+    # Only calls on the killed worker's connections can fail: each thread's call in
+    # flight there, and at most one more when its reconnect landed in the dying socket's
+    # accept queue (SO_REUSEPORT hashes a new connection to any listener, and the kernel
+    # resets those queued on a socket that closes). New calls are answered by the other
+    # worker, then by both.
     assert set(load.failures) <= {"UNAVAILABLE"}
-    assert sum(load.failures.values()) <= 4
+    assert sum(load.failures.values()) <= 2 * len(load.threads)
     wait_until(lambda: fresh_channel_answer(process.target, world) in answers, 30)

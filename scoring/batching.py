@@ -217,6 +217,8 @@ class MicroBatcher(Generic[Row, Result]):
     ``rows_of`` counts the rows of an item that holds several (default: one each), for
     ``on_batch`` and the stats; the batch size counts items. With ``inline`` a row that
     finds the model idle and fast is predicted on its caller's thread (``_runs_inline``).
+    With ``quiet_s`` the collector lingers only while rows keep coming: it takes the batch
+    as soon as ``quiet_s`` passes with no new row (still at most ``max_wait_s`` in all).
     """
 
     def __init__(
@@ -232,10 +234,13 @@ class MicroBatcher(Generic[Row, Result]):
         busy_only: bool = False,
         rows_of: Callable[[Row], int] | None = None,
         inline: bool = False,
+        quiet_s: float | None = None,
     ):
-        if max_queue < 1 or max_wait_s < 0:
-            raise ValueError(f"need max_queue >= 1 and max_wait_s >= 0 for model {model}")
+        if max_queue < 1 or max_wait_s < 0 or (quiet_s is not None and quiet_s <= 0):
+            raise ValueError(f"need max_queue >= 1, max_wait_s >= 0 and quiet_s > 0 for "
+                             f"model {model}")
         self.model, self.max_queue, self.max_wait_s = model, max_queue, max_wait_s
+        self.quiet_s = quiet_s
         self.busy_only, self._last_items, self._rows_of = busy_only, 0, rows_of
         self.inline = inline
         self._busy = False  # a batch is predicting (on the collector or a caller)
@@ -350,13 +355,18 @@ class MicroBatcher(Generic[Row, Result]):
             return live, expired
 
     def _linger(self, target: int) -> None:
+        """Wait for ``target`` queued rows, up to ``max_wait_s``; with ``quiet_s``, only
+        while each slice of ``quiet_s`` brings at least one more row."""
         until = self._clock() + self.max_wait_s
         self._wanted = target
         while len(self._queue) < target and not self._closed:
             remaining = until - self._clock()
             if remaining <= 0:
                 break
-            self._cond.wait(remaining)
+            before = len(self._queue)
+            self._cond.wait(remaining if self.quiet_s is None else min(self.quiet_s, remaining))
+            if self.quiet_s is not None and len(self._queue) == before:
+                break  # nobody came for quiet_s: take what is here
         self._wanted = self.batch_size.maximum
 
     def _take(self, size: int) -> _Taken[Row, Result]:

@@ -33,7 +33,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -95,8 +95,12 @@ class CoreSettings:
     max_queue: int = 1024
     """Requests one model may hold queued before refusing (RESOURCE_EXHAUSTED)."""
     max_wait_s: float = 0.004
-    """How long a batch may wait for more rows after its first, only while other requests
-    are about (the last batch had more than one row): a lone request never waits."""
+    """How long a batch (of calls, or of a model's rows) may wait for more after its first,
+    only while other requests are about (the last batch had more than one): a lone request
+    never waits."""
+    quiet_s: float = 0.001
+    """A waiting batch is taken as soon as this long passes with no new call: it waits
+    only while calls keep coming, so a light load is not slowed by ``max_wait_s``."""
     workers: int = 64
     """Threads that run model links (a slow model is abandoned, not waited for)."""
     warmup_calls: int = 3
@@ -198,6 +202,23 @@ class _Ask:
 
 
 @dataclass(frozen=True)
+class _InferAsk:
+    """One ModelInfer call's rows, queued to be predicted with the calls that came at the
+    same time and were routed alike."""
+
+    rows: np.ndarray | list[dict[str, Any]]
+    version: str | None
+    deadline: float
+    """On the monotonic clock."""
+    began: float
+    """On the ``perf_counter`` clock."""
+
+
+Ask = TypeVar("Ask", _Ask, _InferAsk)
+Outcome = TypeVar("Outcome", ScoreResult, InferResult)
+
+
+@dataclass(frozen=True)
 class _Block:
     """Several requests' feature rows for one model: the rows of the requests that could
     be transformed (``members``: their places), and why the others could not."""
@@ -207,16 +228,17 @@ class _Block:
     errors: dict[int, Exception]
 
 
-class _Group:
+class _Group(Generic[Outcome]):
     """Calls routed alike, answered once as one block by ``answer`` (a closure): by
     whoever asks first, the others waiting for it."""
 
-    def __init__(self, size: int, answer: Callable[[], list[ScoreResult | Exception]]) -> None:
-        self._size, self._answer = size, answer
+    def __init__(self, size: int, answer: Callable[[], list[Outcome | Exception]]) -> None:
+        self._size = size
+        self._answer: Callable[[], list[Outcome | Exception]] = answer
         self._lock = threading.Lock()
-        self._outcomes: list[ScoreResult | Exception] | None = None
+        self._outcomes: list[Outcome | Exception] | None = None
 
-    def outcomes(self) -> list[ScoreResult | Exception]:
+    def outcomes(self) -> list[Outcome | Exception]:
         """Each call's answer or error, in order; answered by the first caller."""
         with self._lock:
             if self._outcomes is None:
@@ -229,18 +251,18 @@ class _Group:
             return self._outcomes
 
 
-def _answered() -> list[ScoreResult | Exception]:
+def _answered() -> list[Any]:
     raise AssertionError("a group is answered once")
 
 
 @dataclass(frozen=True)
-class _Share:
+class _Share(Generic[Outcome]):
     """One call's place in a ``_Group``."""
 
-    group: _Group
+    group: _Group[Outcome]
     index: int
 
-    def outcome(self) -> ScoreResult | Exception:
+    def outcome(self) -> Outcome | Exception:
         """The call's answer or error (waits while another caller answers the group)."""
         return self.group.outcomes()[self.index]
 
@@ -462,14 +484,25 @@ class ScoringCore:
         self.on_batch = on_batch
         """Called with (version, rows) after each predict call of a model (metrics)."""
         self._in_flight = InFlight()
-        self._asks: MicroBatcher[_Ask, ScoreResult | Exception | _Share] = MicroBatcher(
-            f"{registry.name}:score", self._score_asks, max_queue=self.settings.max_queue,
-            batch_size=AdaptiveBatchSize(self.settings.latency_budget_s,
-                                         initial=self.settings.max_batch,
-                                         maximum=self.settings.max_batch),
-            busy_only=True, inline=True)
+        self._asks: MicroBatcher[_Ask, ScoreResult | Exception | _Share[ScoreResult]] = (
+            self._request_batcher("score", self._score_asks))
         """Score calls in, batches of them to ``_score_asks``: what queued while the last
         batch was scored is the next batch; a call that finds it idle is scored inline."""
+        self._infers: MicroBatcher[_InferAsk, InferResult | Exception | _Share[InferResult]] = (
+            self._request_batcher("infer", self._infer_asks))
+        """ModelInfer calls in, batches of them to ``_infer_asks``, as ``_asks``."""
+
+    def _request_batcher(self, kind: str, run: Callable[[list[Ask]], Sequence[Any]]
+                         ) -> MicroBatcher[Ask, Any]:
+        """A batcher of whole calls: a call that finds it idle is answered on its own
+        thread; under load, a batch waits up to ``max_wait_s`` while calls keep coming."""
+        settings = self.settings
+        return MicroBatcher(
+            f"{self.registry.name}:{kind}", run, max_queue=settings.max_queue,
+            batch_size=AdaptiveBatchSize(settings.latency_budget_s, initial=settings.max_batch,
+                                         maximum=settings.max_batch),
+            max_wait_s=settings.max_wait_s, quiet_s=settings.quiet_s, busy_only=True,
+            inline=True)
 
     @property
     def ready(self) -> bool:
@@ -594,25 +627,18 @@ class ScoringCore:
         a feature matrix (rows x the model's features) as it is, or raw records through
         the answering model's own ``transform_online``. Routed and answered like ``score``.
         """
-        began = time.perf_counter()
         deadline_s = self.settings.deadline_s if deadline_s is None else deadline_s
-        deadline = time.monotonic() + deadline_s
+        ask = _InferAsk(rows, version, time.monotonic() + deadline_s, time.perf_counter())
         with self._in_flight.request():
-            decision = self.router.route(version)
-            models = self._loaded  # read after routing: holds every version it can pick
-
-            def start(link: DeployedModel) -> Future[np.ndarray]:
-                return models[link.version].start_rows(rows, deadline, self._executor)
-
-            reply = self._ask_links(decision, start, deadline_s)
-        refused = np.flatnonzero(np.isnan(reply.value).any(axis=1))
-        if len(refused):
-            raise InvalidInput(f"rows {', '.join(map(str, refused[:10]))}: model version "
-                               f"{reply.version} cannot score their values (too large, or "
-                               "missing where it takes no missing value)")
-        return InferResult(reply.value, models[reply.version].classes, reply.version,
-                           reply.fallback, reply.fallback_reason, reply.fallback_kind,
-                           reply.role, (time.perf_counter() - began) * 1e3)
+            if _stackable(ask.rows, self.settings.max_batch):
+                outcome = self._infers.submit(ask).result()
+            else:  # raw records, or a batch of its own: predicted on this thread
+                outcome = self._infer_asks([ask])[0]
+            if isinstance(outcome, _Share):
+                outcome = outcome.outcome()
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
     def loaded(self, version: str | None = None) -> LoadedModel:
         """A deployed version (or alias), else the champion: its schema, features, classes."""
@@ -629,6 +655,7 @@ class ScoringCore:
     def close(self) -> None:
         """Stop the batchers and the link threads."""
         self._asks.close()
+        self._infers.close()
         for loaded in self._loaded.values():
             loaded.batcher.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -652,8 +679,8 @@ class ScoringCore:
             max_queue=self.settings.max_queue,
             batch_size=AdaptiveBatchSize(self.settings.latency_budget_s,
                                          maximum=self.settings.max_batch),
-            max_wait_s=self.settings.max_wait_s, busy_only=True, rows_of=_rows_in,
-            on_batch=loaded.on_batch, inline=True,
+            max_wait_s=self.settings.max_wait_s, quiet_s=self.settings.quiet_s,
+            busy_only=True, rows_of=_rows_in, on_batch=loaded.on_batch, inline=True,
         )
         return loaded
 
@@ -673,42 +700,95 @@ class ScoringCore:
         for version in [v for v in self._loaded if v not in versions]:
             self.retire(version)
 
-    def _score_asks(self, asks: Sequence[_Ask]) -> list[ScoreResult | Exception | _Share]:
-        """Calls that came together, each one's answer, error or share of a group in its
-        place. Each call is routed on its own; each group of calls routed alike is read
-        from Redis in one round trip, then transformed and predicted as one block through
-        ``answer`` once (the group's earliest deadline is the group's): here when its first
-        link answers without waiting (its model idle and fast: the usual case), else by
-        the first of its callers to ask, so a slow link holds only the calls sent to it."""
-        outcomes: list[ScoreResult | Exception | _Share | None] = [None] * len(asks)
-        models = self._loaded  # one read: a retirement replaces the dict, never mutates it
+    def _score_asks(self, asks: Sequence[_Ask]
+                    ) -> list[ScoreResult | Exception | _Share[ScoreResult]]:
+        """Score calls that came together, each one's answer, error or share of a group in
+        its place. Each group of calls routed alike is read from Redis in one round trip,
+        then transformed and predicted as one block (``_group``)."""
+        return self._grouped(asks, self._route, lambda decision, ask: _group_key(decision),
+                             self._group)
+
+    def _infer_asks(self, asks: Sequence[_InferAsk]
+                    ) -> list[InferResult | Exception | _Share[InferResult]]:
+        """ModelInfer calls that came together: the feature matrices of a group routed
+        alike are stacked and predicted in one call (``_infer_group``); raw records, which
+        each call's own transform may refuse, are predicted call by call."""
+        return self._grouped(asks, self._route_infer, _infer_key, self._infer_group)
+
+    def _grouped(self, asks: Sequence[Ask], route: Callable[[Ask, float], RouteDecision],
+                 key: Callable[[RouteDecision, Ask], tuple[Any, ...]],
+                 group: Callable[[RouteDecision, list[Ask], Mapping[str, LoadedModel]],
+                                 _Group[Outcome]],
+                 ) -> list[Outcome | Exception | _Share[Outcome]]:
+        """Each call routed on its own, the calls of one ``key`` made one ``group``, each
+        answered once (the group's earliest deadline is the group's): at once when its
+        first link answers without waiting (its model idle and fast: the usual case), else
+        by the first of its callers to ask, so a slow link holds only the calls sent to it."""
+        outcomes: list[Outcome | Exception | _Share[Outcome] | None] = [None] * len(asks)
         groups: dict[tuple[Any, ...], tuple[RouteDecision, list[int]]] = {}
         now = time.monotonic()
         for index, ask in enumerate(asks):
             try:
-                decision = self._route(ask, models, now)
+                decision = route(ask, now)
             except ConveyorError as exc:
                 outcomes[index] = exc
                 continue
-            groups.setdefault(_group_key(decision), (decision, []))[1].append(index)
+            groups.setdefault(key(decision, ask), (decision, []))[1].append(index)
+        # Read after routing (a version is loaded before it is routed to, and unloaded
+        # only once the requests in flight have ended), once: a deploy or a retirement
+        # replaces the dict, never mutates it.
+        models = self._loaded
         for decision, members in groups.values():
-            group = self._group(decision, [asks[i] for i in members], models)
+            answered = group(decision, [asks[i] for i in members], models)
             for share, place in enumerate(members):
-                outcomes[place] = _Share(group, share)
-        return [outcome for outcome in outcomes if outcome is not None]
+                outcomes[place] = _Share(answered, share)
+        return _every(outcomes)
 
-    def _route(self, ask: _Ask, models: Mapping[str, LoadedModel], now: float) -> RouteDecision:
+    def _route_infer(self, ask: _InferAsk, now: float) -> RouteDecision:
+        """The call's links; its deadline checked (spent waiting in a queue: no predict)."""
+        decision = self.router.route(ask.version)
+        if ask.deadline <= now:
+            raise LateAnswer(["the deadline passed before predicting began"])
+        return decision
+
+    def _infer_group(self, decision: RouteDecision, asks: Sequence[_InferAsk],
+                     models: Mapping[str, LoadedModel]) -> _Group[InferResult]:
+        """Calls routed alike, predicted as one stacked matrix; answered here if the primary
+        can answer at once."""
+        deadline = min(ask.deadline for ask in asks)
+        group = _Group(len(asks), lambda: self._answer_infer(decision, asks, models, deadline))
+        if models[decision.primary.version].batcher.idle(deadline):
+            group.outcomes()
+        return group
+
+    def _answer_infer(self, decision: RouteDecision, asks: Sequence[_InferAsk],
+                      models: Mapping[str, LoadedModel], deadline: float
+                      ) -> list[InferResult | Exception]:
+        rows = asks[0].rows if len(asks) == 1 else np.vstack([np.asarray(ask.rows) for ask in asks])
+
+        def start(link: DeployedModel) -> Future[np.ndarray]:
+            return models[link.version].start_rows(rows, deadline, self._executor)
+
+        try:
+            reply = self._ask_links(decision, start, deadline - time.monotonic())
+        except ConveyorError as exc:
+            return [exc] * len(asks)
+        ends = np.cumsum([len(ask.rows) for ask in asks])
+        return [_infer_result(ask, values, models[reply.version].classes, reply)
+                for ask, values in zip(asks, np.split(reply.value, ends[:-1]), strict=True)]
+
+    def _route(self, ask: _Ask, now: float) -> RouteDecision:
         """The call's links; its fields checked first (the request's fault before any
         model runs), then its deadline (spent waiting in a queue: no read, no predict)."""
         query = ask.query
         decision = self.router.route(query.model_version or None, request_key=query.entity_id)
-        models[decision.primary.version].schema.check(query.fields)
+        self._loaded[decision.primary.version].schema.check(query.fields)
         if ask.deadline <= now:
             raise LateAnswer(["the deadline passed before scoring began"])
         return decision
 
     def _group(self, decision: RouteDecision, asks: Sequence[_Ask],
-               models: Mapping[str, LoadedModel]) -> _Group:
+               models: Mapping[str, LoadedModel]) -> _Group[ScoreResult]:
         """Calls routed alike with their online features read; answered here if the
         primary can answer at once."""
         links = [models[link.version] for link in (decision.primary, *decision.fallbacks)]
@@ -926,6 +1006,40 @@ def _stale(freshness: Freshness | None, limit_s: float) -> bool:
     """Whether features are older than ``limit_s`` (0: no limit) at the request's time."""
     age = None if freshness is None else freshness.age_s
     return bool(limit_s) and age is not None and age > limit_s
+
+
+def _every(outcomes: Sequence[Outcome | Exception | _Share[Outcome] | None]
+           ) -> list[Outcome | Exception | _Share[Outcome]]:
+    """The outcomes of a batch, every place of which has been given one."""
+    assert all(outcome is not None for outcome in outcomes), "a call of the batch has no outcome"
+    return [outcome for outcome in outcomes if outcome is not None]
+
+
+def _stackable(rows: np.ndarray | list[dict[str, Any]], max_rows: int) -> bool:
+    """Whether a ModelInfer call's rows may be stacked with other calls': a feature matrix
+    of at most ``max_rows`` rows (raw records go through each call's own transform)."""
+    return isinstance(rows, np.ndarray) and rows.ndim == 2 and len(rows) <= max_rows
+
+
+def _infer_key(decision: RouteDecision, ask: _InferAsk) -> tuple[Any, ...]:
+    """ModelInfer calls stacked together: routed alike, and matrices of one width (a call
+    of raw records, or of another shape, is a group of its own)."""
+    rows = ask.rows
+    if isinstance(rows, np.ndarray) and rows.ndim == 2:
+        return (*_group_key(decision), rows.shape[1])
+    return (*_group_key(decision), id(ask))
+
+
+def _infer_result(ask: _InferAsk, values: np.ndarray, classes: list[str], reply: Any
+                  ) -> InferResult | Exception:
+    """One call's rows of a stacked answer, or which of them the model refused."""
+    refused = np.flatnonzero(np.isnan(values).any(axis=1))
+    if len(refused):
+        return InvalidInput(f"rows {', '.join(map(str, refused[:10]))}: model version "
+                            f"{reply.version} cannot score their values (too large, or "
+                            "missing where it takes no missing value)")
+    return InferResult(values, classes, reply.version, reply.fallback, reply.fallback_reason,
+                       reply.fallback_kind, reply.role, (time.perf_counter() - ask.began) * 1e3)
 
 
 def _group_key(decision: RouteDecision) -> tuple[Any, ...]:

@@ -373,6 +373,25 @@ def test_busy_only_lingers_after_a_batch_of_several(make_batcher, model) -> None
     assert model.batches == [[0], [1, 2], [3, 4, 5, 6]]  # it waited for the fourth
 
 
+def test_quiet_s_stops_lingering_when_no_row_comes(make_batcher, model) -> None:
+    size = AdaptiveBatchSize(1.0, initial=4, minimum=4, maximum=4)
+    batcher = make_batcher(batch_size=size, max_wait_s=60.0, busy_only=True, quiet_s=0.01)
+    first = model.hold_first(batcher)
+    queued = [batcher.submit(row) for row in (1, 2)]
+    model.gate.set()
+    assert results([first, *queued]) == [0, 10, 20]  # batches [0] then [1, 2]
+    # After a batch of several the collector lingers for four, but only while rows keep
+    # coming: a lone row is taken after 10 ms of quiet, not after max_wait_s (60 s).
+    assert batcher.submit(3).result(WAIT_S) == 30
+    assert model.batches == [[0], [1, 2], [3]]
+
+
+def test_quiet_s_must_be_positive(model) -> None:
+    with pytest.raises(ValueError, match="quiet_s"):
+        MicroBatcher("fraud:v3", model, max_queue=8, batch_size=AdaptiveBatchSize(1.0),
+                     quiet_s=0.0)
+
+
 def test_rows_of_counts_the_rows_an_item_holds(make_batcher, model) -> None:
     model.gate.set()
     seen: list[int] = []

@@ -12,7 +12,13 @@ from sklearn.ensemble import (
 )
 from sklearn.linear_model import LogisticRegression
 
-from scoring.compiled import CompiledTrees, check_rows, compiled_or_same, split_points
+from scoring.compiled import (
+    CompiledTrees,
+    _gtil_predictor,
+    check_rows,
+    compiled_or_same,
+    split_points,
+)
 
 
 def data(classes: int = 2, missing: bool = True, seed: int = 0):
@@ -68,3 +74,16 @@ def test_a_model_without_trees_is_left_as_it_is():
     X, y = data(missing=False)
     estimator = LogisticRegression().fit(X, y)
     assert compiled_or_same(estimator) is estimator
+
+
+@pytest.mark.parametrize("rows", [1, 7, 500])
+def test_the_direct_gtil_call_gives_treelites_own_answers(rows: int) -> None:
+    from treelite import gtil
+
+    X, y = data()
+    model = compiled_or_same(HistGradientBoostingClassifier(max_iter=30).fit(X, y)).model
+    predict = _gtil_predictor(model)
+    matrix = X[:rows]
+    np.testing.assert_array_equal(predict(matrix), gtil.predict(model, matrix, nthread=1))
+    narrow = X[:rows, :4]  # fewer features than the model's: Treelite pads them as missing
+    np.testing.assert_array_equal(predict(narrow), gtil.predict(model, narrow, nthread=1))

@@ -51,6 +51,7 @@ from sklearn.preprocessing._data import _handle_zeros_in_scale, _is_constant_fea
 from app.config import PipelineConfig
 from common.errors import InvalidInput
 from common.stores import OfflineFeatureStore, RawBatchStore, RawPiece, latest_rows
+from common.stores._fs import DataRoot
 from ingestion.contract import DatasetContract, typing_id
 from preparation.aggregates import EntityAggregate
 from preparation.pipeline import (
@@ -108,7 +109,7 @@ def prepare_on_cluster(client: Client, raw_store: RawBatchStore, offline: Offlin
     spec = config.features
     dataset = _single_input(config)
     contract = config.datasets[dataset]
-    with _plain_strings():
+    with plain_strings():
         frame = read_batch_dask(client, raw_store, batches[dataset], contract)
         train = _train_part(frame, config)
         fitted = fit_on_cluster(build_pipeline(spec), train, batches.values(), client)
@@ -128,7 +129,7 @@ def _single_input(config: PipelineConfig) -> str:
     return config.features.inputs[0]
 
 
-class _plain_strings:
+class plain_strings:
     """Dask would turn text columns into pyarrow strings; pandas reads them as they are."""
 
     def __enter__(self) -> None:
@@ -187,6 +188,58 @@ class PieceReader:
             if name in frame.columns:
                 frame[name] = frame[name].cat.set_categories(values)
         return frame
+
+
+def read_features_dask(offline: OfflineFeatureStore, feature_set_id: str,
+                       columns: list[str] | None = None) -> dd.DataFrame:
+    """A stored feature set as a Dask frame, a Parquet row group per partition (of the one
+    file, or of each part in order), each row indexed as ``offline.read`` indexes it.
+
+    Unlike ``OfflineFeatureStore.read_dask`` (whose training and evaluation use positions,
+    not the index), the index is right in a file of several row groups whose frame was
+    written with a RangeIndex (a set pandas wrote as one file, of more than a row group:
+    over ~1M rows): pyarrow keeps such an index as a range in the file's metadata, and
+    reading a row group alone gives it a new index from 0.
+    """
+    import dask
+    import dask.dataframe as dd
+    import pyarrow.parquet as pq
+
+    offline.metadata(feature_set_id)  # NotFound names it
+    root = DataRoot(offline.root)
+    path = f"features/{feature_set_id}/features.parquet"
+    files = root.glob(f"{path}/part-*.parquet") if root.fs.isdir(root.path(path)) else [path]
+    parts, meta = [], None
+    for file in files:
+        with root.open(file) as handle:
+            footer = pq.ParquetFile(handle)
+            if meta is None:
+                table = footer.schema_arrow.empty_table()
+                meta = (table.select(columns) if columns else table).to_pandas().iloc[:0]
+            first = 0
+            for group in range(footer.num_row_groups):
+                parts.append(dask.delayed(_row_group)(root.uri(file), group, first, columns))
+                first += footer.metadata.row_group(group).num_rows
+    return dd.from_delayed(parts, meta=meta, verify_meta=False)
+
+
+def _row_group(uri: str, group: int, first: int, columns: list[str] | None) -> pd.DataFrame:
+    """Row group ``group`` of a Parquet file, whose first row is row ``first`` of the
+    file, indexed as the whole file's frame is."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    with fsspec.open(uri, "rb") as handle:
+        file = pq.ParquetFile(handle)
+        frame = file.read_row_group(group, columns=columns,
+                                    use_pandas_metadata=True).to_pandas()
+        stored = (file.schema_arrow.pandas_metadata or {}).get("index_columns", [])
+    if stored and not isinstance(stored[0], dict):
+        return frame  # the index was stored as a column: read back as it was
+    # A range kept in the metadata (or no index at all: the positions, as pandas reads it).
+    kept = stored[0] if stored else {"start": 0, "step": 1}
+    start, step = kept["start"] + kept["step"] * first, kept["step"]
+    return frame.set_axis(pd.RangeIndex(start, start + step * len(frame), step))
 
 
 def _train_part(frame: dd.DataFrame, config: PipelineConfig) -> dd.DataFrame:
@@ -535,7 +588,7 @@ def batch_states_on_cluster(client: Client, raw_store: RawBatchStore, contract: 
     ``EntityStateStore.write_batch_states`` takes: its entities are in no other part)."""
     import dask
 
-    with _plain_strings():
+    with plain_strings():
         frame = by_entity(read_batch_dask(client, raw_store, batch_id, contract),
                           plan.entity_key)
         tasks = [dask.delayed(_states)(part, plan, batch_id, contract.record_id)

@@ -241,7 +241,7 @@ def test_a_worker_killed_mid_transform_is_recomputed(tmp_path: Path, compute: Co
     fitted, features, _ = world.pandas()
     marker = tmp_path / "killed"
     assert compute.client is not None
-    with on_cluster._plain_strings():
+    with on_cluster.plain_strings():
         frame = on_cluster.read_batch_dask(compute.client, world.raw, world.batches["paysim"],
                                            world.config.datasets["paysim"])
         written = on_cluster.write_features(compute.client, with_killer(fitted, marker, 1),
@@ -298,7 +298,7 @@ def test_the_same_batch_scores(world: World, compute: Compute, tmp_path: Path) -
     model = trained(fitted, features)
     assert compute.client is not None
     store = BatchScoreStore(str(tmp_path / "scores"))
-    with on_cluster._plain_strings():
+    with on_cluster.plain_strings():
         frame = on_cluster.read_batch_dask(compute.client, world.raw, world.batches["paysim"],
                                            world.config.datasets["paysim"])
         uri, rows = score_raw_on_cluster(compute.client, model, frame, store, "raw-run")

@@ -4,7 +4,9 @@ The online scoring service handles ``BatchScoringRequested`` too, unless
 ``CONVEYOR_SCORING_BATCH=false``; on Kubernetes the batch-scoring Deployment runs this
 service and the scoring Deployment sets that, so a large batch takes its own pod's memory
 and CPU, never those of the pods answering Score calls. Nothing is loaded at start: each
-request loads (and verifies) the version it names. Example::
+request loads (and verifies) the version it names. With ``CONVEYOR_COMPUTE`` set to a
+Dask target the batch is scored partition by partition on that cluster, the scores
+written as parts by its workers (the cluster opened at the first request). Example::
 
     CONVEYOR_SCORING_BATCH=false conveyor run scoring
     conveyor run batch-scoring
@@ -15,6 +17,7 @@ from __future__ import annotations
 import logging
 
 from app.config import load_pipeline_config
+from common.compute import compute_settings
 from common.errors import NotFound
 from common.events import BatchScoringRequested, ScoringCompleted
 from common.runtime import Service, handles
@@ -44,6 +47,10 @@ class BatchScoringService(Service):
         return event.caused(ScoringCompleted, producer=self.name, model_version=version,
                             uri=uri, rows=rows)
 
+    def close(self) -> None:
+        """Let go of the cluster, if a run opened one."""
+        self.batch.close()
+
 
 def build(settings: Settings) -> BatchScoringService:
     """The batch-scoring service on the settings' stores and pipeline config."""
@@ -52,5 +59,5 @@ def build(settings: Settings) -> BatchScoringService:
     batch = BatchScoring(stores.registry(settings, config.name), stores.models,
                          stores.feature_pipelines, stores.raw, stores.offline,
                          BatchScoreStore(settings.data_root), config.datasets,
-                         ScoringSettings().batch_scoring_chunk_rows)
+                         ScoringSettings().batch_scoring_chunk_rows, compute_settings())
     return BatchScoringService(batch)

@@ -21,6 +21,8 @@ and written as partitioned Parquet by the workers, each entity's rows in one par
 batch order: ``score_raw_on_cluster`` and ``score_features_on_cluster``::
 
     uri, rows = score_raw_on_cluster(client, model, raw_frame, BatchScoreStore(root), run_id)
+
+``scoring.service.BatchScoring`` chooses between the two by ``CONVEYOR_COMPUTE``.
 """
 
 from __future__ import annotations
@@ -161,29 +163,34 @@ def _entities(transformed: pd.DataFrame, key: str | None) -> pd.arrays.StringArr
 # -- on a Dask cluster (CONVEYOR_COMPUTE) ----------------------------------------------------
 
 def score_raw_on_cluster(client: Client, model: BatchModel, frame: dd.DataFrame,
-                         scores: BatchScoreStore, run_id: str) -> tuple[str, int]:
+                         scores: BatchScoreStore, run_id: str, *,
+                         progress: Progress | None = None) -> tuple[str, int]:
     """``score_raw`` partition by partition on a Dask cluster, written as partitioned
     Parquet: each entity's rows moved into one partition in batch order (its aggregates
     are those of the whole batch), transformed and predicted there, the rows put back in
     batch order and each partition written as a part of the run by its worker (the run's
     record last). ``frame`` is the typed raw batch indexed by batch position
-    (``preparation.distributed.read_batch_dask``). Returns the parts' URL and the rows."""
+    (``preparation.distributed.read_batch_dask``). Returns the parts' URL and the rows;
+    ``progress`` is called as each part is written (in the order they finish)."""
     from preparation.distributed import by_entity, in_batch_order
 
     moved = by_entity(frame, model.features.entity_key)
     meta = _predict(model, pd.DataFrame())
     scored = moved.map_partitions(_score_part, model, meta=meta.set_axis(meta["row_id"]))
-    return _write_parts(client, in_batch_order(scored, frame.divisions), scores, run_id)
+    return _write_parts(client, in_batch_order(scored, frame.divisions), scores, run_id,
+                        progress)
 
 
 def score_features_on_cluster(client: Client, model: BatchModel, frame: dd.DataFrame,
-                              scores: BatchScoreStore, run_id: str) -> tuple[str, int]:
+                              scores: BatchScoreStore, run_id: str, *,
+                              progress: Progress | None = None) -> tuple[str, int]:
     """``score_features`` partition by partition on a Dask cluster (``frame``: the model's
-    feature set, ``OfflineFeatureStore.read_dask``), written as partitioned Parquet."""
+    feature set, ``preparation.distributed.read_features_dask``, whose index is the row
+    id), written as partitioned Parquet."""
     _check_features(model, list(frame.columns))
     meta = _predict(model, pd.DataFrame())
     return _write_parts(client, frame.map_partitions(_predict_part, model, meta=meta), scores,
-                        run_id)
+                        run_id, progress)
 
 
 def _predict_part(part: pd.DataFrame, model: BatchModel) -> pd.DataFrame:
@@ -196,15 +203,31 @@ def _score_part(part: pd.DataFrame, model: BatchModel) -> pd.DataFrame:
     return out.set_axis(out["row_id"].to_numpy())
 
 
-def _write_parts(client: Client, scored: dd.DataFrame, scores: BatchScoreStore,
-                 run_id: str) -> tuple[str, int]:
+def _write_parts(client: Client, scored: dd.DataFrame, scores: BatchScoreStore, run_id: str,
+                 progress: Progress | None) -> tuple[str, int]:
+    """Have the workers write every partition as a part, then the run's record. On a
+    failure the parts written so far are removed; the record, written last, is what makes
+    a run stored, so no reader ever sees a part of a run (a part a worker was still writing
+    when the run failed may land afterwards: the retry's ``start_parts`` removes it)."""
     import dask
+    from distributed import as_completed
 
     scores.start_parts(run_id)
     parts = scored.to_delayed()
     tasks = [dask.delayed(_write_part)(part, scores.root, run_id, number)
              for number, part in enumerate(parts)]
-    rows = sum(client.compute(tasks, sync=True))
+    futures = client.compute(tasks)
+    rows = 0
+    try:
+        for done, future in enumerate(as_completed(futures, loop=client.loop), start=1):
+            rows += future.result()
+            future.release()
+            if progress is not None:
+                progress(done, len(tasks), rows)
+    except BaseException:
+        client.cancel(futures)
+        scores.start_parts(run_id)  # nothing of the failed attempt stays
+        raise
     return scores.finish_parts(run_id, rows, len(parts)), rows
 
 

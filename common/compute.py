@@ -41,6 +41,14 @@ SCHEDULER_SCHEMES = ("tcp", "tls", "inproc", "ws", "wss")
 """Schemes of a Dask scheduler address (distributed's comm backends)."""
 _ADDRESS = re.compile(rf"^({'|'.join(SCHEDULER_SCHEMES)})://[^\s/:]+(:\d{{1,5}})?/?$")
 _MEMORY = re.compile(r"^(auto|0|\d+(\.\d+)?\s*(B|[kKMGTP]i?B)?)$")
+WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": 32 * 2**20}
+"""glibc settings of a ``dask-local`` worker, beside distributed's ``MALLOC_TRIM_THRESHOLD_``
+(64 KiB: freed memory goes back to the system soon). Setting that threshold switches off
+glibc's sliding mmap threshold, which stays at 128 KiB: every array of a partition (100,000
+rows of float64 is 800 KB) was then mapped and unmapped afresh, page faults each time, and
+a partition's transform took 0.8 s on a worker against 0.33 s in this process (1M rows,
+bench-scale). Arrays under 32 MiB (glibc's own ceiling for that sliding threshold) now
+come from the heap, whose top is still trimmed past 64 KiB: ~0.45 s."""
 
 
 class ComputeSettings(BaseSettings):
@@ -216,11 +224,16 @@ def _start(settings: ComputeSettings) -> _Shared:
 
     if settings.mode == "dask":
         return _Shared(Client(settings.compute, set_as_default=False), None)
-    cluster = LocalCluster(
-        n_workers=settings.dask_workers,
-        threads_per_worker=settings.dask_threads_per_worker,
-        memory_limit=settings.dask_memory_limit,
-        processes=True,
-        dashboard_address=":0",  # a free port: never one a service or another cluster holds
-    )
+    import dask
+
+    spawn_environ = {f"distributed.nanny.pre-spawn-environ.{k}": v
+                     for k, v in WORKER_MALLOC.items()}
+    with dask.config.set(spawn_environ):  # read by each nanny as it is made, kept for restarts
+        cluster = LocalCluster(
+            n_workers=settings.dask_workers,
+            threads_per_worker=settings.dask_threads_per_worker,
+            memory_limit=settings.dask_memory_limit,
+            processes=True,
+            dashboard_address=":0",  # a free port: never one a service or another holds
+        )
     return _Shared(Client(cluster, set_as_default=False), cluster)

@@ -267,7 +267,9 @@ def fit_on_cluster(pipeline: FeaturePipeline, train: dd.DataFrame, batch_ids: An
     key = pipeline.spec.entity_key
     has_aggregates = any(isinstance(s, EntityAggregate) for _, s in steps.steps)
     current = by_entity(train, key) if has_aggregates and key else train
-    sample = _sample(current, client)
+    # Sampled before the move: a sample of the moved rows would compute the whole move
+    # (each partition takes rows of every piece) only to be thrown away.
+    sample = _sample(train, client)
     for name, step in steps.steps:
         index, kind = name.split("_", 1)
         with naming_step(step_label(int(index), kind)):
@@ -305,8 +307,13 @@ def _sorted_by_position(part: pd.DataFrame) -> pd.DataFrame:
 
 
 def _sample(frame: dd.DataFrame, client: Client) -> pd.DataFrame:
-    head = frame.head(SAMPLE_ROWS, npartitions=-1, compute=False)
-    return client.compute(head, sync=True)  # type: ignore[no-any-return]
+    """The first rows, from the first partition when it holds enough (a head over every
+    partition computes them all), else from all of them."""
+    head = client.compute(frame.head(SAMPLE_ROWS, npartitions=1, compute=False), sync=True)
+    if len(head) >= SAMPLE_ROWS or frame.npartitions == 1:
+        return head  # type: ignore[no-any-return]
+    whole = frame.head(SAMPLE_ROWS, npartitions=-1, compute=False)
+    return client.compute(whole, sync=True)  # type: ignore[no-any-return]
 
 
 def _transform_step(part: pd.DataFrame, step: Any, meta: pd.DataFrame) -> pd.DataFrame:

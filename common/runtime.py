@@ -75,6 +75,9 @@ class Service:
     exports_bus_metrics: ClassVar[bool] = True
     """Whether /metrics shows the runner's own bus metrics; a supervisor of worker
     processes (which consume) shows the workers' instead, so each name appears once."""
+    needs_processed_record: ClassVar[bool] = True
+    """Whether the runner records each handled event id (``processed_ttl_s``) to skip a
+    redelivery; a service whose handlers are idempotent on their own saves the keys."""
     ready_needs_broker: ClassVar[bool] = True
     """Whether readiness includes a live consumer connection; a service that does its work
     without the broker (scoring answers calls) stays ready through a broker outage."""
@@ -139,7 +142,8 @@ class ServiceRunner:
         if self._per_instance_queues:
             specs = {kind: spec for kind, spec in specs.items()
                      if kind not in self.service.broadcast}
-        return self._dispatcher(specs, self.processed)
+        return self._dispatcher(
+            specs, self.processed if self.service.needs_processed_record else None)
 
     def broadcast_dispatcher(self) -> Dispatcher:
         """The dispatcher of the instance's own queue: its broadcast handlers, with no

@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     """How long the event log keeps an event and its lineage links."""
     eventlog_score_served_ttl_s: int = Field(default=0, ge=0)
     """How long the event log keeps a ScoreServed body (0: not kept, its summary only)."""
+    eventlog_observed_ttl_s: int = Field(default=0, ge=0)
+    """How long the event log keeps an OutcomeObserved or RecordsObserved body (0: not
+    kept; an outcome's stream summary holds its payload, a batch of records' its count)."""
     eventlog_maxlen: int = Field(default=100_000, gt=0)
     """Approximate bound of the event log's stream of event summaries."""
     idempotency_retry_s: float = Field(default=30.0, ge=0)

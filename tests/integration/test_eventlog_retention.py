@@ -13,7 +13,15 @@ from prometheus_client import CollectorRegistry
 
 from app.cli import main
 from common.eventlog import EventLog, EventLogService
-from common.events import Event, RawDataExtracted, ScoreServed, ServedScore, SourceDataAvailable
+from common.events import (
+    Event,
+    OutcomeObserved,
+    RawDataExtracted,
+    RecordsObserved,
+    ScoreServed,
+    ServedScore,
+    SourceDataAvailable,
+)
 from common.lineage import trace
 from common.redis_memory import RedisMemory
 from common.settings import Settings
@@ -55,6 +63,28 @@ def test_a_score_served_body_can_be_kept_briefly(ns: BusNamespace) -> None:
     log.record(event)
     assert log.get(event.event_id) == event
     assert 0 < ttl(ns, "event", str(event.event_id)) <= 120
+
+
+def test_an_outcome_body_is_not_kept_by_default_its_payload_is_in_the_stream(
+        ns: BusNamespace) -> None:
+    log = EventLog.from_settings(ns.redis, Settings(namespace=ns.namespace))
+    event = OutcomeObserved(entity_id="C1", outcome="1", request_id="r1", producer="app")
+    log.record(event)
+    assert ns.redis.exists(f"{ns.namespace}:event:{event.event_id}") == 0
+    payload = json.loads(log.recent(1)[0]["payload"])
+    assert (payload["entity_id"], payload["outcome"], payload["request_id"]) == ("C1", "1", "r1")
+
+
+def test_observed_bodies_can_be_kept_briefly_and_records_are_summarised_by_count(
+        ns: BusNamespace) -> None:
+    log = EventLog.from_settings(ns.redis, Settings(namespace=ns.namespace,
+                                                    eventlog_observed_ttl_s=600))
+    records = RecordsObserved(dataset="paysim", records=[{"a": i} for i in range(50)],
+                              producer="app")
+    log.record(records)
+    assert log.get(records.event_id) == records
+    assert 0 < ttl(ns, "event", str(records.event_id)) <= 600
+    assert json.loads(log.recent(1)[0]["payload"]) == {"dataset": "paysim", "records": 50}
 
 
 def test_bodies_and_lineage_links_expire_after_the_retention(ns: BusNamespace) -> None:

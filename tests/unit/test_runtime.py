@@ -170,3 +170,19 @@ def test_queue_depths_are_exported_at_scrape_time() -> None:
     bus.declare("sink", ["RawDataExtracted"])
     bus.run_until_idle()
     assert value("conveyor_queue_depth", {"service": "ingest", "queue": "ready"}) == 0
+
+
+def test_a_service_with_idempotent_handlers_keeps_no_record_of_processed_events() -> None:
+    from common.bus.idempotency import MemoryProcessedEvents
+    from common.eventlog import EventLog, EventLogService
+
+    class NoRedis:  # what the event log's memory gauge asks of Redis when registered
+        def info(self, section: str) -> dict[str, int]:
+            return {"used_memory": 1, "maxmemory": 0}
+
+    processed = MemoryProcessedEvents()
+    eventlog = EventLogService(EventLog(NoRedis(), "t"))  # type: ignore[arg-type]
+    assert ServiceRunner(eventlog, InMemoryBus(), Settings(),
+                         processed=processed).dispatcher().processed is None
+    assert ServiceRunner(Sink(), InMemoryBus(), Settings(),
+                         processed=processed).dispatcher().processed is processed

@@ -79,6 +79,6 @@ def test_score_calls_are_published_as_score_served_and_kept_in_the_stream(
     assert {e.producer for e in events} == {"scoring"}
     stream = OnlineScoreStore(ns.redis, ns.namespace).recent(100)
     assert sorted(s.request_id for s in stream) == sorted(served)
-    assert {s.request_id: s.features for s in stream} == {
-        k: s.features for k, s in served.items()}
+    assert {s.request_id: (s.score, s.features) for s in stream} == {
+        k: (s.score, {}) for k, s in served.items()}  # features go to monitoring only
     assert dropped == 0

@@ -22,7 +22,7 @@ from common.events import ServedScore
 from common.settings import Settings
 from common.stores import features as features_module
 from common.stores.features import RedisOnlineStore, online_key
-from common.stores.scores import OnlineScoreStore, score_stream_key
+from common.stores.scores import FIELD_SCORE, OnlineScoreStore, score_stream_key
 
 pytestmark = pytest.mark.integration
 
@@ -308,6 +308,15 @@ def test_score_stream_is_bounded_exactly(client, namespace):
     assert client.xlen(score_stream_key(namespace)) == 5
     assert store.recent(3) == scores[9:]
     assert store.recent(100) == scores[7:]
+
+
+def test_the_score_stream_keeps_a_score_without_its_features(client, namespace):
+    store = OnlineScoreStore(client, namespace, maxlen=10)
+    score = served(1).model_copy(update={"features": {f"f{i}": i / 7 for i in range(20)}})
+    store.append_many([score])
+    assert store.recent(1) == [score.model_copy(update={"features": {}})]
+    (_, fields), = client.xrange(score_stream_key(namespace))
+    assert b"features" not in fields[FIELD_SCORE] and b"fallback_reason" not in fields[FIELD_SCORE]
 
 
 def test_score_stream_is_bounded_approximately(client, namespace):

@@ -8,7 +8,9 @@ mounted from a ConfigMap; locally it is ``config/pipeline.yaml``.
 Each stage owns its section's model (``ingestion.contract``, ``preparation.spec``,
 ``segregation.config``, ``training.config``, ``evaluation.gate``); this module assembles
 them into the application's config, so it lives above the stages' libraries and
-``common/`` stays free of them. The stages' service shells (their ``build``) read it.
+``common/`` stays free of them. ``app.services`` loads it and passes it to each stage's
+``build``, which types only what it reads of it (``preparation.spec.PreparationSections``,
+``training.service.TrainingSections``...), so no stage imports this module.
 
 Example::
 

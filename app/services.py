@@ -1,7 +1,12 @@
-"""The catalogue of runnable services: name → factory taking the settings.
+"""The catalogue of runnable services: name → factory taking the settings and the
+pipeline config.
 
-``conveyor run NAME`` and each Kubernetes Deployment start one entry of it. Stage
-packages add theirs here as they are built.
+``conveyor run NAME`` and each Kubernetes Deployment start one entry of it. The pipeline
+config is read here, once, from the file the settings name (``CONVEYOR_PIPELINE_CONFIG``),
+and handed to the stage's factory, which types what it reads of it with a protocol of its
+own (``preparation.spec.PreparationSections``, ``training.service.TrainingSections``...):
+the stages never import the application layer. Stage packages add theirs here as they
+are built.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
+from app.config import load_pipeline_config
 from common.runtime import Service
 from common.safety import check_start
 from common.settings import Settings
@@ -25,6 +31,9 @@ SERVICES: dict[str, str] = {
     "monitoring": "monitoring.service:build",
 }
 
+PIPELINE_FREE = frozenset({"eventlog"})
+"""Services that read no pipeline config: their factory takes the settings alone."""
+
 
 def service_names() -> list[str]:
     """Names of every runnable service."""
@@ -37,5 +46,7 @@ def build_service(name: str, settings: Settings) -> Service:
         raise KeyError(f"unknown service {name!r}; known: {', '.join(service_names())}")
     check_start(settings)  # outside local development: no guest, no published key
     module_name, _, attr = SERVICES[name].partition(":")
-    factory: Callable[[Settings], Service] = getattr(importlib.import_module(module_name), attr)
-    return factory(settings)
+    factory: Callable[..., Service] = getattr(importlib.import_module(module_name), attr)
+    if name in PIPELINE_FREE:
+        return factory(settings)
+    return factory(settings, load_pipeline_config(settings.pipeline_config))

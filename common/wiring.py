@@ -1,12 +1,13 @@
-"""Builds the stores and the pipeline config a service needs from its settings.
+"""Builds the stores a service needs from its settings.
 
-This is the composition root of the stage services: the only place that turns settings
-into clients. Services receive what it builds through their constructors.
+This is the composition root of the stage services' stores: the only place that turns
+settings into clients. Services receive what it builds through their constructors (the
+pipeline config they get from the application layer, ``app.services``).
 
 Example::
 
     stores = Stores.from_settings(settings)
-    IngestionService(load_pipeline_config(settings.pipeline_config), stores.raw)
+    IngestionService(config, stores.raw)
 """
 
 from __future__ import annotations

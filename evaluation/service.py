@@ -17,11 +17,10 @@ transformed by its own pipeline, is still judged on the pandas path.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import pandas as pd
 
-from app.config import PipelineConfig, load_pipeline_config
 from common.compute import Compute, open_compute
 from common.errors import ModelNotFound, NotReady
 from common.events import CandidatesTrained, ModelReady, ModelRejected
@@ -35,10 +34,22 @@ from common.stores import (
     RawBatchStore,
 )
 from common.wiring import Stores
+from evaluation.gate import EvaluationConfig
 from evaluation.report import EvaluationReport, evaluate_candidates
 from preparation.join import joined_frame
+from preparation.spec import PreparationSections
 
 log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class EvaluationSections(PreparationSections, Protocol):
+    """What evaluation reads of the pipeline config: preparation's sections (it rebuilds
+    the champion's rows as preparation made them) and the gate."""
+
+    @property
+    def evaluation(self) -> EvaluationConfig:
+        """How candidates are scored and gated."""
 
 
 class OnRows:
@@ -69,7 +80,7 @@ class EvaluationService(Service):
 
     def __init__(
         self,
-        config: PipelineConfig,
+        config: EvaluationSections,
         offline: OfflineFeatureStore,
         models: ModelStore,
         pipelines: ModelStore,
@@ -222,10 +233,9 @@ def _why(report: EvaluationReport) -> str:
     return f"{report.metric} {value:.4f} on the evaluation part; passed the gate"
 
 
-def build(settings: Settings) -> EvaluationService:
-    """The evaluation service for the settings."""
+def build(settings: Settings, config: EvaluationSections) -> EvaluationService:
+    """The evaluation service for the settings and the pipeline config."""
     stores = Stores.from_settings(settings)
-    config = load_pipeline_config(settings.pipeline_config)
     return EvaluationService(
         config, stores.offline, stores.models, stores.feature_pipelines,
         stores.registry(settings, config.name), stores.raw,

@@ -17,8 +17,9 @@ at a time, so its memory stays bounded whatever the batch's size.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Protocol, runtime_checkable
 
-from app.config import PipelineConfig, load_pipeline_config
 from common.compute import compute_settings
 from common.errors import InvalidInput, NotFound
 from common.events import IngestionFailed, RawDataExtracted, SourceDataAvailable
@@ -61,6 +62,15 @@ def valid_rows(batch: RawBatch, quarantined: int) -> int:
     return batch.rows + batch.rows_set_aside - quarantined  # the source's rows, less those
 
 
+@runtime_checkable
+class IngestionSections(Protocol):
+    """What ingestion reads of the pipeline config: the datasets' contracts."""
+
+    @property
+    def datasets(self) -> Mapping[str, DatasetContract]:
+        """Contracts of the datasets the pipeline reads, by dataset name."""
+
+
 class IngestionService(Service):
     """Stores sources as raw batches and checks them against their dataset's contract."""
 
@@ -68,7 +78,7 @@ class IngestionService(Service):
     concurrency = 2  # batches of different datasets go side by side
     prefetch = 1  # long handlers: leave waiting events to the other consumers
 
-    def __init__(self, config: PipelineConfig, raw_store: RawBatchStore,
+    def __init__(self, config: IngestionSections, raw_store: RawBatchStore,
                  sources: SourcePolicy | None = None, *, partitioned: bool = False) -> None:
         self.config, self.raw_store, self.partitioned = config, raw_store, partitioned
         # None: the policy of the environment's settings, never "anything goes"
@@ -112,9 +122,8 @@ class IngestionService(Service):
         return self.config.datasets[dataset]
 
 
-def build(settings: Settings) -> IngestionService:
-    """The ingestion service for the settings."""
-    config = load_pipeline_config(settings.pipeline_config)
+def build(settings: Settings, config: IngestionSections) -> IngestionService:
+    """The ingestion service for the settings and the pipeline config."""
     return IngestionService(config, Stores.from_settings(settings).raw,
                             SourcePolicy.from_settings(settings),
                             partitioned=compute_settings().mode != "local")

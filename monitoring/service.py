@@ -30,12 +30,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
 from prometheus_client import CollectorRegistry
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.config import load_pipeline_config
 from common.errors import ModelIdNotFound, ModelNotFound
 from common.events import (
     DriftDetected,
@@ -361,11 +360,19 @@ class MonitoringService(Service):
         return events
 
 
-def build(settings: Settings) -> MonitoringService:
-    """The monitoring service for the settings."""
+@runtime_checkable
+class MonitoringSections(Protocol):
+    """What monitoring reads of the pipeline config: the model's name."""
+
+    @property
+    def name(self) -> str:
+        """The model's name in the registry."""
+
+
+def build(settings: Settings, config: MonitoringSections) -> MonitoringService:
+    """The monitoring service for the settings and the pipeline config's model."""
     own = MonitoringSettings()
     stores = Stores.from_settings(settings)
-    config = load_pipeline_config(settings.pipeline_config)
     catalogue = ModelCatalogue(stores.models, stores.registry(settings, config.name))
     state = MonitoringState(stores.redis, settings.namespace,
                             served_ttl_s=own.monitoring_served_ttl_s,

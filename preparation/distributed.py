@@ -48,7 +48,6 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import MinMaxScaler, OneHotEncoder, StandardScaler
 from sklearn.preprocessing._data import _handle_zeros_in_scale, _is_constant_feature
 
-from app.config import PipelineConfig
 from common.errors import InvalidInput
 from common.stores import OfflineFeatureStore, RawBatchStore, RawPiece, latest_rows
 from common.stores._fs import DataRoot
@@ -62,6 +61,7 @@ from preparation.pipeline import (
     feature_set_id,
 )
 from preparation.registry import naming_step, step_label
+from preparation.spec import PreparationSections
 from preparation.streaming import StreamPlan
 from preparation.transformers import (
     SCORE_FUNCS,
@@ -100,7 +100,8 @@ class Prepared:
 
 
 def prepare_on_cluster(client: Client, raw_store: RawBatchStore, offline: OfflineFeatureStore,
-                       config: PipelineConfig, fsid: str, batches: Mapping[str, str]) -> Prepared:
+                       config: PreparationSections, fsid: str, batches: Mapping[str, str]
+                       ) -> Prepared:
     """Fit the feature set on the training part, transform every row and write the offline
     feature set's parts on the cluster; ``NotDistributable`` for what only pandas does
     (several inputs joined, a batch not typed by its contract, a custom or shuffled
@@ -119,7 +120,7 @@ def prepare_on_cluster(client: Client, raw_store: RawBatchStore, offline: Offlin
                     None if fitted.aggregate_columns else fitted.timestamp, fit_rows)
 
 
-def _single_input(config: PipelineConfig) -> str:
+def _single_input(config: PreparationSections) -> str:
     if len(config.features.inputs) != 1:
         raise NotDistributable("a feature set of several joined inputs")
     split = config.split
@@ -242,7 +243,7 @@ def _row_group(uri: str, group: int, first: int, columns: list[str] | None) -> p
     return frame.set_axis(pd.RangeIndex(start, start + step * len(frame), step))
 
 
-def _train_part(frame: dd.DataFrame, config: PipelineConfig) -> dd.DataFrame:
+def _train_part(frame: dd.DataFrame, config: PreparationSections) -> dd.DataFrame:
     from segregation.partitioned import split_partitioned
 
     return split_partitioned(frame, config.split, batch_lengths(frame)).train

@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING
 import pandas as pd
 from prometheus_client import CollectorRegistry, Counter
 
-from app.config import PipelineConfig, load_pipeline_config
 from common.compute import Compute, open_compute
 from common.errors import InvalidInput, NotFound
 from common.events import (
@@ -70,6 +69,7 @@ from preparation.distributed import (
     prepare_on_cluster,
 )
 from preparation.join import joined_frame, missing_inputs
+from preparation.spec import FeatureSections, PreparationSections
 from preparation.streaming import NotStreamable, StreamPlan
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ class PreparationService(Service):
 
     def __init__(
         self,
-        config: PipelineConfig,
+        config: PreparationSections,
         raw_store: RawBatchStore,
         offline: OfflineFeatureStore,
         online: OnlineFeatureStore,
@@ -112,7 +112,7 @@ class PreparationService(Service):
     @handles(RawDataExtracted)
     def on_raw_data_extracted(self, event: RawDataExtracted) -> FeaturesGenerated | None:
         """Build the feature set the batch completes, or wait for the other inputs."""
-        if not self.config.reads(event.dataset):
+        if event.dataset not in self.config.features.inputs:
             log.info("dataset %s feeds no feature set; nothing to do", event.dataset)
             return None
         batches = self._input_batches(event)
@@ -277,10 +277,9 @@ def batch_record_ids(frame: pd.DataFrame, contract: DatasetContract, batch_id: s
     return [f"{batch_id[:16]}.{row}" for row in range(len(frame))]
 
 
-def build(settings: Settings) -> PreparationService:
-    """The preparation service for the settings."""
+def build(settings: Settings, config: PreparationSections) -> PreparationService:
+    """The preparation service for the settings and the pipeline config."""
     stores = Stores.from_settings(settings)
-    config = load_pipeline_config(settings.pipeline_config)
     return PreparationService(
         config, stores.raw, stores.offline, stores.online, stores.feature_pipelines,
         state=RedisEntityState(stores.redis, settings.namespace) if settings.stream_state
@@ -327,7 +326,7 @@ class OnlinePreparationService(Service):
     name = "online-preparation"
     prune_every_s = 30.0
 
-    def __init__(self, config: PipelineConfig, pipelines: ModelStore, state: EntityStateStore,
+    def __init__(self, config: FeatureSections, pipelines: ModelStore, state: EntityStateStore,
                  targets: StreamTargets, *, registry: ModelRegistry | None = None,
                  models: ModelStore | None = None, tolerance_s: float = 300.0,
                  count_ttl_s: int = 90 * 86_400, recent_sets: int = 3) -> None:
@@ -419,10 +418,9 @@ def _late_problems(checked: CheckedRecords, applied: Applied) -> list[RecordProb
             if record_id in late]
 
 
-def build_online(settings: Settings) -> OnlinePreparationService:
-    """The online preparation service for the settings."""
+def build_online(settings: Settings, config: FeatureSections) -> OnlinePreparationService:
+    """The online preparation service for the settings and the pipeline config."""
     stores = Stores.from_settings(settings)
-    config = load_pipeline_config(settings.pipeline_config)
     return OnlinePreparationService(
         config, stores.feature_pipelines, RedisEntityState(stores.redis, settings.namespace),
         StreamTargets(stores.redis, settings.namespace),

@@ -5,6 +5,10 @@ unknown keys, so a typo fails and names the key; ``parse_spec`` turns pydantic's
 into one ``InvalidInput`` whose message names every bad key. Step kinds and their params
 are checked against the registry later, when the pipeline is built.
 
+``FeatureSections`` and ``PreparationSections`` say what the stages that make or serve
+features read of the assembled pipeline config; the application layer passes it to their
+``build`` (its ``PipelineConfig`` has them all), so no stage imports it.
+
 Example::
 
     spec = parse_spec({
@@ -17,11 +21,15 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from common.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from ingestion.contract import DatasetContract
+    from segregation.config import SplitConfig
 
 Name = Annotated[str, Field(min_length=1)]
 
@@ -73,6 +81,32 @@ class FeatureSpec(_Spec):
         if len(set(special)) != len(special):
             raise ValueError("entity_key, timestamp and label must be different columns")
         return self
+
+
+@runtime_checkable
+class FeatureSections(Protocol):
+    """What a stage serving a pipeline's features reads of the pipeline config."""
+
+    @property
+    def name(self) -> str:
+        """The model's name in the registry."""
+
+    @property
+    def datasets(self) -> Mapping[str, DatasetContract]:
+        """Contracts of the datasets the features read, by dataset name."""
+
+    @property
+    def features(self) -> FeatureSpec:
+        """How features are made from the datasets."""
+
+
+@runtime_checkable
+class PreparationSections(FeatureSections, Protocol):
+    """What preparation reads of the pipeline config: the features and the split."""
+
+    @property
+    def split(self) -> SplitConfig:
+        """How feature sets are split into train and evaluation parts."""
 
 
 def parse_spec(data: Mapping[str, Any] | FeatureSpec) -> FeatureSpec:

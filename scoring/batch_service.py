@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 
-from app.config import load_pipeline_config
 from common.compute import compute_settings
 from common.errors import NotFound
 from common.events import BatchScoringRequested, ScoringCompleted
@@ -24,6 +23,7 @@ from common.runtime import Service, handles
 from common.settings import Settings
 from common.stores import BatchScoreStore
 from common.wiring import Stores
+from preparation.spec import FeatureSections
 from scoring.service import BatchScoring, ScoringSettings
 
 log = logging.getLogger(__name__)
@@ -52,10 +52,9 @@ class BatchScoringService(Service):
         self.batch.close()
 
 
-def build(settings: Settings) -> BatchScoringService:
+def build(settings: Settings, config: FeatureSections) -> BatchScoringService:
     """The batch-scoring service on the settings' stores and pipeline config."""
     stores = Stores.from_settings(settings)
-    config = load_pipeline_config(settings.pipeline_config)
     batch = BatchScoring(stores.registry(settings, config.name), stores.models,
                          stores.feature_pipelines, stores.raw, stores.offline,
                          BatchScoreStore(settings.data_root), config.datasets,

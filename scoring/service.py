@@ -30,7 +30,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from app.config import PipelineConfig, load_pipeline_config
 from common.bus.dispatch import HandlerSpec
 from common.bus.rabbitmq import RabbitMQBus
 from common.compute import Compute, ComputeSettings, compute_settings, open_compute
@@ -51,6 +50,7 @@ from common.stores import (
 from common.stores.entity_state import RedisEntityState
 from common.wiring import Stores
 from ingestion.contract import DatasetContract, read_typed
+from preparation.spec import FeatureSections
 from scoring.core import CoreSettings, ScoringCore
 from scoring.grpc_common import check_listen
 from scoring.metrics import ScoringMetrics
@@ -421,7 +421,7 @@ def fail_fast_redis(url: str, timeout_s: float) -> redis.Redis:
                                 retry=Retry(NoBackoff(), 1))
 
 
-def build(settings: Settings) -> Service:
+def build(settings: Settings, config: FeatureSections) -> Service:
     """The scoring service: one instance in this process, or, with several workers and
     a fixed port, a supervisor of that many forked instances sharing the port (port 0,
     the tests' free port, cannot be shared: one instance)."""
@@ -434,12 +434,13 @@ def build(settings: Settings) -> Service:
                     "CONVEYOR_LOCAL_DEV): %s", problem)
     workers = own.scoring_workers or available_cpus()
     if workers <= 1 or own.grpc_port == 0:
-        return build_instance(settings, own)
-    return build_supervisor(settings, own, workers)
+        return build_instance(settings, config, own)
+    return build_supervisor(settings, config, own, workers)
 
 
 def build_instance(
-    settings: Settings, own: ScoringSettings, *, reuse_port: bool = False,
+    settings: Settings, config: FeatureSections, own: ScoringSettings, *,
+    reuse_port: bool = False,
     models: ModelStore | None = None, pipelines: ModelStore | None = None,
 ) -> ScoringService:
     """One scoring instance, its chain loaded, its reporter and gRPC server started;
@@ -448,7 +449,6 @@ def build_instance(
     security = own.security()
     metrics = ScoringMetrics()
     stores = Stores.from_settings(settings)
-    config = load_pipeline_config(settings.pipeline_config)
     registry = stores.registry(settings, config.name)
     client = fail_fast_redis(settings.redis_url, own.scoring_redis_timeout_s)
     reporter = _reporter(settings, own)
@@ -502,28 +502,28 @@ class ScoringSupervisor(Service):
         self.pool.stop()
 
 
-def build_supervisor(settings: Settings, own: ScoringSettings, workers: int
-                     ) -> ScoringSupervisor:
+def build_supervisor(settings: Settings, config: FeatureSections, own: ScoringSettings,
+                     workers: int) -> ScoringSupervisor:
     """Read the registry chain's models once, then fork ``workers`` instances on the port."""
     stores = Stores.from_settings(settings)
-    registry = stores.registry(settings, load_pipeline_config(settings.pipeline_config).name)
+    registry = stores.registry(settings, config.name)
     models, pipelines = preloaded(stores, registry, own.scoring_chain_depth)
 
     def run_worker(slot: WorkerSlot) -> None:
-        run_scoring_worker(settings, own, slot, models, pipelines)
+        run_scoring_worker(settings, config, own, slot, models, pipelines)
 
     log.info("starting %d scoring workers on port %d", workers, own.grpc_port)
     return ScoringSupervisor(WorkerPool(workers, run_worker).start())
 
 
-def run_scoring_worker(settings: Settings, own: ScoringSettings, slot: WorkerSlot,
-                       models: ModelStore, pipelines: ModelStore) -> None:
+def run_scoring_worker(settings: Settings, config: FeatureSections, own: ScoringSettings,
+                       slot: WorkerSlot, models: ModelStore, pipelines: ModelStore) -> None:
     """A worker process: one instance on the shared port, consuming as a service does
     (its metrics and probes on a loopback port of its own, for the supervisor), until
     SIGTERM."""
     from common.runtime import ServiceRunner, redis_processed, stop_on_signals
 
-    service = build_instance(settings, own, reuse_port=True, models=models,
+    service = build_instance(settings, config, own, reuse_port=True, models=models,
                              pipelines=pipelines)
     local = settings.model_copy(update={"http_host": "127.0.0.1", "http_port": 0})
     bus = RabbitMQBus(settings, name=f"scoring-worker-{slot.index}")
@@ -574,7 +574,7 @@ def preloaded(stores: Stores, registry: ModelRegistry, depth: int
             PreloadedModelStore(stores.feature_pipelines, pipelines))
 
 
-def _observer(settings: Settings, config: PipelineConfig) -> RecordObserver:
+def _observer(settings: Settings, config: FeatureSections) -> RecordObserver:
     """Score-then-record: observed records published as RecordsObserved of the feature
     set's dataset, on a connection of their own."""
     bus = RabbitMQBus(settings, name=f"{settings.namespace}-scoring-records")

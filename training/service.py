@@ -14,11 +14,10 @@ processes. The sample, seeded and class-stratified, is recorded in each model's 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import pandas as pd
 
-from app.config import PipelineConfig, load_pipeline_config
 from common.compute import Compute, open_compute
 from common.errors import InvalidInput
 from common.events import (
@@ -43,9 +42,30 @@ from training.sampling import (
 )
 from training.trainer import WorkerPool, model_id_for, train_candidates
 
+if TYPE_CHECKING:
+    from segregation.config import SplitConfig
+
 TrainingSet = tuple[pd.DataFrame, pd.Series, dict[str, Any] | None]
 
 log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class TrainingSections(Protocol):
+    """What training reads of the pipeline config: the model's name, the split and the
+    candidates."""
+
+    @property
+    def name(self) -> str:
+        """The model's name in the registry."""
+
+    @property
+    def split(self) -> SplitConfig:
+        """How feature sets are split into train and evaluation parts."""
+
+    @property
+    def training(self) -> TrainingConfig:
+        """Candidate models and how to train them."""
 
 
 class TrainingService(Service):
@@ -55,7 +75,7 @@ class TrainingService(Service):
     prefetch = 1  # long handlers: leave waiting events to the other consumers
 
     def __init__(
-        self, config: PipelineConfig, offline: OfflineFeatureStore, models: ModelStore,
+        self, config: TrainingSections, offline: OfflineFeatureStore, models: ModelStore,
         compute: Compute | None = None, settings: TrainingSettings | None = None,
     ) -> None:
         self.config, self.offline, self.models = config, offline, models
@@ -198,8 +218,8 @@ class TrainingService(Service):
         return rows[features], rows[label], sample
 
 
-def build(settings: Settings) -> TrainingService:
-    """The training service for the settings."""
+def build(settings: Settings, config: TrainingSections) -> TrainingService:
+    """The training service for the settings and the pipeline config."""
     stores = Stores.from_settings(settings)
-    return TrainingService(load_pipeline_config(settings.pipeline_config), stores.offline,
-                           stores.models, open_compute(), TrainingSettings()).warm()
+    return TrainingService(config, stores.offline, stores.models, open_compute(),
+                           TrainingSettings()).warm()

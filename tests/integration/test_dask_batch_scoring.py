@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from app.config import load_pipeline_config
+from app.services import build_service
 from common.events import BatchScoringRequested, Event, ScoringCompleted
 from common.stores import BatchScoreStore, RawBatchStore
 from ingestion.contract import ContractTyping
@@ -116,9 +117,7 @@ def test_a_run_that_fails_midway_leaves_no_scores(
     failing = FailsInWorker(world.estimators["v1"], str(tmp_path / "made"), after=2)
     world.stores.models.save("m-failing", failing, world.stores.models.metadata("m-v1").metadata)
     version = world.stores.registry(world.settings, "fraud").register("m-failing")
-    from scoring.batch_service import build
-
-    service = build(ns.settings)
+    service = build_service("batch-scoring", ns.settings)
     event = BatchScoringRequested(batch_id=batch_id, model_version=version, producer="test")
     try:
         with pytest.raises(RuntimeError, match="a prediction failed on the cluster"):

@@ -9,7 +9,7 @@ The integration tests keep the real Redis (``tests/integration/test_scoring_*.py
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,38 +29,17 @@ from scoring.core import (
     ScoreResult,
     ScoringCore,
 )
-from scoring.inputs import InputSchema
 from scoring.router import NoModelDeployed
 from tests.fixtures.pipeline import MemoryOnlineStore
-from tests.fixtures.scoring import ScoringWorld, fields_of, loaded_core, scoring_world
+from tests.fixtures.scoring import ScoringWorld, memory_fixtures, memory_world, query_of
 
 COUNT, MEAN = "nameOrig_amount_count_last3", "nameOrig_amount_mean_last3"
 MINUTE_US = 60 * 1_000_000
 HOUR_US = 60 * MINUTE_US
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> ScoringWorld:
-    """One world for the module (fitting and training take a second); tests that add a
-    version or demote one build their own."""
-    return scoring_world(tmp_path_factory.mktemp("scoring"), online=MemoryOnlineStore())
-
-
-def fresh_world(tmp_path: Path) -> ScoringWorld:
-    return scoring_world(tmp_path, online=MemoryOnlineStore())
-
-
-@pytest.fixture
-def core(world: ScoringWorld) -> Iterator[ScoringCore]:
-    # limits loose enough that circuits never open: they are not under test
-    with loaded_core(world, deadline_s=5.0, latency_budget_s=5.0) as core:
-        yield core
-
-
-def query(world: ScoringWorld, position: int, **changes: Any) -> ScoreQuery:
-    row = world.frame.iloc[position]
-    fields = {**fields_of(row, InputSchema.of(world.fitted)), **changes}
-    return ScoreQuery(str(row["nameOrig"]), fields)
+# One world for the module; tests that add a version or demote one build their own.
+world, core = memory_fixtures(scope="module")
 
 
 def expected(world: ScoringWorld, q: ScoreQuery, version: str = "v2",
@@ -84,7 +63,7 @@ def test_nothing_is_served_before_the_chain_is_loaded(world: ScoringWorld) -> No
     try:
         assert not core.ready
         with pytest.raises(NoModelDeployed) as raised:
-            core.score(query(world, 0))
+            core.score(query_of(world, 0))
         assert raised.value.status is Status.UNAVAILABLE
         assert core.load_chain() == ["v2", "v1"] and core.ready
     finally:
@@ -94,7 +73,7 @@ def test_nothing_is_served_before_the_chain_is_loaded(world: ScoringWorld) -> No
 def test_a_row_is_scored_by_the_champion_on_its_entity_aggregates(
         world: ScoringWorld, core: ScoringCore) -> None:
     for position in (3, 101, 377):
-        q = query(world, position)
+        q = query_of(world, position)
         result = core.score(q)
 
         row, proba = expected(world, q)
@@ -110,20 +89,20 @@ def test_a_row_is_scored_by_the_champion_on_its_entity_aggregates(
 
 def test_an_entity_with_no_past_is_scored_on_empty_aggregates(
         world: ScoringWorld, core: ScoringCore) -> None:
-    q = ScoreQuery("C-never-seen", query(world, 3).fields)
+    q = ScoreQuery("C-never-seen", query_of(world, 3).fields)
     result = core.score(q)
 
     row, proba = expected(world, q, online={})
     assert (result.features[COUNT], result.features[MEAN]) == (0.0, 0.0)  # mean imputed: 0
     np.testing.assert_allclose(features(result, world), row, rtol=1e-12, atol=1e-12)
     assert result.score == pytest.approx(proba[-1], rel=1e-9)
-    known = core.score(query(world, 3))
+    known = core.score(query_of(world, 3))
     assert known.features[COUNT] == 3.0 and known.score != result.score
 
 
 def test_a_field_the_request_carries_wins_over_the_stored_aggregate(
         world: ScoringWorld, core: ScoringCore) -> None:
-    q = query(world, 3, **{COUNT: 1.0, MEAN: 10.0})
+    q = query_of(world, 3, **{COUNT: 1.0, MEAN: 10.0})
     result = core.score(q)
 
     assert (result.features[COUNT], result.features[MEAN]) == (1.0, 10.0)
@@ -132,7 +111,7 @@ def test_a_field_the_request_carries_wins_over_the_stored_aggregate(
 
 def test_a_named_version_or_alias_answers_and_an_unknown_one_is_not_found(
         world: ScoringWorld, core: ScoringCore) -> None:
-    q = query(world, 42)
+    q = query_of(world, 42)
     for asked in ("v1", "previous"):
         result = core.score(ScoreQuery(q.entity_id, q.fields, model_version=asked))
         assert (result.version, result.fallback) == ("v1", False)
@@ -147,7 +126,7 @@ def test_a_named_version_or_alias_answers_and_an_unknown_one_is_not_found(
 def test_a_bad_field_is_refused_naming_it_before_any_model_runs(
         world: ScoringWorld, core: ScoringCore) -> None:
     before = core.loaded("v2").batcher.stats().predicted
-    fields = dict(query(world, 3).fields)
+    fields = dict(query_of(world, 3).fields)
     with pytest.raises(InvalidInput, match="field 'amount' must be a number, got str 'lots'"):
         core.score(ScoreQuery("C1", {**fields, "amount": "lots"}))
     del fields["type"]
@@ -158,7 +137,7 @@ def test_a_bad_field_is_refused_naming_it_before_any_model_runs(
 
 def test_score_many_answers_every_row_in_order_as_one_at_a_time_would(
         world: ScoringWorld, core: ScoringCore) -> None:
-    queries = [query(world, p) for p in (7, 8, 9, 250, 7)]
+    queries = [query_of(world, p) for p in (7, 8, 9, 250, 7)]
     together = core.score_many(queries)
 
     assert [r.score for r in together] == pytest.approx(
@@ -169,8 +148,8 @@ def test_score_many_answers_every_row_in_order_as_one_at_a_time_would(
 
 def test_an_entity_with_no_past_is_scored_alike_in_a_block_with_known_ones(
         world: ScoringWorld, core: ScoringCore) -> None:
-    new = ScoreQuery("C-new", query(world, 10).fields)
-    results = core.score_many([query(world, 7), new])
+    new = ScoreQuery("C-new", query_of(world, 10).fields)
+    results = core.score_many([query_of(world, 7), new])
 
     assert (results[1].features[COUNT], results[1].features[MEAN]) == (0.0, 0.0)
     assert results[1].score == pytest.approx(core.score(new).score, rel=1e-12)
@@ -184,7 +163,7 @@ def test_every_answer_is_reported_and_observed_records_after_it(world: ScoringWo
     core.on_observed = lambda q: observed.append(q.entity_id)
     core.load_chain()
     try:
-        first, second = query(world, 3), query(world, 4)
+        first, second = query_of(world, 3), query_of(world, 4)
         core.score(first)
         core.score(ScoreQuery(second.entity_id, second.fields, observe=True))
         core.score_many([first, ScoreQuery(first.entity_id, first.fields, "v1")])
@@ -196,11 +175,11 @@ def test_every_answer_is_reported_and_observed_records_after_it(world: ScoringWo
 
 
 def test_a_hot_swap_puts_the_new_version_in_front(tmp_path: Path) -> None:
-    world = fresh_world(tmp_path)
+    world = memory_world(tmp_path)
     core = world.core(deadline_s=5.0, latency_budget_s=5.0, chain_depth=2)
     core.load_chain()
     try:
-        q = query(world, 3)
+        q = query_of(world, 3)
         assert core.score(q).version == "v2"
         world.estimators["v3"] = world.estimators["v1"]  # v1's estimator, a new version
         version = world.add_model(world.estimators["v1"], "m-v3")
@@ -227,12 +206,12 @@ class Broken:
 
 
 def test_a_failing_champion_is_answered_by_the_previous_version(tmp_path: Path) -> None:
-    world = fresh_world(tmp_path)
+    world = memory_world(tmp_path)
     version = world.add_model(Broken(), "m-broken")
     core = world.core(deadline_s=5.0, latency_budget_s=5.0, warmup_calls=0)
     assert core.load_chain() == [version, "v2", "v1"]
     try:
-        q = query(world, 3)
+        q = query_of(world, 3)
         result = core.score(q)
         assert (result.version, result.role, result.fallback) == ("v2", "previous", True)
         assert result.fallback_reason is not None
@@ -244,14 +223,14 @@ def test_a_failing_champion_is_answered_by_the_previous_version(tmp_path: Path) 
 
 
 def test_a_demoted_champion_is_reverted_and_the_previous_answers(tmp_path: Path) -> None:
-    world = fresh_world(tmp_path)
+    world = memory_world(tmp_path)
     core = world.core(deadline_s=5.0, latency_budget_s=5.0)
     core.load_chain()
     try:
         # the router keeps v2 in its chain, asked last, until the next chain is loaded
         assert core.demote("v2", "p99 over budget") == ["v2", "v1"]
         assert world.registry.champion().version == "v1"  # a restart keeps the revert
-        q = query(world, 3)
+        q = query_of(world, 3)
         result = core.score(q)
         assert (result.version, result.fallback) == ("v1", True)
         assert result.score == pytest.approx(expected(world, q, "v1")[1][-1], rel=1e-9)
@@ -274,7 +253,7 @@ def test_with_the_online_store_down_a_request_carrying_its_aggregates_is_degrade
     core = down.core(deadline_s=5.0, latency_budget_s=5.0)
     core.load_chain()
     try:
-        carried = query(world, 3, **{COUNT: 2.0, MEAN: 50.0})
+        carried = query_of(world, 3, **{COUNT: 2.0, MEAN: 50.0})
         result = core.score(carried)
         assert (result.version, result.degraded) == ("v2", True)
         assert (result.features[COUNT], result.features[MEAN]) == (2.0, 50.0)
@@ -282,7 +261,7 @@ def test_with_the_online_store_down_a_request_carrying_its_aggregates_is_degrade
                                              rel=1e-9)
 
         with pytest.raises(FeaturesUnavailable) as raised:
-            core.score(query(world, 3))
+            core.score(query_of(world, 3))
         assert raised.value.status is Status.UNAVAILABLE
         assert raised.value.missing == [COUNT, MEAN]
     finally:
@@ -313,7 +292,7 @@ def test_streamed_aggregates_are_read_at_the_request_time_and_stale_ones_degrade
                        state=state)
     core.load_chain()
     try:
-        fields = query(world, 3).fields
+        fields = query_of(world, 3).fields
 
         def at(time_us: int) -> ScoreResult:
             when = pd.Timestamp(time_us * 1_000, tz="UTC").isoformat()

@@ -5,9 +5,7 @@ for all of it, and every call gets the answer it gets alone."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,9 +14,7 @@ import pytest
 from app.local import wait_until
 from common.errors import InvalidInput
 from scoring.core import ScoreQuery, ScoringCore
-from scoring.inputs import InputSchema
-from tests.fixtures.pipeline import MemoryOnlineStore
-from tests.fixtures.scoring import ScoringWorld, fields_of, loaded_core, scoring_world
+from tests.fixtures.scoring import ScoringWorld, memory_fixtures, query_of
 
 CALLS = 12
 
@@ -36,21 +32,11 @@ class GatedModel:
         return np.asarray(self.inner.predict_proba(matrix))
 
 
-@pytest.fixture
-def world(tmp_path: Path) -> ScoringWorld:
-    return scoring_world(tmp_path, online=MemoryOnlineStore())
-
-
-@pytest.fixture
-def core(world: ScoringWorld) -> Iterator[ScoringCore]:
-    with loaded_core(world, deadline_s=30.0, latency_budget_s=30.0) as core:
-        yield core
+world, core = memory_fixtures()
 
 
 def queries(world: ScoringWorld) -> list[ScoreQuery]:
-    schema = InputSchema.of(world.fitted)
-    return [ScoreQuery(str(row["nameOrig"]), fields_of(row, schema))
-            for _, row in world.frame.iloc[:CALLS].iterrows()]
+    return [query_of(world, position) for position in range(CALLS)]
 
 
 def test_calls_that_queue_behind_one_are_predicted_as_one_batch(

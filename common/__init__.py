@@ -1,1 +1,2 @@
-"""Conveyor's kernel: events, message bus, stores, settings, service runtime and CLI."""
+"""Conveyor's ground floor: events, message bus, stores, settings, errors, logging, metrics
+and the service runtime. It imports no stage."""

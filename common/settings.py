@@ -49,6 +49,13 @@ class Settings(BaseSettings):
     """Root log level."""
     online_ttl_s: int = Field(default=0, ge=0)
     """TTL of online feature hashes in seconds (0 = keep forever)."""
+    online_keep_versions: int = Field(default=5, ge=1)
+    """The registry chain's first versions whose feature sets keep their online keys: the
+    3 scoring serves and 2 a demotion or two would bring back. Other sets, once not among
+    the ``stream_recent_sets`` completed last, are superseded (``online_superseded_ttl_s``)."""
+    online_superseded_ttl_s: int = Field(default=86_400, ge=1)
+    """How long a superseded feature set's online keys live on (requests still in flight
+    on a retired version, an operator's second thoughts) before Redis drops them."""
     online_wait_s: float = Field(default=600.0, gt=0)
     """How long evaluation waits for a feature set's online rows before it promotes a
     model of it; past that the event is retried (see retry settings)."""

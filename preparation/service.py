@@ -17,7 +17,9 @@ only after the mark: a crash in between redelivers it and the writes, idempotent
 write wins, equal times overwrite), run again. After the mark it registers the set with
 the stream and writes its entity state from the batch (``preparation.streaming``), then
 marks that ready: scoring reads the latest rows until then, the state after, which
-streamed records keep fresh. A redelivery redoes only what is not marked.
+streamed records keep fresh. A redelivery redoes only what is not marked. Last, the
+feature sets the serving chain no longer needs have their online keys expire
+(``common.stores.online_retention``).
 
 With ``CONVEYOR_COMPUTE`` naming a Dask cluster the fit, the transform and the write of
 the offline parts run on the cluster (``preparation.distributed``): the same fitted set
@@ -33,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import pandas as pd
@@ -59,6 +61,7 @@ from common.stores.entity_state import (
 )
 from common.stores.features import latest_rows
 from common.stores.models import ModelRegistry
+from common.stores.online_retention import OnlineRetention, chain_feature_sets
 from common.wiring import Stores
 from ingestion.contract import DatasetContract
 from ingestion.records import CheckedRecords, check_records
@@ -98,10 +101,12 @@ class PreparationService(Service):
         tolerance_s: float = 300.0,
         count_ttl_s: int = 90 * 86_400,
         compute: Compute | None = None,
+        prune_superseded: Callable[[], list[str]] | None = None,
     ) -> None:
         self.config, self.raw_store, self.offline = config, raw_store, offline
         self.online, self.pipelines = online, pipelines
         self.compute = compute or Compute("local")
+        self.prune_superseded = prune_superseded
         self.state, self.targets = state, targets
         self.tolerance_s, self.count_ttl_s = tolerance_s, count_ttl_s
 
@@ -144,6 +149,20 @@ class PreparationService(Service):
         if not self.online.is_complete(fsid):
             self._materialise_rows(fsid, event.entity_key)
         self._materialise_state(fsid)
+        self._prune()
+
+    def _prune(self) -> None:
+        """Let superseded feature sets' online keys expire (``online_retention``); a
+        failure waits for the next set: the one just written is stored either way."""
+        if self.prune_superseded is None:
+            return
+        try:
+            pruned = self.prune_superseded()
+        except Exception:  # noqa: BLE001 - logged with its traceback, retried next run
+            log.exception("pruning superseded feature sets failed")
+            return
+        if pruned:
+            log.info("feature sets %s superseded: their online keys expire", pruned)
 
     def _materialise_rows(self, fsid: str, entity_key: str) -> None:
         """Each entity's latest values, then the mark evaluation waits for: scoring reads
@@ -287,7 +306,19 @@ def build(settings: Settings, config: PreparationSections) -> PreparationService
         targets=StreamTargets(stores.redis, settings.namespace),
         tolerance_s=settings.stream_late_tolerance_s, count_ttl_s=settings.stream_count_ttl_s,
         compute=open_compute(),
+        prune_superseded=superseded_pruner(settings, stores, config.name),
     )
+
+
+def superseded_pruner(settings: Settings, stores: Stores, name: str) -> Callable[[], list[str]]:
+    """Prunes the feature sets neither the registry chain's first ``online_keep_versions``
+    versions use nor among the ``stream_recent_sets`` completed last."""
+    retention = OnlineRetention(stores.redis, settings.namespace,
+                                grace_s=settings.online_superseded_ttl_s,
+                                keep_recent=settings.stream_recent_sets)
+    registry = stores.registry(settings, name)
+    return lambda: retention.prune(chain_feature_sets(registry, stores.models,
+                                                      settings.online_keep_versions))
 
 
 class RecordMetrics:

@@ -132,6 +132,11 @@ def online_schema_key(namespace: str, feature_set_id: str) -> bytes:
     return f"{namespace}:fsmeta:{feature_set_id}".encode()
 
 
+def completed_sets_key(namespace: str) -> str:
+    """The sorted set of completed feature sets, scored by completion time (epoch s)."""
+    return f"{namespace}:fssets"
+
+
 def online_complete_key(namespace: str, feature_set_id: str) -> bytes:
     """The Redis key that marks a feature set's online rows complete (it holds their count)."""
     return f"{namespace}:fsdone:{feature_set_id}".encode()
@@ -298,8 +303,12 @@ class RedisOnlineStore(OnlineFeatureStore):
             return _decode_all(*self._fetch(feature_set_id, entity_ids), features)
 
     def mark_complete(self, feature_set_id: str, rows: int) -> None:
-        """See ``OnlineFeatureStore.mark_complete``: a key beside the schema, no TTL."""
-        self._redis.set(online_complete_key(self._namespace, feature_set_id), rows)
+        """See ``OnlineFeatureStore.mark_complete``: a key beside the schema, no TTL, and
+        the set listed by completion time (``online_retention`` prunes superseded sets)."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.set(online_complete_key(self._namespace, feature_set_id), rows)
+        pipe.zadd(completed_sets_key(self._namespace), {feature_set_id: time.time()}, nx=True)
+        pipe.execute()
 
     def is_complete(self, feature_set_id: str) -> bool:
         """See ``OnlineFeatureStore.is_complete``."""

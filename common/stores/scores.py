@@ -36,7 +36,7 @@ from common.stores._fs import RootedStore, check_id
 
 FIELD_SCORE = b"s"
 """Stream entry field holding the score's JSON."""
-STREAM_EXCLUDES = frozenset({"features"})
+STREAM_EXCLUDES = {"features"}
 """What a score in the stream leaves out: ``recent`` gives it back with no features."""
 
 

@@ -406,3 +406,31 @@ def test_evaluation_promotes_nothing_until_the_set_is_online(
     [letter] = pipeline.bus.dlq["evaluation"]
     assert letter.error == (f"NotReady: online features of feature set "
                             f"{features.feature_set_id} not ready after 1 s")
+
+
+def test_superseded_sets_are_pruned_after_a_set_is_materialised_and_a_failure_is_only_logged(
+    tmp_path: Path, source: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pipeline = Pipeline(parsed(paysim_config()), tmp_path / "data")
+    calls: list[bool] = []
+
+    def prune() -> list[str]:
+        calls.append(bool(pipeline.online.is_complete(fsid)) if (fsid := last_set()) else False)
+        if len(calls) == 2:
+            raise ConnectionError("Redis went away")
+        return ["old-set"]
+
+    def last_set() -> str | None:
+        generated = [e for e in pipeline.bus.published if isinstance(e, FeaturesGenerated)]
+        return generated[-1].feature_set_id if generated else None
+
+    service = PreparationService(pipeline.config, pipeline.raw, pipeline.offline,
+                                 pipeline.online, pipeline.pipelines, prune_superseded=prune)
+    runner = ServiceRunner(service, pipeline.bus, Settings(), processed=MemoryProcessedEvents())
+    pipeline.bus.register(runner.dispatcher())
+    pipeline.start("ingestion")
+    pipeline.source(source)
+    pipeline.source(write_paysim(tmp_path / "tx2.csv", ROWS, seed=2))
+    assert calls == [True, True]  # once per new set, after its online rows were marked
+    assert "pruning superseded feature sets failed" in caplog.text
+    no_dead_letters(pipeline.bus)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from common.allocator import RELEASE_AFTER_S, release_free_memory
 from common.bus.idempotency import IdempotencyUnavailable, ProcessedEvents
 from common.errors import InvalidEvent, InvalidInput
 from common.events import Event, parse_event
@@ -145,8 +146,13 @@ class Dispatcher:
         processed: ProcessedEvents | None = None,
         metrics: BusMetrics | None = None,
         prefetch: int | None = None,
+        release_after_s: float = RELEASE_AFTER_S,
+        release: Callable[[], object] = release_free_memory,
     ) -> None:
         self.service = service
+        # After a handler this long, malloc's freed memory goes back to the system
+        # (common.allocator): a batch's high-water mark does not stay in the RSS.
+        self.release_after_s, self._release = release_after_s, release
         # How many messages a transport may hand over ahead of time (None: the bus's own
         # setting); services with long handlers and several consumers want 1.
         self.prefetch = prefetch
@@ -205,6 +211,8 @@ class Dispatcher:
         finally:
             elapsed = time.perf_counter() - started
             self._labelled(self.metrics.duration, event.event_type).observe(elapsed)
+            if elapsed >= self.release_after_s:
+                self._release()
         self._mark(event)
         self._count(self.metrics.handled, event.event_type)
         self._count_success(event.event_type, emitted, elapsed)

@@ -239,3 +239,25 @@ def test_failed_handler_is_not_marked_processed() -> None:
 def test_event_types_are_the_handled_types() -> None:
     dispatcher, _ = make(lambda ev: None)
     assert dispatcher.event_types == ["SourceDataAvailable"]
+
+
+@pytest.mark.parametrize(("after_s", "releases"), [(0.0, 2), (1e9, 0)])
+def test_freed_memory_is_released_after_a_handler_that_ran_long_enough(
+        after_s: float, releases: int) -> None:
+    calls: list[int] = []
+    spec = HandlerSpec("SourceDataAvailable", lambda event: None, ())
+    dispatcher = Dispatcher(SERVICE, {"SourceDataAvailable": spec}, Recorder(), policy=POLICY,
+                            release_after_s=after_s, release=lambda: calls.append(1))
+    assert dispatcher.dispatch(delivery(source())) == Ack()
+    failing = Dispatcher(SERVICE, {"SourceDataAvailable": HandlerSpec("SourceDataAvailable",
+                                                                      boom, ())},
+                         Recorder(), policy=POLICY, release_after_s=after_s,
+                         release=lambda: calls.append(1))
+    assert isinstance(failing.dispatch(delivery(source())), Retry)
+    assert len(calls) == releases  # a failed long handler frees its memory too
+
+
+def test_the_allocator_can_be_asked_to_release_free_memory_here() -> None:
+    from common.allocator import release_free_memory
+
+    assert release_free_memory() is True  # glibc (the image and this machine)

@@ -88,6 +88,10 @@ class CoreSettings:
     # a shared 2-core machine its tail reaches tens of milliseconds (bench/scoring.py).
     deadline_s: float = 0.250
     """Deadline of a request that brings none of its own."""
+    max_deadline_s: float = 10.0
+    """The longest deadline a client may bring (a longer one is cut to this): a client's
+    own deadline is kept, shorter or longer than ``deadline_s``, so a call is never told
+    DEADLINE_EXCEEDED while its client would still wait for it."""
     latency_budget_s: float = 0.100
     """A link's circuit opens when its p99 latency breaks this budget."""
     max_batch: int = 64
@@ -854,7 +858,8 @@ class ScoringCore:
 
         try:
             return answer(decision, Started(begin), deadline_s, executor=self._inline,
-                          fallback_reserve_s=fallback_reserve(decision))
+                          fallback_reserve_s=fallback_reserve(decision, deadline_s,
+                                                              self.settings.deadline_s))
         except NoAnswer as exc:
             raise _no_answer(exc, raised, 1 + len(decision.fallbacks)) from None
 
@@ -1049,13 +1054,17 @@ def _group_key(decision: RouteDecision) -> tuple[Any, ...]:
             decision.fallback, decision.reason, shadow)
 
 
-def fallback_reserve(decision: RouteDecision) -> float | None:
-    """The time ``answer`` keeps back from the primary for the fallbacks: the router's
-    default (half the deadline) while one of them has a closed circuit; none when every
-    fallback is a last resort (its circuit open) or there is none, so the primary may use
-    the whole deadline instead of giving half of it to a link known to be failing."""
+def fallback_reserve(decision: RouteDecision, deadline_s: float, default_s: float
+                     ) -> float:
+    """The time ``answer`` keeps back from the primary for the fallbacks. While one of
+    them has a closed circuit, the primary gets half of the call's deadline, or half of
+    the default deadline (``CoreSettings.deadline_s``) if the call's is longer: a client
+    that can wait seconds still gets the previous model's answer when the champion is
+    slow, not the champion's seconds later. None (0) when every fallback is a last resort
+    (its circuit open) or there is none, so the primary may use the whole deadline
+    instead of giving part of it to a link known to be failing."""
     healthy = any(link.breaker.state is CircuitState.CLOSED for link in decision.fallbacks)
-    return None if healthy else 0.0
+    return deadline_s - min(deadline_s, default_s) / 2 if healthy else 0.0
 
 
 class Started:

@@ -109,8 +109,15 @@ def grpc_errors(method: Handler) -> Handler:
     return wrapper  # type: ignore[return-value]
 
 
+NO_DEADLINE_S = 1e12
+"""What gRPC's server says is left of a call that has no deadline is its 'infinite future'
+(about 9.2e18 s) less now; anything past this (some 30,000 years) is no deadline."""
+
+
 def remaining_deadline(core: ScoringCore, context: grpc.ServicerContext) -> float:
-    """The core's deadline, shortened to what the client has left (if it set one)."""
+    """What the client has left of its deadline (at most the core's ``max_deadline_s``),
+    or the core's ``deadline_s`` if it set none."""
     remaining = context.time_remaining()
-    default = core.settings.deadline_s
-    return default if remaining is None else max(0.0, min(default, remaining))
+    if remaining is None or remaining > NO_DEADLINE_S:
+        return core.settings.deadline_s
+    return max(0.0, min(core.settings.max_deadline_s, remaining))

@@ -108,7 +108,9 @@ class ScoringSettings(BaseSettings):
     0 means one per CPU this container may use (affinity, cgroup quota). With port 0 the
     service is one instance."""
     scoring_deadline_s: float = CoreSettings.deadline_s
-    """Deadline of a call that brings none (a shorter client deadline wins)."""
+    """Deadline of a call that brings none; a client's own deadline is kept."""
+    scoring_max_deadline_s: float = CoreSettings.max_deadline_s
+    """The longest deadline a client may bring; a longer one is cut to this."""
     scoring_latency_budget_s: float = CoreSettings.latency_budget_s
     """p99 latency budget of a link; past it, its circuit opens."""
     scoring_chain_depth: int = CoreSettings.chain_depth
@@ -148,6 +150,7 @@ class ScoringSettings(BaseSettings):
     def core(self) -> CoreSettings:
         """The scoring core's part of the settings."""
         return CoreSettings(deadline_s=self.scoring_deadline_s,
+                            max_deadline_s=self.scoring_max_deadline_s,
                             latency_budget_s=self.scoring_latency_budget_s,
                             chain_depth=self.scoring_chain_depth,
                             inject_delay_s=self.scoring_inject_delay_ms / 1e3,

@@ -21,7 +21,14 @@ from scoring.core import ScoringCore
 from scoring.inputs import InputSchema
 from scoring.server import GrpcSettings, ScoringServer, field_value
 from scoring.service import ScoringService
-from tests.fixtures.scoring import ScoringWorld, fields_of, slow_champion_channel, status_of
+from tests.fixtures.models import SlowClassifier
+from tests.fixtures.scoring import (
+    ScoringWorld,
+    fields_of,
+    loaded_core,
+    slow_champion_channel,
+    status_of,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -165,6 +172,31 @@ def test_a_slow_champion_is_answered_by_previous_within_the_deadline(
     assert (reply.model_version, reply.fallback) == ("v2", True)
     assert "v3 passed its deadline" in reply.fallback_reason
     assert reply.latency_ms < 300
+
+
+@pytest.mark.parametrize(("timeout", "max_deadline_s", "answered"), [
+    (3.0, 10.0, True),    # the client's 3 s are kept, though longer than the 0.1 s default
+    (3.0, 0.2, False),    # cut to the longest deadline the server allows
+    (None, 10.0, False),  # no client deadline: the 0.1 s default
+])
+def test_a_clients_own_deadline_is_kept_up_to_the_servers_longest(
+        world: ScoringWorld, timeout: float | None, max_deadline_s: float,
+        answered: bool) -> None:
+    world.add_model(SlowClassifier(world.estimators["v2"], delay_s=0.4), "m-slow")
+    with loaded_core(world, deadline_s=0.1, max_deadline_s=max_deadline_s, chain_depth=1,
+                     latency_budget_s=5.0, warmup_calls=0) as core:
+        server = ScoringServer(core, GrpcSettings(host="127.0.0.1", port=0)).start()
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                stub = pb_grpc.ScoringStub(channel)
+                if answered:
+                    reply = stub.Score(request(world), timeout=timeout)
+                    assert (reply.model_version, reply.fallback) == ("v3", False)
+                else:
+                    code, _ = status_of(lambda: stub.Score(request(world), timeout=timeout))
+                    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+        finally:
+            server.stop(0)
 
 
 def test_hot_swap_under_load_fails_no_call(

@@ -86,7 +86,8 @@ def test_a_spent_deadline_fails_before_reading_redis(
     assert core.score(query(world, 5)).version == "v2" and len(reads) == 1
 
 
-def test_no_time_is_kept_back_for_fallbacks_whose_circuits_are_open() -> None:
+def test_the_primary_gets_half_of_the_shorter_deadline_and_all_of_it_without_fallbacks(
+        ) -> None:
     from scoring.core import fallback_reserve
     from scoring.latency import CircuitBreaker
     from scoring.router import DeployedModel, RouteDecision
@@ -98,11 +99,13 @@ def test_no_time_is_kept_back_for_fallbacks_whose_circuits_are_open() -> None:
         return DeployedModel(version, f"m-{version}", lambda rows: rows, breaker)
 
     primary = link("v2", failing=False)
-    assert fallback_reserve(RouteDecision(primary, [link("v1", failing=False)])) is None
-    assert fallback_reserve(RouteDecision(primary, [link("v3", failing=True)])) == 0.0
-    assert fallback_reserve(RouteDecision(primary, [])) == 0.0
+    healthy = RouteDecision(primary, [link("v1", failing=False)])
+    assert fallback_reserve(healthy, 0.2, 0.25) == pytest.approx(0.1)  # half of the call's
+    assert fallback_reserve(healthy, 5.0, 0.25) == pytest.approx(4.875)  # half the default
+    assert fallback_reserve(RouteDecision(primary, [link("v3", failing=True)]), 5.0, 0.25) == 0
+    assert fallback_reserve(RouteDecision(primary, []), 5.0, 0.25) == 0
     mixed = [link("v3", failing=True), link("v1", failing=False)]
-    assert fallback_reserve(RouteDecision(primary, mixed)) is None
+    assert fallback_reserve(RouteDecision(primary, mixed), 0.2, 0.25) == pytest.approx(0.1)
 
 
 def test_freeze_gc_freezes_what_is_loaded_and_still_frees_a_retired_model(

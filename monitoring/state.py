@@ -5,8 +5,10 @@ All keys live under ``<namespace>:monitoring:`` and are bounded:
 - ``model:<version>`` (hash): the live view of a version (served, latency figures, drift,
   quality...) and its running totals, so a restarted service carries on counting;
   ``versions`` (set) names the versions that have one.
-- ``served:<bucket>`` (hash, expires): ``r:<request_id>`` and ``e:<entity_id>`` ->
-  ``[version, label, score]`` of each served score, one hash per time bucket, written
+- ``served:<bucket>`` (hash, expires): the request (``R`` and the 16 bytes of scoring's
+  uuid4 ids, ``r:<request_id>`` for others) and ``e:<entity_id>`` -> the version, label
+  and score of each served score (packed: ~16 bytes; ``_pack``), one hash per time
+  bucket, ~88 bytes of Redis per score (122 as JSON with the id as text), written
   with one HSET per ScoreServed batch; an outcome looks its score up in the buckets of
   the last ``served_ttl_s``, newest first (so ``e:`` finds the entity's latest score).
   Bounded by size as well as time: once the buckets hold more than ``served_max_entries``
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -81,10 +84,11 @@ class MonitoringState:
     ) -> None:
         """Keep each score's answer by request id and as its entity's latest, for a while;
         with ``views`` (version -> fields), update those live views in the same round trip."""
-        mapping: dict[str, bytes] = {}
+        mapping: dict[bytes, bytes] = {}
         for score in scores:
-            value = orjson.dumps([score.model_version, score.label, score.score])
-            mapping[f"r:{score.request_id}"] = mapping[f"e:{score.entity_id}"] = value
+            value = _pack(score.model_version, score.label, score.score)
+            mapping[_request_field(score.request_id)] = value
+            mapping[f"e:{score.entity_id}".encode()] = value
         buckets = [self._bucket_key(b) for b in self._live_buckets(now)]
         pipe = self.client.pipeline(transaction=False)
         pipe.hset(buckets[0], mapping=mapping)  # type: ignore[arg-type]
@@ -120,15 +124,16 @@ class MonitoringState:
     def served(self, request_id: str | None, entity_id: str, now: float | None = None
                ) -> Served | None:
         """The answer a request got (by its id, else the entity's latest), or None."""
-        field = f"r:{request_id}" if request_id else f"e:{entity_id}"
+        fields = [f"e:{entity_id}".encode()]
+        if request_id:  # and r:<id>, as scoring's ids were written before the packed form
+            fields = list(dict.fromkeys([_request_field(request_id),
+                                         f"r:{request_id}".encode()]))
         pipe = self.client.pipeline(transaction=False)
         for bucket in self._live_buckets(now):
-            pipe.hget(self._bucket_key(bucket), field)
-        found = next((raw for raw in pipe.execute() if raw is not None), None)
-        if found is None:
-            return None
-        version, label, score = orjson.loads(found)
-        return Served(version, label, float(score))
+            pipe.hmget(self._bucket_key(bucket), fields)
+        found = next((raw for values in pipe.execute() for raw in values if raw is not None),
+                     None)
+        return None if found is None else _unpack(found)
 
     def _bucket(self, now: float | None) -> int:
         return int((time.time() if now is None else now) // self.bucket_s)
@@ -211,6 +216,36 @@ class MonitoringState:
         """The events a cause emitted before (None if it emitted none, or was never seen)."""
         raw = cast(bytes | None, self.client.get(self.key("decided", str(cause_id))))
         return None if raw is None else [parse_event(data) for data in orjson.loads(raw)]
+
+
+def _request_field(request_id: str) -> bytes:
+    """The join's field of a request: scoring's own ids (uuid4 hex) as ``R`` and their 16
+    bytes, any other as ``r:<id>`` (24 bytes less per score in Redis's allocations)."""
+    if len(request_id) == 32:
+        try:
+            return b"R" + bytes.fromhex(request_id)
+        except ValueError:
+            pass
+    return f"r:{request_id}".encode()
+
+
+def _pack(version: str, label: str | None, score: float) -> bytes:
+    """A served answer in ~16 bytes: a zero byte, the score as a float64, the version and
+    (if any) a unit separator and the label; JSON if a text holds the separator."""
+    if "\x1f" in version or (label is not None and "\x1f" in label):
+        return orjson.dumps([version, label, score])
+    text = version if label is None else f"{version}\x1f{label}"
+    return b"\x00" + struct.pack("<d", score) + text.encode()
+
+
+def _unpack(raw: bytes) -> Served:
+    """``_pack``'s answer back (or an answer written as JSON, as it was before)."""
+    if not raw.startswith(b"\x00"):
+        version, label, score = orjson.loads(raw)
+        return Served(version, label, float(score))
+    (score,) = struct.unpack("<d", raw[1:9])
+    version, separator, label = raw[9:].decode().partition("\x1f")
+    return Served(version, label if separator else None, score)
 
 
 def _encode(value: Any) -> str:

@@ -83,3 +83,26 @@ def test_the_live_view_keeps_totals_and_json_values(state: MonitoringState) -> N
     view = state.live_all()["v1"]
     assert view["quality"] == {"accuracy": 0.5} and view["model_id"] == "123"
     assert view["latency_p99_ms"] != view["latency_p99_ms"]  # NaN survives
+
+
+def test_answers_are_packed_and_scorings_request_ids_kept_as_bytes(
+        state: MonitoringState) -> None:
+    rid = "0123456789abcdef0123456789abcdef"  # scoring's own ids: uuid4 hex
+    state.remember([score(rid, "C1", "v3", "1"),
+                    ServedScore(request_id="app-7", entity_id="C2", model_version="v3",
+                                score=0.1 + 0.2, label=None, latency_ms=1.0)], now=T0)
+    bucket = state.key("served", str(int(T0 // state.bucket_s)))
+    fields = set(state.client.hkeys(bucket))
+    assert fields == {b"R" + bytes.fromhex(rid), b"r:app-7", b"e:C1", b"e:C2"}
+    assert sorted(len(v) for v in state.client.hvals(bucket)) == [11, 11, 13, 13]  # JSON: ~28
+    assert state.served(rid, "C1", now=T0) == Served("v3", "1", 0.75)
+    assert state.served("app-7", "C2", now=T0) == Served("v3", None, 0.1 + 0.2)  # exact
+
+
+def test_answers_written_as_json_with_text_ids_are_still_joined(
+        state: MonitoringState) -> None:
+    rid = "fedcba9876543210fedcba9876543210"
+    bucket = state.key("served", str(int(T0 // state.bucket_s)))
+    state.client.hset(bucket, mapping={f"r:{rid}": b'["v1","0",0.5]', "e:C9": b'["v1",null,0.25]'})
+    assert state.served(rid, "C9", now=T0) == Served("v1", "0", 0.5)
+    assert state.served(None, "C9", now=T0) == Served("v1", None, 0.25)

@@ -32,7 +32,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -795,12 +795,15 @@ class ScoringCore:
                models: Mapping[str, LoadedModel]) -> _Group[ScoreResult]:
         """Calls routed alike with their online features read; answered here if the
         primary can answer at once."""
-        links = [models[link.version] for link in (decision.primary, *decision.fallbacks)]
+        primary = models[decision.primary.version]
         deadline = min(ask.deadline for ask in asks)
-        requests = self._with_online([ask.query for ask in asks], links, deadline)
+        # The primary's feature set only: a fallback of another set reads its own when it
+        # is asked (_online_for), not on every call (after a retrain every version of the
+        # chain has a set of its own).
+        requests = self._with_online([ask.query for ask in asks], [primary], deadline)
         group = _Group(len(asks), lambda: self._answer_group(
             decision, asks, requests, models, deadline))
-        if links[0].batcher.idle(deadline):
+        if primary.batcher.idle(deadline):
             group.outcomes()
         return group
 
@@ -814,23 +817,25 @@ class ScoringCore:
         places = [i for i, request in enumerate(requests) if isinstance(request, _Request)]
         if not live:
             return [outcome for outcome in outcomes if outcome is not None]
-        blocks: dict[str, _Block] = {}
+        blocks: dict[str, tuple[_Block, list[_Request]]] = {}
         checked = models[decision.primary.version].schema
 
         def start(link: DeployedModel) -> Future[np.ndarray]:
             model = models[link.version]
-            block = blocks[link.version] = model.block(live, check=model.schema is not checked)
+            read, unread = self._online_for(model, live)
+            block = _block_of(model, read, unread, check=model.schema is not checked)
+            blocks[link.version] = block, read
             return model.start_rows(block.matrix, deadline, self._executor)
 
         try:
             reply = self._ask_links(decision, start, deadline - time.monotonic())
         except ConveyorError as exc:
             return [exc if outcome is None else outcome for outcome in outcomes]
-        block, model = blocks[reply.version], models[reply.version]
+        (block, read), model = blocks[reply.version], models[reply.version]
         for index, error in block.errors.items():
             outcomes[places[index]] = error
         for row, (index, proba) in enumerate(zip(block.members, reply.value, strict=True)):
-            request = live[index]
+            request = read[index]
             if np.isnan(proba).any():
                 outcomes[places[index]] = model.refused(block.matrix[row])
                 continue
@@ -885,6 +890,26 @@ class ScoringCore:
         return [failed.get(index) or _Request(
             query, online[index], deadline, degraded[index] or _stale(freshness[index], limit),
             freshness[index]) for index, query in enumerate(queries)]
+
+    def _online_for(self, model: LoadedModel, requests: Sequence[_Request]
+                    ) -> tuple[list[_Request], dict[int, Exception]]:
+        """The requests with the model's own feature set's aggregates, read now if the
+        primary's read did not bring them (a fallback of another set), and the requests
+        whose read failed (by place)."""
+        fsid = model.feature_set_id
+        if not model.schema.aggregate_columns or fsid in requests[0].online:
+            return list(requests), {}
+        read: list[_Request] = []
+        failed: dict[int, Exception] = {}
+        for index, (request, got) in enumerate(zip(
+                requests, self._read_online([r.query for r in requests], model), strict=True)):
+            if isinstance(got, Exception):
+                failed[index] = got
+                got = (None, False, None)
+            row, down, _ = got
+            read.append(replace(request, online={**request.online, fsid: row},
+                                degraded=request.degraded or down))
+        return read, failed
 
     def _read_online(self, queries: Sequence[ScoreQuery], model: LoadedModel
                      ) -> list[tuple[Mapping[str, Any] | None, bool, Freshness | None] | Exception]:
@@ -1005,6 +1030,20 @@ def _without_store(query: ScoreQuery, model: LoadedModel
         return None, True, None
     missing = [c for c in schema.aggregate_columns if c not in query.fields]
     return FeaturesUnavailable(model.feature_set_id, missing)
+
+
+def _block_of(model: LoadedModel, requests: Sequence[_Request],
+              failed: Mapping[int, Exception], *, check: bool) -> _Block:
+    """``model.block`` of the requests not in ``failed`` (places kept), those with their
+    errors; raises when none is left."""
+    if not failed:
+        return model.block(requests, check=check)
+    keep = [index for index in range(len(requests)) if index not in failed]
+    if not keep:
+        raise next(iter(failed.values()))
+    inner = model.block([requests[index] for index in keep], check=check)
+    return _Block(inner.matrix, [keep[member] for member in inner.members],
+                  {**failed, **{keep[place]: error for place, error in inner.errors.items()}})
 
 
 def _stale(freshness: Freshness | None, limit_s: float) -> bool:

@@ -21,6 +21,7 @@ import redis
 from common.errors import InvalidInput, ModelNotFound, Status
 from common.events import ModelReady
 from common.stores.entity_state import MemoryEntityState
+from preparation import build_pipeline
 from preparation.streaming import StreamPlan
 from scoring.core import (
     CoreSettings,
@@ -31,7 +32,14 @@ from scoring.core import (
 )
 from scoring.router import NoModelDeployed
 from tests.fixtures.pipeline import MemoryOnlineStore
-from tests.fixtures.scoring import ScoringWorld, memory_fixtures, memory_world, query_of
+from tests.fixtures.scoring import (
+    SPEC,
+    ScoringWorld,
+    history,
+    memory_fixtures,
+    memory_world,
+    query_of,
+)
 
 COUNT, MEAN = "nameOrig_amount_count_last3", "nameOrig_amount_mean_last3"
 MINUTE_US = 60 * 1_000_000
@@ -220,6 +228,58 @@ def test_a_failing_champion_is_answered_by_the_previous_version(tmp_path: Path) 
         assert result.score == pytest.approx(expected(world, q, "v2")[1][-1], rel=1e-9)
     finally:
         core.close()
+
+
+def with_champion_of_another_set(world: ScoringWorld, estimator: Any) -> tuple[str, str]:
+    """A new champion on a feature set of its own (fitted on other rows), its online rows
+    written with amounts doubled, so a row read from the wrong set scores differently;
+    its version and its set's id."""
+    other = build_pipeline(SPEC).fit(history(seed=9), batch_ids=["b9"])
+    doubled = world.frame.assign(amount=world.frame["amount"] * 2)
+    world.online.write_batch(other.feature_set_id,
+                             other.latest_aggregates(doubled).reset_index(), "nameOrig")
+    world.pipelines.save(other.feature_set_id, other)
+    world.models.save("m-other", estimator, {"feature_set_id": other.feature_set_id,
+                                             "features": list(other.feature_names)})
+    world.registry.register("m-other")
+    return world.registry.promote("m-other"), other.feature_set_id
+
+
+def recording_reads(world: ScoringWorld) -> list[str]:
+    """The feature set of every online read from now on, in order."""
+    reads: list[str] = []
+    read = world.online.read
+
+    def recorded(feature_set_id: str, *args: Any, **kwargs: Any) -> Any:
+        reads.append(feature_set_id)
+        return read(feature_set_id, *args, **kwargs)
+
+    world.online.read = recorded  # type: ignore[method-assign]
+    return reads
+
+
+@pytest.mark.parametrize("champion_fails", [False, True])
+def test_a_fallback_of_another_feature_set_reads_its_own_rows_only_when_asked(
+        tmp_path: Path, champion_fails: bool) -> None:
+    world = memory_world(tmp_path)
+    v2 = world.estimators["v2"]
+    version, other = with_champion_of_another_set(world, Broken() if champion_fails else v2)
+    core = world.core(deadline_s=5.0, latency_budget_s=5.0, warmup_calls=0)
+    assert core.load_chain() == [version, "v2", "v1"]
+    try:
+        reads = recording_reads(world)
+        q = query_of(world, 3)
+        result = core.score(q)
+    finally:
+        core.close()
+    if champion_fails:  # v2 answers with the rows of its own set, read after v3 failed
+        assert reads == [other, world.fitted.feature_set_id]
+        assert (result.version, result.fallback) == ("v2", True)
+        assert result.score == pytest.approx(expected(world, q, "v2")[1][-1], rel=1e-9)
+    else:  # the champion answers: its set is the only one read
+        assert reads == [other]
+        assert (result.version, result.fallback) == (version, False)
+        assert result.score != pytest.approx(expected(world, q, "v2")[1][-1], rel=1e-6)
 
 
 def test_a_demoted_champion_is_reverted_and_the_previous_answers(tmp_path: Path) -> None:

@@ -29,12 +29,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from app.services import build_service
 from common.events import ModelReady
 from protos.conveyor.scoring.v1 import scoring_pb2 as pb
 from protos.conveyor.scoring.v1 import scoring_pb2_grpc as pb_grpc
 from scoring.core import CoreSettings, ScoringCore
 from scoring.server import GrpcSettings, ScoringServer, field_value
-from scoring.service import ScoringService, build
+from scoring.service import ScoringService
 from tests.fixtures.redis_server import RedisServer
 from tests.fixtures.scoring_service import (
     GatedClassifier,
@@ -134,7 +135,9 @@ def redis_world(tmp_path: Path, redis_ns: BusNamespace) -> ServiceWorld:
 
 @pytest.fixture
 def service(redis_world: ServiceWorld) -> Iterator[ScoringService]:
-    built = build(redis_world.settings)  # the real wiring: fail-fast Redis client included
+    # the real wiring, as `conveyor run scoring` builds it: fail-fast Redis client included
+    built = build_service("scoring", redis_world.settings)
+    assert isinstance(built, ScoringService)
     yield built
     built.close()
 
@@ -270,7 +273,7 @@ def test_without_a_model_scoring_is_unavailable_and_not_serving(
         tmp_path: Path, services_up: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CONVEYOR_GRPC_PORT", "0")
     ns = BusNamespace(scoring_settings(tmp_path))
-    service = build(ns.settings)  # an empty registry
+    service = build_service("scoring", ns.settings)  # an empty registry
     try:
         with grpc.insecure_channel(f"127.0.0.1:{service.server.port}") as channel:
             health = health_pb2_grpc.HealthStub(channel).Check(

@@ -3,25 +3,28 @@ with the heavy data work on Dask (``dask-local``) and in process with pandas (``
 
 Run with ``make bench-scale`` (``.venv/bin/python bench/scale.py``; ``--rows 1000000``
 and ``--modes dask-local`` choose, each repeatable; default every size in both modes,
-largest last). Results go to ``bench/results/scale.json``: a list ``runs`` of
-``{rows, mode, seconds, seconds_per_million_rows, peak_rss_gb: {process: GB}}`` with the
-stage times and the champion beside them, and the targets checked.
+largest last). Results are merged into ``bench/results/scale.json`` (``--fresh``: replaced),
+a list ``runs`` of ``{rows, mode, seconds, seconds_per_million_rows, peak_rss_gb:
+{process: GB}}`` with the stage times, each process's CPU seconds per stage
+(``cpu_s_by_stage``) and the champion beside them, and the targets checked.
 
 Each run is bench/pipeline.py's (``run_services``, imported): the five services as local
 processes of a fresh namespace, ready before the publish, timed from SourceDataAvailable
-published to ModelReady received. ``dask-local`` sets ``CONVEYOR_COMPUTE=dask-local`` for
-them, so each service that computes starts its own LocalCluster of 2 workers limited to
-3 GB each (``CONVEYOR_DASK_WORKERS``, ``CONVEYOR_DASK_MEMORY_LIMIT``), and
+published to ModelReady received. ``dask-local`` starts one LocalCluster for the run's
+services, as ``conveyor up`` does (``app.local.HostCluster``: 2 workers of 1 thread limited
+to 3 GB each, ``CONVEYOR_DASK_WORKERS``, ``CONVEYOR_DASK_MEMORY_LIMIT``) and gives them its
+``tcp://`` address as ``CONVEYOR_COMPUTE`` (``--cluster-per-service``: each computing
+service starts its own, as a service run alone does), and sets
 ``CONVEYOR_TRAIN_MAX_ROWS`` (``--train-max-rows``, default 1,000,000) so a larger training
 set trains on a seeded class-stratified sample; ``local`` runs the defaults (no cap).
 
 Peak RSS: every process of each service's tree (the service, its Dask workers and
-nannies' processes, its training workers) is read from /proc (``VmHWM``, the kernel's
-high-water mark of the process's resident memory) every 0.2 s from the publish to the
-final event, the largest value kept per process. Names: the service, then
-``service/<role>#n`` for its descendants in the order first seen (role from the command
-line: ``dask-worker`` for a multiprocessing spawn child of a Dask service, ``forkserver``
-for the training pool's, else the executable).
+nannies' processes, its training workers) and of the host cluster's (``dask-cluster``) is
+read from /proc (``VmHWM``, the kernel's high-water mark of the process's resident memory)
+every 0.2 s from the publish to the final event, the largest value kept per process.
+Names: the service, then ``service/<role>#n`` for its descendants in the order first seen
+(role from the command line: ``dask-worker`` for a multiprocessing spawn child of a Dask
+service, ``forkserver`` for the training pool's, else the executable).
 
 The sources are written once and cached under ``bench/.work/``: ``rows`` of seeded PaySim
 in chunks of 1M rows (bench/pipeline.py's ``source_csv`` for one chunk), chunk ``i``
@@ -38,8 +41,10 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,7 +52,7 @@ from typing import Any
 from uuid import uuid4
 
 import pandas as pd
-from pipeline import ROOT, WORK, Fleet, _tree, machine, run_services, source_csv  # bench/
+from pipeline import ROOT, WORK, Fleet, _cpu_of, _tree, machine, run_services, source_csv
 
 RESULTS = ROOT / "bench" / "results" / "scale.json"
 SIZES = (1_000_000, 5_000_000, 20_000_000)
@@ -88,15 +93,23 @@ def scaled_csv(rows: int, seed: int) -> Path:
 class PeakRss:
     """The largest VmHWM of every process of the fleet's trees, by name, while entered."""
 
-    def __init__(self, fleet: Fleet, every_s: float = 0.2) -> None:
+    def __init__(self, fleet: Fleet, every_s: float = 0.2,
+                 others: dict[str, subprocess.Popen] | None = None) -> None:
         self.fleet, self.every_s = fleet, every_s
+        self.others = dict(others or {})
+        """Processes watched beside the services' (the host's Dask cluster), by name."""
         self.peaks: dict[int, int] = {}
         self.names: dict[int, str] = {}
+        self.cpu: list[tuple[float, dict[int, float]]] = []
+        """(wall time, CPU seconds so far of every live process), at every sample."""
+        self.started = 0.0
         self._stop = threading.Event()
 
     @contextlib.contextmanager
     def watching(self) -> Iterator[PeakRss]:
         thread = threading.Thread(target=self._run, name="peak-rss", daemon=True)
+        self.started = time.time()  # just before the publish: the first stage's start
+        self.sample()
         thread.start()
         try:
             yield self
@@ -110,7 +123,8 @@ class PeakRss:
             self.sample()
 
     def sample(self) -> None:
-        for service, proc in self.fleet.procs.items():
+        cpu: dict[int, float] = {}
+        for service, proc in {**self.fleet.procs, **self.others}.items():
             for pid in _tree(proc.pid):
                 peak = _vm_hwm_kb(pid)
                 if peak is None:
@@ -118,6 +132,34 @@ class PeakRss:
                 if pid not in self.names:
                     self.names[pid] = self._name(service, pid, proc.pid)
                 self.peaks[pid] = max(self.peaks.get(pid, 0), peak)
+                cpu[pid] = _cpu_of(pid)
+        self.cpu.append((time.time(), cpu))
+
+    def cpu_by_stage(self, per_stage_s: dict[str, float | None]) -> dict[str, dict[str, float]]:
+        """CPU seconds each process used in each stage (stages back to back from the
+        publish, as their events' times give them), the busiest first: where the time
+        of a stage goes, the service's own work or its workers'."""
+        table: dict[str, dict[str, float]] = {}
+        begin = self.started
+        for stage, seconds in per_stage_s.items():
+            if seconds is None:
+                break
+            end = begin + seconds
+            before, after = self._cpu_at(begin), self._cpu_at(end)
+            used = {self.names[pid]: after[pid] - before.get(pid, 0.0) for pid in after}
+            table[stage] = {k: round(v, 2) for k, v in
+                            sorted(used.items(), key=lambda kv: -kv[1]) if v >= 0.05}
+            begin = end
+        return table
+
+    def _cpu_at(self, when: float) -> dict[int, float]:
+        """The CPU seconds of the last sample at or before ``when`` (the first if none)."""
+        found = self.cpu[0][1]
+        for at, cpu in self.cpu:
+            if at > when:
+                break
+            found = cpu
+        return found
 
     def _name(self, service: str, pid: int, root: int) -> str:
         if pid == root:
@@ -175,6 +217,21 @@ MODE_ENV = {
 
 
 @contextlib.contextmanager
+def host_cluster(work: Path) -> Iterator[subprocess.Popen]:
+    """One ``dask-local`` cluster for every service of the run, as ``conveyor up`` starts
+    it (``app.local.HostCluster``, of this process's ``CONVEYOR_DASK_*``); its scheduler's
+    address is this process's ``CONVEYOR_COMPUTE`` meanwhile, so the services get it."""
+    from app.local import HostCluster
+
+    cluster = HostCluster(work)
+    try:
+        with environment({"CONVEYOR_COMPUTE": cluster.address}):
+            yield cluster.process
+    finally:
+        cluster.stop()
+
+
+@contextlib.contextmanager
 def environment(values: dict[str, str]) -> Iterator[None]:
     """The services inherit this process's environment (Fleet.env): set it for one run."""
     before = {k: os.environ.get(k) for k in values}
@@ -197,23 +254,32 @@ def one_run(args: argparse.Namespace, rows: int, mode: str) -> dict[str, Any]:
     env = dict(MODE_ENV[mode])
     if mode != "local" and args.train_max_rows:
         env["CONVEYOR_TRAIN_MAX_ROWS"] = str(args.train_max_rows)
+    shared = mode == "dask-local" and not args.cluster_per_service
     watchers: list[PeakRss] = []
+    others: dict[str, subprocess.Popen] = {}
 
     def watch(fleet: Fleet) -> contextlib.AbstractContextManager[Any]:
-        watchers.append(PeakRss(fleet))
+        watchers.append(PeakRss(fleet, others=others))
         return watchers[-1].watching()
 
-    log.warning("%s rows on %s (work folder %s)", f"{rows:,}", mode, work)
+    log.warning("%s rows on %s%s (work folder %s)", f"{rows:,}", mode,
+                " (one cluster for the host)" if shared else "", work)
     run_args = argparse.Namespace(timeout=args.timeout, profile=False)
-    with environment(env):
+    with environment(env), host_cluster(work) if shared else contextlib.nullcontext() as cluster:
+        if cluster is not None:
+            others["dask-cluster"] = cluster
         result = run_services(run_args, csv, work, watch=watch)
     shutil.rmtree(work, ignore_errors=True)
+    env["cluster"] = ("one for the host (python -m common.compute), the services on its "
+                      "tcp:// address" if shared else
+                      "each computing service its own" if mode == "dask-local" else "none")
     seconds = result["pipeline_s"]
     return {
         "rows": rows, "mode": mode, "seconds": seconds,
         "seconds_per_million_rows": round(seconds / (rows / 1e6), 3),
         "peak_rss_gb": watchers[-1].gigabytes() if watchers else {},
         "outcome": result["outcome"], "per_stage_s": result["per_stage_s"],
+        "cpu_s_by_stage": watchers[-1].cpu_by_stage(result["per_stage_s"]) if watchers else {},
         "settings": env, "champion": result.get("champion"),
         "service_cpu_s": result.get("service_cpu_s"), "source_bytes": csv.stat().st_size,
     }
@@ -249,11 +315,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--train-max-rows", type=int, default=1_000_000,
                         help="CONVEYOR_TRAIN_MAX_ROWS of the dask-local runs (0: none)")
+    parser.add_argument("--cluster-per-service", action="store_true",
+                        help="dask-local as a service run alone has it: each computing "
+                        "service starts its own LocalCluster (default: one for the host)")
     parser.add_argument("--timeout", type=float, default=3_600.0,
                         help="seconds to wait for the final event of a run")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--merge", action="store_true",
-                        help="keep the output's earlier runs of other sizes and modes")
+                        help="(the default, kept for old command lines) keep the output's "
+                        "earlier runs of other sizes and modes")
+    parser.add_argument("--fresh", action="store_true",
+                        help="drop the output's earlier runs: only this command's are kept")
     parser.add_argument("--generate-only", action="store_true",
                         help="write the sources (cached) and run nothing")
     args = parser.parse_args()
@@ -279,9 +351,9 @@ def main() -> None:
 
 
 def earlier(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """With --merge, the runs already in the output (a run of the same size and mode is
-    replaced by the new one)."""
-    if not (args.merge and args.output.exists()):
+    """The runs already in the output, unless --fresh: a run of 1M is not lost to a later
+    command that runs 5M (a run of the same size and mode is replaced by the new one)."""
+    if args.fresh or not args.output.exists():
         return []
     runs: list[dict[str, Any]] = json.loads(args.output.read_text())["runs"]
     return runs
@@ -296,8 +368,11 @@ def write(args: argparse.Namespace, runs: list[dict[str, Any]]) -> dict[str, Any
             "run_services; services started and ready beforehand, not timed); "
             "seconds_per_million_rows = seconds / (rows / 1e6); peak_rss_gb: per process of "
             "each service's tree, the largest /proc VmHWM seen every 0.2 s from the publish "
-            "to the final event, GB = 1e9 bytes; dask-local: each computing service starts "
-            "its own LocalCluster (2 workers, 1 thread, 3GB each)"),
+            "to the final event, GB = 1e9 bytes; cpu_s_by_stage: each process's CPU seconds "
+            "from /proc between the stage's events (sampled every 0.2 s); dask-local: one "
+            "LocalCluster for the host (python -m common.compute, 2 workers of 1 thread, "
+            "3GB each), the services connect to its tcp:// address (settings.cluster says "
+            "which; --cluster-per-service: each computing service starts its own)"),
         "machine": machine(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -25,6 +25,7 @@ import atexit
 import re
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -220,20 +221,81 @@ def _key(settings: ComputeSettings) -> tuple[Any, ...]:
 
 
 def _start(settings: ComputeSettings) -> _Shared:
-    from distributed import Client, LocalCluster  # only a Dask target needs Dask
+    from distributed import Client  # only a Dask target needs Dask
 
     if settings.mode == "dask":
         return _Shared(Client(settings.compute, set_as_default=False), None)
+    cluster = local_cluster(settings)
+    return _Shared(Client(cluster, set_as_default=False), cluster)
+
+
+def local_cluster(settings: ComputeSettings, **options: Any) -> Any:
+    """A ``distributed.LocalCluster`` of the settings' workers (``options``: more of
+    LocalCluster's arguments, such as ``host`` and ``scheduler_port``)."""
     import dask
+    from distributed import LocalCluster
 
     spawn_environ = {f"distributed.nanny.pre-spawn-environ.{k}": v
                      for k, v in WORKER_MALLOC.items()}
     with dask.config.set(spawn_environ):  # read by each nanny as it is made, kept for restarts
-        cluster = LocalCluster(
+        return LocalCluster(
             n_workers=settings.dask_workers,
             threads_per_worker=settings.dask_threads_per_worker,
             memory_limit=settings.dask_memory_limit,
             processes=True,
             dashboard_address=":0",  # a free port: never one a service or another holds
+            **options,
         )
-    return _Shared(Client(cluster, set_as_default=False), cluster)
+
+
+# -- one cluster for the services of a host ------------------------------------------------
+
+
+def serve_cluster(settings: ComputeSettings, address_file: Path, stop: threading.Event,
+                  host: str = "127.0.0.1", port: int = 0) -> None:
+    """Run one ``dask-local`` cluster of the settings for every service of this host until
+    ``stop`` is set; its scheduler's address (``tcp://127.0.0.1:PORT``) is written to
+    ``address_file`` once it takes work, and removed when it stops.
+
+    What a launcher runs (``python -m common.compute``) and hands to its services as
+    ``CONVEYOR_COMPUTE``: with a cluster per service, three services of one 2-core host
+    ran six workers (and three schedulers) competing for two cores.
+    """
+    with local_cluster(settings, host=host, scheduler_port=port) as cluster:
+        partial = address_file.with_name(address_file.name + ".part")
+        partial.write_text(cluster.scheduler_address + "\n")
+        partial.replace(address_file)  # whole or absent: a reader never sees half of it
+        try:
+            stop.wait()
+        finally:
+            address_file.unlink(missing_ok=True)
+
+
+def read_address(address_file: Path) -> str | None:
+    """The scheduler address ``serve_cluster`` wrote (None before it has)."""
+    try:
+        return address_file.read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m common.compute --address-file PATH``: one host cluster until SIGTERM or
+    SIGINT, of the ``CONVEYOR_DASK_*`` settings."""
+    import argparse
+    import signal
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--address-file", type=Path, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="the scheduler's (0: a free one)")
+    args = parser.parse_args(argv)
+    stop = threading.Event()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda *_: stop.set())
+    serve_cluster(compute_settings(compute="dask-local"), args.address_file, stop,
+                  args.host, args.port)
+
+
+if __name__ == "__main__":
+    main()

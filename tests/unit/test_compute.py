@@ -6,11 +6,19 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from common.compute import Compute, ComputeSettings, compute_settings, open_compute
+from app.local import HostCluster
+from common.compute import (
+    Compute,
+    ComputeSettings,
+    compute_settings,
+    open_compute,
+    read_address,
+)
 from common.errors import InvalidInput
 
 SMALL: dict[str, Any] = {"compute": "dask-local", "dask_workers": 1, "dask_memory_limit": "1GB"}
@@ -108,3 +116,23 @@ def test_a_process_that_never_closes_its_cluster_still_exits() -> None:
             "assert c.client.submit(abs, -1).result() == 1\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120,
                    env={"PATH": "/usr/bin:/bin"}, capture_output=True)
+
+
+def test_one_cluster_for_the_host_serves_every_process_by_its_address(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What conveyor up starts once for its services (python -m common.compute).
+    monkeypatch.setenv("CONVEYOR_DASK_WORKERS", "1")
+    monkeypatch.setenv("CONVEYOR_DASK_MEMORY_LIMIT", "1GB")
+    cluster = HostCluster(tmp_path)
+    try:
+        assert cluster.address.startswith("tcp://127.0.0.1:")
+        with open_compute(ComputeSettings(compute=cluster.address)) as first, \
+                open_compute(ComputeSettings(compute=cluster.address)) as second:
+            assert first.mode == "dask" and first.client is not None
+            assert second.client is first.client  # one client per target in a process
+            assert len(first.client.scheduler_info()["workers"]) == 1
+            assert first.client.submit(sum, [1, 2, 3]).result() == 6
+    finally:
+        code = cluster.stop()
+    assert code == 0, cluster.log_path.read_text()[-2000:]
+    assert read_address(cluster.address_file) is None  # gone with the cluster

@@ -51,6 +51,15 @@ a partition's transform took 0.8 s on a worker against 0.33 s in this process (1
 bench-scale). Arrays under 32 MiB (glibc's own ceiling for that sliding threshold) now
 come from the heap, whose top is still trimmed past 64 KiB: ~0.45 s."""
 
+SHUFFLE_METHOD = "p2p"
+"""How a Dask frame is shuffled here (each entity's rows moved into one partition, rows
+put back in batch order). Dask picks its method by the process's *default* client, and a
+service's client is not one (``set_as_default=False``: a process may hold several), so
+it picked ``disk``: partd files on one machine's disk, behind a barrier of every task;
+right only while every worker shares that disk (a LocalCluster), wrong on a cluster of
+several machines. ``p2p`` (workers exchange Arrow batches and spill to their own disk)
+holds a worker's memory to its share at any size."""
+
 
 class ComputeSettings(BaseSettings):
     """Where heavy data work runs (prefix ``CONVEYOR_``)."""
@@ -223,10 +232,20 @@ def _key(settings: ComputeSettings) -> tuple[Any, ...]:
 def _start(settings: ComputeSettings) -> _Shared:
     from distributed import Client  # only a Dask target needs Dask
 
+    _choose_shuffle()
     if settings.mode == "dask":
         return _Shared(Client(settings.compute, set_as_default=False), None)
     cluster = local_cluster(settings)
     return _Shared(Client(cluster, set_as_default=False), cluster)
+
+
+def _choose_shuffle() -> None:
+    """Dask's shuffle method for this process's Dask frames, unless configured already
+    (``DASK_DATAFRAME__SHUFFLE__METHOD``, a Dask config file)."""
+    import dask
+
+    if dask.config.get("dataframe.shuffle.method", None) is None:
+        dask.config.set({"dataframe.shuffle.method": SHUFFLE_METHOD})
 
 
 def local_cluster(settings: ComputeSettings, **options: Any) -> Any:

@@ -136,3 +136,20 @@ def test_one_cluster_for_the_host_serves_every_process_by_its_address(
         code = cluster.stop()
     assert code == 0, cluster.log_path.read_text()[-2000:]
     assert read_address(cluster.address_file) is None  # gone with the cluster
+
+
+def test_a_shuffle_on_the_cluster_keeps_off_one_machines_disk() -> None:
+    # Dask picks "disk" (partd files on one machine) when the process has no default
+    # client, and a service's client is not one: wrong on a cluster of several machines.
+    import dask.dataframe as dd
+    import pandas as pd
+
+    with open_compute(ComputeSettings(**SMALL)) as compute:
+        assert compute.client is not None
+        frame = dd.from_pandas(pd.DataFrame({"k": [3, 1, 2, 1] * 5, "v": range(20)}),
+                               npartitions=3)
+        moved = frame.shuffle(on="k", npartitions=3)
+        names = {str(key[0] if isinstance(key, tuple) else key).lower()
+                 for key in dict(moved.__dask_graph__())}
+        assert not [n for n in names if "disk" in n or "partd" in n], sorted(names)
+        assert sorted(compute.client.compute(moved, sync=True)["v"]) == list(range(20))

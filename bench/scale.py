@@ -103,6 +103,9 @@ class PeakRss:
         self.cpu: list[tuple[float, dict[int, float]]] = []
         """(wall time, CPU seconds so far of every live process), at every sample."""
         self.started = 0.0
+        self.redis_bytes: list[int] = []
+        """Redis's used_memory at every fifth sample (every client's data, not only the
+        run's: its growth from the first is the run's online rows and entity state)."""
         self._stop = threading.Event()
 
     @contextlib.contextmanager
@@ -134,6 +137,13 @@ class PeakRss:
                 self.peaks[pid] = max(self.peaks.get(pid, 0), peak)
                 cpu[pid] = _cpu_of(pid)
         self.cpu.append((time.time(), cpu))
+        if len(self.cpu) % 5 == 1:
+            self.redis_bytes.append(_redis_used_memory())
+
+    def redis_growth_gb(self) -> float | None:
+        """Redis's largest used memory less its first, in GB (None: never read)."""
+        found = [b for b in self.redis_bytes if b >= 0]
+        return round((max(found) - found[0]) / 1e9, 3) if found else None
 
     def cpu_by_stage(self, per_stage_s: dict[str, float | None]) -> dict[str, dict[str, float]]:
         """CPU seconds each process used in each stage (stages back to back from the
@@ -172,6 +182,22 @@ class PeakRss:
         """Each process's peak resident memory in GB (10^9 bytes), largest first."""
         named = {self.names[pid]: kb * 1024 / 1e9 for pid, kb in self.peaks.items()}
         return {k: round(v, 3) for k, v in sorted(named.items(), key=lambda kv: -kv[1])}
+
+
+def _redis_used_memory() -> int:
+    """Redis's used_memory in bytes (-1 if it does not answer)."""
+    import redis
+
+    from common.settings import Settings
+
+    try:
+        client = redis.Redis.from_url(Settings().redis_url, socket_timeout=2)
+        try:
+            return int(client.info("memory")["used_memory"])  # type: ignore[index]
+        finally:
+            client.close()
+    except (redis.RedisError, OSError, KeyError, ValueError):
+        return -1
 
 
 def _vm_hwm_kb(pid: int) -> int | None:
@@ -270,6 +296,8 @@ def one_run(args: argparse.Namespace, rows: int, mode: str) -> dict[str, Any]:
             others["dask-cluster"] = cluster
         result = run_services(run_args, csv, work, watch=watch)
     shutil.rmtree(work, ignore_errors=True)
+    if method := os.environ.get("DASK_DATAFRAME__SHUFFLE__METHOD"):
+        env["DASK_DATAFRAME__SHUFFLE__METHOD"] = method  # an A/B of Dask's shuffle
     env["cluster"] = ("one for the host (python -m common.compute), the services on its "
                       "tcp:// address" if shared else
                       "each computing service its own" if mode == "dask-local" else "none")
@@ -280,8 +308,12 @@ def one_run(args: argparse.Namespace, rows: int, mode: str) -> dict[str, Any]:
         "peak_rss_gb": watchers[-1].gigabytes() if watchers else {},
         "outcome": result["outcome"], "per_stage_s": result["per_stage_s"],
         "cpu_s_by_stage": watchers[-1].cpu_by_stage(result["per_stage_s"]) if watchers else {},
+        "redis_growth_gb": watchers[-1].redis_growth_gb() if watchers else None,
         "settings": env, "champion": result.get("champion"),
+        "candidates_fit_s": {name: c["fit_s"] for name, c in
+                             (result.get("candidates") or {}).items()},
         "service_cpu_s": result.get("service_cpu_s"), "source_bytes": csv.stat().st_size,
+        **({"cleanup_error": result["cleanup_error"]} if "cleanup_error" in result else {}),
     }
 
 
@@ -290,12 +322,12 @@ def checks(runs: list[dict[str, Any]]) -> dict[str, Any]:
     by = {(r["rows"], r["mode"]): r for r in runs if r["outcome"] == "ModelReady"}
     big, small, local = (by.get((20_000_000, "dask-local")), by.get((1_000_000, "dask-local")),
                          by.get((1_000_000, "local")))
-    peak = max(big["peak_rss_gb"].values()) if big else None
+    peak = max(big["peak_rss_gb"].values()) if big and big["peak_rss_gb"] else None
     growth = (round(big["seconds_per_million_rows"] / small["seconds_per_million_rows"], 3)
               if big and small else None)
     ratio = round(small["seconds"] / local["seconds"], 3) if small and local else None
     return {
-        "dask_local_20m_completes": big is not None,
+        "dask_local_20m_completes": big is not None,  # peak None: completed, not measured
         "dask_local_20m_max_peak_rss_gb": peak,
         "dask_local_20m_peak_rss_met": None if peak is None else peak <= 3.5,
         "dask_local_seconds_per_million_20m_over_1m": growth,

@@ -35,7 +35,14 @@ from typing import Any, Literal
 
 import numpy as np
 
-from common.events import DriftDetected, Event, ModelDegraded, RetrainRequested, ServedScore
+from common.events import (
+    DriftDetected,
+    Event,
+    ModelDegraded,
+    RetrainRequested,
+    ServedScore,
+    utc_now,
+)
 from common.reference import PREDICTION, Reference
 from monitoring.drift import DriftReport, DriftThresholds, drift_report
 from monitoring.quality import QualityRule, degradation
@@ -66,6 +73,11 @@ class CoreConfig:
     max_fallback_share: float = 0.5
     """Share of the champion's requests that may be answered by a fallback (it was past
     its deadline, its circuit open, or it failed) before it counts as too slow."""
+    latency_sustain_s: float = 0.0
+    """How long (by the scores' ``served_at``) a version must stay over its latency
+    bounds before it is found too slow: a short stall of the whole host (a pipeline run
+    on the scoring nodes' cores, say) is not the model's fault, and the router already
+    answers it with the previous model call by call. 0: at once."""
 
 
 @dataclass(frozen=True)
@@ -184,6 +196,8 @@ class VersionStats:
         self.missed = Ring(config.latency_window, 1)  # 1: a fallback answered it as champion
         self.since_drift = 0
         self.last_drift: DriftFinding | None = None
+        self.slow_since: datetime | None = None
+        """When its latency last went over bounds (None: within them)."""
 
     @property
     def served(self) -> int:
@@ -234,7 +248,18 @@ class VersionStats:
         self.last_drift = DriftFinding(self.info.version, report, self.served)
         return self.last_drift
 
-    def latency_breach(self) -> LatencyFinding | None:
+    def latency_breach(self, now: datetime) -> LatencyFinding | None:
+        """``over_latency_bounds``'s finding once it has held for the config's
+        ``latency_sustain_s`` up to ``now`` (the latest score's time)."""
+        finding = self.over_latency_bounds()
+        if finding is None:
+            self.slow_since = None
+            return None
+        self.slow_since = self.slow_since or now
+        held_s = (now - self.slow_since).total_seconds()
+        return finding if held_s >= self.config.latency_sustain_s else None
+
+    def over_latency_bounds(self) -> LatencyFinding | None:
         """A finding when the p99 of enough own answers breaks the budget, or when too
         many of enough requests to it as champion were answered by a fallback."""
         config, version = self.config, self.info.version
@@ -278,13 +303,14 @@ class MonitoringCore:
             self._count_misses(champion, scores)
             by_version.setdefault(champion, [])
         findings: list[Finding] = []
+        now = max(score.served_at for score in scores) if scores else utc_now()
         for version, batch in by_version.items():
             stats = self.stats(version)
             if batch:
                 stats.add(batch)
             if stats.drift_due():
                 findings.append(stats.measure_drift())
-            breach = stats.latency_breach()
+            breach = stats.latency_breach(now)
             if breach is not None:
                 findings.append(breach)
         return findings

@@ -109,6 +109,10 @@ class MonitoringSettings(BaseSettings):
     monitoring_max_fallback_share: float = 0.5
     """Share of the champion's requests answered by a fallback past which it is degraded
     (reason latency; observed and expected are then shares, not seconds)."""
+    monitoring_latency_sustain_s: float = 60.0
+    """How long a version must stay over its latency bounds (p99 or fallback share)
+    before it is degraded: a host stalled for seconds (other work on its cores) is
+    answered by the previous model call by call, not demoted for good."""
     monitoring_served_ttl_s: int = 86_400
     """How long a served score can still be joined to its outcome."""
     monitoring_served_max_entries: int = SERVED_MAX_ENTRIES
@@ -138,6 +142,7 @@ class MonitoringSettings(BaseSettings):
             latency_budget_ms=self.monitoring_latency_budget_ms,
             latency_min_scores=self.monitoring_latency_min_scores,
             max_fallback_share=self.monitoring_max_fallback_share,
+            latency_sustain_s=self.monitoring_latency_sustain_s,
         )
 
     def cooldowns(self) -> Cooldowns:

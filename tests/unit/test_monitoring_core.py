@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +111,26 @@ def test_a_p99_over_budget_is_a_latency_finding_fallbacks_aside(world: Monitored
     figures = summary(core.stats("v1"))
     assert figures["fallback_share"] == 0.5 and figures["latency_max_ms"] == 400.0
     assert figures["latency_p50_ms"] == pytest.approx(250.0)
+
+
+def at(scores: list[ServedScore], second: float) -> list[ServedScore]:
+    """The scores as served ``second`` seconds after a fixed start."""
+    when = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=second)
+    return [score.model_copy(update={"served_at": when}) for score in scores]
+
+
+def test_slowness_is_a_finding_only_once_it_has_lasted(world: MonitoredModels) -> None:
+    core = MonitoringCore(replace(CONFIG, latency_sustain_s=60.0, latency_window=100),
+                          info_of(world))
+    rows = world.traffic(60, seed=7)
+    slow, fast = served(world, "v1", rows, latency_ms=250.0), served(world, "v1", rows)
+    assert core.observe(at(slow, 0)) == []  # over budget since 0 s
+    assert core.observe(at(slow, 59)) == []
+    assert core.observe(at(fast * 2, 60)) == []  # the window all fast again: the clock resets
+    assert core.observe(at(slow * 2, 70)) == []
+    assert core.observe(at(slow, 129)) == []
+    [finding] = core.observe(at(slow, 130))  # over budget from 70 s to 130 s
+    assert finding == LatencyFinding("v1", "p99_ms", pytest.approx(250.0), 100.0)
 
 
 def test_totals_are_restored_at_first_sight(world: MonitoredModels) -> None:

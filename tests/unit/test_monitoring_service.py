@@ -192,7 +192,8 @@ def test_an_outcome_of_an_unknown_request_is_counted_not_dead_lettered(
 
 
 def test_slow_answers_degrade_by_latency(world: MonitoredModels, settings: Settings) -> None:
-    m = monitor(world, settings, monitoring_latency_budget_ms=100.0)
+    m = monitor(world, settings, monitoring_latency_budget_ms=100.0,
+                monitoring_latency_sustain_s=0.0)  # core test: sustained slowness
     rows = world.traffic(100, seed=8)
     # v1 answering for the champion v2 (slowly, as fallbacks do): v2 is too slow, not v1
     [champion] = m.serve(served(world, "v1", rows, latency_ms=900.0, fallback=True))

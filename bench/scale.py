@@ -77,6 +77,7 @@ def scaled_csv(rows: int, seed: int) -> Path:
     if path.exists():
         return path
     log.warning("generating %s (untimed)", path.name)
+    WORK.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".csv.part")
     for chunk, start in enumerate(range(0, rows, CHUNK)):
         frame = paysim(min(CHUNK, rows - start), seed=seed * 1_000 + chunk)
@@ -369,17 +370,30 @@ def main() -> None:
     runs = earlier(args)
     for rows in sorted(args.rows or SIZES):
         for mode in args.modes or MODES:
-            runs = [r for r in runs if (r["rows"], r["mode"]) != (rows, mode)]
-            try:
-                runs.append(one_run(args, rows, mode))
-            except Exception as exc:  # noqa: BLE001 - a failed run is a result too
-                log.exception("%s rows on %s failed", f"{rows:,}", mode)
-                runs.append({"rows": rows, "mode": mode, "seconds": None,
-                             "seconds_per_million_rows": None, "peak_rss_gb": {},
-                             "outcome": f"failed: {type(exc).__name__}: {exc}"[:2000]})
-            log.warning("%s", json.dumps({k: runs[-1][k] for k in ("rows", "mode", "seconds")}))
+            run = attempt(args, rows, mode)
+            if run["seconds"] is not None or not _completed(runs, rows, mode):
+                runs = [r for r in runs if (r["rows"], r["mode"]) != (rows, mode)] + [run]
+            else:  # a failed attempt does not replace a completed run: it is kept beside it
+                log.warning("keeping the earlier completed run of %s rows on %s", rows, mode)
+                runs = [r | {"later_attempt": run["outcome"]}
+                        if (r["rows"], r["mode"]) == (rows, mode) else r for r in runs]
+            log.warning("%s", json.dumps({k: run[k] for k in ("rows", "mode", "seconds")}))
             write(args, runs)
     print(json.dumps(write(args, runs), indent=2))
+
+
+def attempt(args: argparse.Namespace, rows: int, mode: str) -> dict[str, Any]:
+    """One run's record; a failed run is a record too, saying why."""
+    try:
+        return one_run(args, rows, mode)
+    except Exception as exc:  # noqa: BLE001 - a failed run is a result too
+        log.exception("%s rows on %s failed", f"{rows:,}", mode)
+        return {"rows": rows, "mode": mode, "seconds": None, "seconds_per_million_rows": None,
+                "peak_rss_gb": {}, "outcome": f"failed: {type(exc).__name__}: {exc}"[:2000]}
+
+
+def _completed(runs: list[dict[str, Any]], rows: int, mode: str) -> bool:
+    return any((r["rows"], r["mode"]) == (rows, mode) and r["seconds"] is not None for r in runs)
 
 
 def earlier(args: argparse.Namespace) -> list[dict[str, Any]]:

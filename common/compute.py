@@ -234,9 +234,18 @@ def _start(settings: ComputeSettings) -> _Shared:
 
     _choose_shuffle()
     if settings.mode == "dask":
-        return _Shared(Client(settings.compute, set_as_default=False), None)
+        return _Shared(_with_plugins(Client(settings.compute, set_as_default=False)), None)
     cluster = local_cluster(settings)
-    return _Shared(Client(cluster, set_as_default=False), cluster)
+    return _Shared(_with_plugins(Client(cluster, set_as_default=False)), cluster)
+
+
+def _with_plugins(client: Client) -> Client:
+    """The client, its cluster's workers releasing free memory before Dask would pause
+    them (``common.dask_memory``; registered by name: a second client replaces it)."""
+    from common.dask_memory import ReleaseFreeMemory
+
+    client.register_plugin(ReleaseFreeMemory())
+    return client
 
 
 def _choose_shuffle() -> None:

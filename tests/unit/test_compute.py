@@ -153,3 +153,43 @@ def test_a_shuffle_on_the_cluster_keeps_off_one_machines_disk() -> None:
                  for key in dict(moved.__dask_graph__())}
         assert not [n for n in names if "disk" in n or "partd" in n], sorted(names)
         assert sorted(compute.client.compute(moved, sync=True)["v"]) == list(range(20))
+
+
+class _Worker:
+    """What ReleaseFreeMemory reads of a worker: its memory limit and process memory."""
+
+    def __init__(self, limit: int | None, memory: int) -> None:
+        self.memory_manager = type("Manager", (), {"memory_limit": limit})()
+        self.monitor = type("Monitor", (), {"get_process_memory": lambda _: memory})()
+
+
+@pytest.mark.parametrize(("limit", "memory", "released"), [
+    (1000, 400, False),   # under half the limit: nothing to do
+    (1000, 600, True),    # over it: freed memory goes back before Dask would pause
+    (None, 10**12, False),  # no limit, no pause to avoid
+])
+def test_a_worker_over_its_mark_releases_free_memory(
+        limit: int | None, memory: int, released: bool) -> None:
+    from common.dask_memory import ReleaseFreeMemory
+
+    calls: list[int] = []
+    plugin = ReleaseFreeMemory(above=0.5, release=lambda: calls.append(1))
+    assert plugin.check(_Worker(limit, memory)) is released
+    assert len(calls) == int(released)
+
+
+def test_every_worker_of_an_opened_cluster_watches_its_memory() -> None:
+    from app.local import wait_until
+    from common.dask_memory import PLUGIN_NAME, ReleaseFreeMemory
+
+    def releases(dask_worker: Any) -> int:
+        return int(dask_worker.plugins[PLUGIN_NAME].releases)
+
+    with open_compute(ComputeSettings(**SMALL)) as compute:
+        assert compute.client is not None
+        assert all(PLUGIN_NAME in names for names in compute.client.run(
+            lambda dask_worker: list(dask_worker.plugins)).values())
+        # a mark any worker is over (1% of 1 GB), checked often: its callback runs there
+        compute.client.register_plugin(ReleaseFreeMemory(above=0.01, every_s=0.05))
+        wait_until(lambda: all(n > 0 for n in compute.client.run(releases).values()),
+                   timeout=30, message="a release on every worker")

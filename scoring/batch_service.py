@@ -14,8 +14,6 @@ written as parts by its workers (the cluster opened at the first request). Examp
 
 from __future__ import annotations
 
-import logging
-
 from common.compute import compute_settings
 from common.errors import NotFound
 from common.events import BatchScoringRequested, ScoringCompleted
@@ -25,8 +23,6 @@ from common.stores import BatchScoreStore
 from common.wiring import Stores
 from preparation.spec import FeatureSections
 from scoring.service import BatchScoring, ScoringSettings
-
-log = logging.getLogger(__name__)
 
 
 class BatchScoringService(Service):
@@ -41,11 +37,7 @@ class BatchScoringService(Service):
     @handles(BatchScoringRequested, expected=(NotFound,))
     def on_batch_scoring_requested(self, event: BatchScoringRequested) -> ScoringCompleted:
         """Score the event's raw batch or feature set with the version it names."""
-        version, uri, rows = self.batch.run(event)
-        log.info("batch scores of version %s: %d rows at %s (event %s, correlation %s)",
-                 version, rows, uri, event.event_id, event.correlation_id)
-        return event.caused(ScoringCompleted, producer=self.name, model_version=version,
-                            uri=uri, rows=rows)
+        return self.batch.completed(event, self.name)
 
     def close(self) -> None:
         """Let go of the cluster, if a run opened one."""

@@ -201,6 +201,14 @@ class BatchScoring:
                 self.scores.write(run_id, self.score(model, event, run_id))
         return version, self.scores.uri(run_id), self.scores.rows(run_id)
 
+    def completed(self, event: BatchScoringRequested, producer: str) -> ScoringCompleted:
+        """Score the event's input (``run``) and say so: the ScoringCompleted to publish."""
+        version, uri, rows = self.run(event)
+        log.info("batch scores of version %s: %d rows at %s (event %s, correlation %s)",
+                 version, rows, uri, event.event_id, event.correlation_id)
+        return event.caused(ScoringCompleted, producer=producer, model_version=version,
+                            uri=uri, rows=rows)
+
     def close(self) -> None:
         """Let go of the cluster, if a run opened one."""
         with self._opening:
@@ -385,11 +393,7 @@ class ScoringService(Service):
         """Score a raw batch or a feature set offline; the scores go to the score store."""
         if self.batch is None:
             raise InvalidInput("this scoring service was built without batch scoring")
-        version, uri, rows = self.batch.run(event)
-        log.info("batch scores of version %s: %d rows at %s (event %s, correlation %s)",
-                 version, rows, uri, event.event_id, event.correlation_id)
-        return event.caused(ScoringCompleted, producer=self.name, model_version=version,
-                            uri=uri, rows=rows)
+        return self.batch.completed(event, self.name)
 
     def ready(self) -> bool:
         """Ready only with a model loaded and warmed up."""

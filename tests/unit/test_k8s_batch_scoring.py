@@ -10,14 +10,16 @@ import pytest
 from app.services import SERVICES, service_names
 from common.events import BatchScoringRequested, ScoringCompleted
 from scoring.batch_service import BatchScoringService
-from scoring.service import ScoringService, ScoringSettings
+from scoring.service import BatchScoring, ScoringService, ScoringSettings
 
 
 @dataclass
 class FakeBatch:
-    """A BatchScoring stand-in: records the requests, answers one run."""
+    """A BatchScoring stand-in: records the requests, answers one run (``completed`` is
+    BatchScoring's own, around this ``run``)."""
 
     asked: list[BatchScoringRequested] = field(default_factory=list)
+    completed = BatchScoring.completed
 
     def run(self, event: BatchScoringRequested) -> tuple[str, str, int]:
         self.asked.append(event)

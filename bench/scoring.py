@@ -671,14 +671,22 @@ def bench_fallback(world: World, args: argparse.Namespace, settings: Settings
                    ) -> dict[str, Any]:
     """The fallback scenario at concurrency 32 (the target's), and beside it at
     ``FALLBACK_LIGHT_CONCURRENCY``, a load the server answers well within the deadline
-    when no model is slow: the router's own behaviour, apart from the machine's capacity."""
+    when no model is slow: the router's own behaviour, apart from the machine's capacity;
+    and the normal chain (no model slowed) at 32 with the same deadline: what the deadline
+    alone costs at that load, apart from the fallback."""
     say("Conveyor fallback: champion sleeps 100 ms per predict, Score with a 20 ms deadline")
     with conveyor_server(world, "fallback", settings, args.workers, "fallback") as (
             target, pid):
         # Light first: the overload at 32 leaves circuits open for their open_for_s.
         light = fallback_outcome(world, args, target, pid, FALLBACK_LIGHT_CONCURRENCY)
         figures = fallback_outcome(world, args, target, pid, int(FALLBACK["concurrency"]))
+    say("Conveyor, no model slowed: Score with the same 20 ms deadline at the same concurrency")
+    with conveyor_server(world, "normal", settings, args.workers, "same-deadline") as (
+            target, pid):
+        same_deadline = fallback_outcome(world, args, target, pid,
+                                         int(FALLBACK["concurrency"]))
     return {**FALLBACK, **figures, "at_light_load": light,
+            "no_model_slowed_same_deadline": same_deadline,
             "mean_batch_size": mean_batch_sizes(world.batches["fallback"])}
 
 
@@ -969,6 +977,9 @@ def print_summary(results: dict[str, Any]) -> None:
         print(f"fallback at c{row['concurrency']}: {row['within_deadline_share']:.2%} within "
               f"{fallback['deadline_ms']:.0f} ms, {row['errors']} errors, "
               f"{row['fallback_answers']} answered by the previous model")
+    same = fallback["no_model_slowed_same_deadline"]
+    print(f"no model slowed at c{same['concurrency']}, same deadline: "
+          f"{same['within_deadline_share']:.2%} within, {same['errors']} errors")
     print(f"ratios: {results['ratios']}")
     feasible = results["targets_feasibility"]
     print(f"feasibility: c32 needs {feasible['needed_c32_rps']} req/s; a no-op server "

@@ -22,7 +22,8 @@ from common.settings import Settings
 from common.stores import BatchScoreStore
 from common.wiring import Stores
 from preparation.spec import FeatureSections
-from scoring.service import BatchScoring, ScoringSettings
+from scoring.batch_scoring import BatchScoring
+from scoring.service import ScoringSettings
 
 
 class BatchScoringService(Service):

@@ -22,7 +22,7 @@ batch order: ``score_raw_on_cluster`` and ``score_features_on_cluster``::
 
     uri, rows = score_raw_on_cluster(client, model, raw_frame, BatchScoreStore(root), run_id)
 
-``scoring.service.BatchScoring`` chooses between the two by ``CONVEYOR_COMPUTE``.
+``scoring.batch_scoring.BatchScoring`` chooses between the two by ``CONVEYOR_COMPUTE``.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from app.services import build_service
 from common.events import BatchScoringRequested, Event, ScoringCompleted
 from common.stores import BatchScoreStore, RawBatchStore
 from ingestion.contract import ContractTyping
-from scoring.service import BatchScoring, batch_run_id
+from scoring.batch_scoring import BatchScoring, batch_run_id
 from tests.fixtures.dask_faults import FailsInWorker
 from tests.fixtures.pipeline import as_event, watcher
 from tests.fixtures.scoring import history

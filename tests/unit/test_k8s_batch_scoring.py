@@ -9,8 +9,9 @@ import pytest
 
 from app.services import SERVICES, service_names
 from common.events import BatchScoringRequested, ScoringCompleted
+from scoring.batch_scoring import BatchScoring
 from scoring.batch_service import BatchScoringService
-from scoring.service import BatchScoring, ScoringService, ScoringSettings
+from scoring.service import ScoringService, ScoringSettings
 
 
 @dataclass

@@ -19,7 +19,6 @@ process memory with ``above`` times its limit and, over it, releases free memory
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +26,6 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from common.allocator import release_free_memory
 
-log = logging.getLogger(__name__)
 PLUGIN_NAME = "conveyor-release-free-memory"
 
 

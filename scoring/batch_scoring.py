@@ -7,8 +7,8 @@ scores the event's feature set or raw batch (``scoring.offline``) in this proces
 Dask cluster, writing the scores once per run (the run id comes from the request's
 content, so a redelivered request reuses the run). Example::
 
-    batch = BatchScoring(registry, models, pipelines, raw, offline, BatchScoreStore(root),
-                         datasets)
+    batch = batch_scoring(Stores.from_settings(settings), registry, settings.data_root,
+                          config.datasets)     # the compute setting from the environment
     completed = batch.completed(event, producer="batch-scoring")  # a ScoringCompleted
 """
 
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from common.compute import Compute, ComputeSettings, open_compute
+from common.compute import Compute, ComputeSettings, compute_settings, open_compute
 from common.errors import InvalidInput
 from common.events import BatchScoringRequested, ScoringCompleted
 from common.stores import (
@@ -35,6 +35,7 @@ from common.stores import (
     RawBatch,
     RawBatchStore,
 )
+from common.wiring import Stores
 from ingestion.contract import DatasetContract, read_typed
 from scoring.offline import (
     DEFAULT_CHUNK_ROWS,
@@ -195,6 +196,16 @@ class BatchScoring:
         batch = self._raw_manifest(model, batch_id)
         return read_typed(self.raw.iter_frames(batch_id), self.datasets[batch.dataset],
                           batch.source_uri)
+
+
+def batch_scoring(stores: Stores, registry: ModelRegistry, data_root: str,
+                  datasets: Mapping[str, DatasetContract],
+                  chunk_rows: int = DEFAULT_CHUNK_ROWS) -> BatchScoring:
+    """A service's BatchScoring: its stores and registry, scores under ``data_root``, and
+    ``CONVEYOR_COMPUTE`` from the environment."""
+    return BatchScoring(registry, stores.models, stores.feature_pipelines, stores.raw,
+                        stores.offline, BatchScoreStore(data_root), datasets, chunk_rows,
+                        compute_settings())
 
 
 def _progress_log(event: BatchScoringRequested, run_id: str, unit: str) -> Progress:

@@ -14,15 +14,13 @@ written as parts by its workers (the cluster opened at the first request). Examp
 
 from __future__ import annotations
 
-from common.compute import compute_settings
 from common.errors import NotFound
 from common.events import BatchScoringRequested, ScoringCompleted
 from common.runtime import Service, handles
 from common.settings import Settings
-from common.stores import BatchScoreStore
 from common.wiring import Stores
 from preparation.spec import FeatureSections
-from scoring.batch_scoring import BatchScoring
+from scoring.batch_scoring import BatchScoring, batch_scoring
 from scoring.service import ScoringSettings
 
 
@@ -48,8 +46,6 @@ class BatchScoringService(Service):
 def build(settings: Settings, config: FeatureSections) -> BatchScoringService:
     """The batch-scoring service on the settings' stores and pipeline config."""
     stores = Stores.from_settings(settings)
-    batch = BatchScoring(stores.registry(settings, config.name), stores.models,
-                         stores.feature_pipelines, stores.raw, stores.offline,
-                         BatchScoreStore(settings.data_root), config.datasets,
-                         ScoringSettings().batch_scoring_chunk_rows, compute_settings())
-    return BatchScoringService(batch)
+    return BatchScoringService(batch_scoring(
+        stores, stores.registry(settings, config.name), settings.data_root, config.datasets,
+        ScoringSettings().batch_scoring_chunk_rows))

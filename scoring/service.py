@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis
 from prometheus_client import CollectorRegistry
@@ -28,13 +28,11 @@ from redis.retry import Retry
 
 from common.bus.dispatch import HandlerSpec
 from common.bus.rabbitmq import RabbitMQBus
-from common.compute import compute_settings
 from common.errors import InvalidInput, NotFound
 from common.events import BatchScoringRequested, ModelDegraded, ModelReady, ScoringCompleted
 from common.runtime import Service, handles
 from common.settings import Settings
 from common.stores import (
-    BatchScoreStore,
     ModelRegistry,
     ModelStore,
     OnlineScoreStore,
@@ -43,14 +41,12 @@ from common.stores import (
 from common.stores.entity_state import RedisEntityState
 from common.wiring import Stores
 from preparation.spec import FeatureSections
-from scoring.batch_scoring import BatchScoring
+from scoring.batch_scoring import BatchScoring, batch_scoring
 from scoring.core import CoreSettings, ScoringCore
 from scoring.grpc_common import check_listen
 from scoring.metrics import ScoringMetrics
 from scoring.observing import RecordObserver
-from scoring.offline import (
-    DEFAULT_CHUNK_ROWS,
-)
+from scoring.offline import DEFAULT_CHUNK_ROWS
 from scoring.reporting import (
     ReportsDroppedCollector,
     ReportSettings,
@@ -61,9 +57,6 @@ from scoring.reporting import (
 from scoring.security import ServerSecurity
 from scoring.server import GrpcSettings, ScoringServer
 from scoring.workers import WorkerMetrics, WorkerPool, WorkerSlot, available_cpus
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 REPORT_REDIS_TIMEOUT_S = 5.0
@@ -297,10 +290,8 @@ def build_instance(
     )
     observer.start()
     core.load_chain()
-    batch = BatchScoring(registry, stores.models, stores.feature_pipelines, stores.raw,
-                         stores.offline, BatchScoreStore(settings.data_root), config.datasets,
-                         own.batch_scoring_chunk_rows,
-                         compute_settings()) if own.scoring_batch else None
+    batch = batch_scoring(stores, registry, settings.data_root, config.datasets,
+                          own.batch_scoring_chunk_rows) if own.scoring_batch else None
     grpc_settings = GrpcSettings(host=own.grpc_host, port=own.grpc_port,
                                  threads=own.grpc_threads,
                                  max_concurrent_rpcs=own.grpc_max_concurrent_rpcs,

@@ -9,10 +9,14 @@ import warnings
 from collections.abc import Iterator
 
 import pytest
-import redis
 
 from common.settings import Settings
-from tests.support.harness import BusNamespace, ServicesUnavailable, check_services
+from tests.support.harness import (
+    BusNamespace,
+    ServicesUnavailable,
+    check_services,
+    redis_client,
+)
 
 # The suite is local development (set before any Settings is read, and inherited by the
 # service processes tests start): the published signing key is allowed, and sources may
@@ -41,7 +45,7 @@ def services_up() -> None:
 def warn_of_leftover_keys(settings: Settings, many: int = 100_000) -> None:
     """Warn when the suite's Redis database already holds many keys (runs killed before
     their clean-up): each test's clean-up SCANs all of them."""
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=10)
+    client = redis_client(settings, call_timeout_s=10)
     try:
         size = int(client.dbsize())
     finally:

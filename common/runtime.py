@@ -214,6 +214,7 @@ def redis_processed(settings: Settings) -> RedisProcessedEvents:
     """The Redis record of processed events for the settings' namespace."""
     client = redis.Redis.from_url(settings.redis_url)
     return RedisProcessedEvents(client, settings.namespace, settings.processed_ttl_s,
+                                ttl_by_event=settings.processed_ttl_by_event,
                                 backoff=Backoff(budget_s=settings.idempotency_retry_s))
 
 

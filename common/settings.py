@@ -8,8 +8,22 @@ Example::
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from common.events import EVENT_TYPES
+
+RECORD_EVENT_PROCESSED_TTL_S = 3_600
+"""Retention of a processed record event's id: an already handled event comes back (a lost
+acknowledgement redelivered, a confirm-less publish resent, a retry parked in a delay
+queue) within minutes, and at ~100 such events/s 7 days of ids would hold ~6.8 GB."""
+PROCESSED_TTL_BY_EVENT: dict[str, int] = {
+    "OutcomeObserved": RECORD_EVENT_PROCESSED_TTL_S,
+    "ScoreServed": RECORD_EVENT_PROCESSED_TTL_S,
+    "RecordsObserved": RECORD_EVENT_PROCESSED_TTL_S,
+}
+"""The high-volume record events (the applications' outcomes and streamed records,
+scoring's served-score batches) and how long their processed ids are kept by default."""
 
 
 class Settings(BaseSettings):
@@ -37,8 +51,14 @@ class Settings(BaseSettings):
     """Back-off before each retry; the last value repeats for later attempts."""
     reconnect_max_delay_s: float = 30.0
     """Upper bound of the exponential back-off between reconnection attempts."""
-    processed_ttl_s: int = 7 * 24 * 3600
-    """How long a processed event id is remembered for idempotency."""
+    processed_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
+    """How long a processed event id is remembered for idempotency (seconds), unless its
+    event type has a ``processed_ttl_by_event``."""
+    processed_ttl_by_event: dict[str, int] = Field(
+        default_factory=lambda: dict(PROCESSED_TTL_BY_EVENT))
+    """Retention of processed ids by event type, seconds (JSON object): OutcomeObserved,
+    ScoreServed and RecordsObserved 3,600 by default; a type named here replaces its
+    default, the types not named keep theirs."""
     http_host: str = "0.0.0.0"
     """Interface of the /metrics, /healthz and /readyz server."""
     http_port: int = 9100
@@ -106,6 +126,19 @@ class Settings(BaseSettings):
     max_feature_age_s: float = Field(default=0.0, ge=0)
     """A Score whose entity's last record is older than this is answered degraded
     (0: never)."""
+
+    @field_validator("processed_ttl_by_event")
+    @classmethod
+    def _over_the_defaults(cls, value: dict[str, int]) -> dict[str, int]:
+        """Named event types override the defaults; an unknown type or a retention under
+        1 s fails at start (a typo would silently keep ids 7 days)."""
+        unknown = sorted(set(value) - set(EVENT_TYPES))
+        if unknown:
+            raise ValueError(f"unknown event type(s) {unknown} (known: {sorted(EVENT_TYPES)})")
+        too_short = sorted(kind for kind, seconds in value.items() if seconds < 1)
+        if too_short:
+            raise ValueError(f"retention under 1 s for {too_short}")
+        return {**PROCESSED_TTL_BY_EVENT, **value}
 
     @property
     def exchange(self) -> str:

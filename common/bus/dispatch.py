@@ -223,7 +223,7 @@ class Dispatcher:
         if self.processed is None:
             return
         try:
-            self.processed.mark(self.service, event.event_id)
+            self.processed.mark(self.service, event.event_id, event.event_type)
         except IdempotencyUnavailable as exc:
             # The work is stored and its events confirmed: acknowledging is right. A later
             # duplicate would run the (idempotent) handler again rather than be skipped.

@@ -7,14 +7,17 @@ All keys live under ``<namespace>:monitoring:`` and are bounded:
   ``versions`` (set) names the versions that have one.
 - ``served:<bucket>`` (hash, expires): the request (``R`` and the 16 bytes of scoring's
   uuid4 ids, ``r:<request_id>`` for others) and ``e:<entity_id>`` -> the version, label
-  and score of each served score (packed: ~16 bytes; ``_pack``), one hash per time
-  bucket, ~88 bytes of Redis per score (122 as JSON with the id as text), written
-  with one HSET per ScoreServed batch; an outcome looks its score up in the buckets of
-  the last ``served_ttl_s``, newest first (so ``e:`` finds the entity's latest score).
-  Bounded by size as well as time: once the buckets hold more than ``served_max_entries``
-  fields, the oldest buckets are dropped (the join's window shrinks under load), and a
-  current bucket past the bound on its own is emptied (logged). Memory stays within
-  about ``served_max_entries`` fields plus one batch, whatever the scoring rate.
+  and score of each served score (packed: ~16 bytes; ``_pack``), ~88 bytes of Redis per
+  score (122 as JSON with the id as text), written with one HSET per ScoreServed batch.
+  A bucket takes the scores of at most ``bucket_s`` (``served_ttl_s / 24``) and at most
+  ``bucket_entries`` fields (``served_max_entries / 16``), then the next one opens; it
+  expires ``served_ttl_s`` after its last second. ``served_buckets`` (sorted set) names
+  the buckets by their first second; an outcome looks its score up in those of the last
+  ``served_ttl_s``, newest first (so ``e:`` finds the entity's latest score). Bounded by
+  size as well as time: once the buckets hold more than ``served_max_entries`` fields,
+  the oldest buckets are dropped, a sixteenth of the bound at a time (the join's window
+  shrinks under load, logged), never the bucket being written. Memory stays within about
+  ``served_max_entries`` fields plus one batch, whatever the scoring rate.
 - ``outcomes:<version>`` (list, trimmed): the last ``outcome_window`` (predicted,
   observed) pairs of a version.
 - ``claim:<what>`` (string, expires): the event that made a decision (retrain, drift
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import struct
 import time
 from collections.abc import Mapping, Sequence
@@ -49,6 +53,8 @@ log = logging.getLogger(__name__)
 COUNTER_FIELDS = ("served", "fallbacks", "latency_sum_ms", "latency_min_ms", "latency_max_ms")
 SERVED_MAX_ENTRIES = 2_000_000
 """Default bound of the outcome join's fields (two per score: by request, by entity)."""
+BUCKETS_PER_BOUND = 16
+"""A bucket closes at this fraction of the size bound: what the bound drops at a time."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,10 @@ class MonitoringState:
         self.served_ttl_s, self.outcome_window = served_ttl_s, outcome_window
         self.served_max_entries = served_max_entries
         self.bucket_s = max(60, served_ttl_s // 24)
+        self.bucket_entries = max(1, served_max_entries // BUCKETS_PER_BOUND)
+        self._open: tuple[float, str] | None = None  # (first second, key) written to
+        self._open_fields = 0  # its fields after the last write
+        self._warned_at = float("-inf")
 
     def key(self, *parts: str) -> str:
         """A key of monitoring in this namespace."""
@@ -84,42 +94,71 @@ class MonitoringState:
     ) -> None:
         """Keep each score's answer by request id and as its entity's latest, for a while;
         with ``views`` (version -> fields), update those live views in the same round trip."""
-        mapping: dict[bytes, bytes] = {}
-        for score in scores:
-            value = _pack(score.model_version, score.label, score.score)
-            mapping[_request_field(score.request_id)] = value
-            mapping[f"e:{score.entity_id}".encode()] = value
-        buckets = [self._bucket_key(b) for b in self._live_buckets(now)]
+        now = time.time() if now is None else now
+        first_s, key = self._bucket(now)
+        index = self.key("served_buckets")
         pipe = self.client.pipeline(transaction=False)
-        pipe.hset(buckets[0], mapping=mapping)  # type: ignore[arg-type]
-        pipe.expire(buckets[0], self.served_ttl_s + self.bucket_s)
+        pipe.hset(key, mapping=_answers(scores))  # type: ignore[arg-type]
+        pipe.expire(key, max(1, math.ceil(first_s + self.bucket_s + self.served_ttl_s - now)))
+        pipe.zadd(index, {key: first_s})
+        pipe.zremrangebyscore(index, "-inf", f"({self._oldest_live(now)}")
+        pipe.expire(index, self.served_ttl_s + 2 * self.bucket_s)
         for version, fields in (views or {}).items():
             self._set_live(pipe, version, fields)
-        for key in buckets:
-            pipe.hlen(key)
-        sizes = pipe.execute()[-len(buckets):]
-        self._bound(buckets, sizes)
+        pipe.zrange(index, 0, -1, withscores=True)
+        self._bound([(name.decode(), first) for name, first in pipe.execute()[-1]], key, now)
 
-    def _bound(self, buckets: list[str], sizes: list[int]) -> None:
-        """Drop the oldest buckets while all hold more than ``served_max_entries``."""
-        total, dropped = sum(sizes), []
-        for key, size in reversed(list(zip(buckets, sizes, strict=True))):  # oldest first
-            if total <= self.served_max_entries:
+    def _bucket(self, now: float) -> tuple[float, str]:
+        """The bucket to write into: the open one, or a new one once the open one has
+        had its ``bucket_s`` or its ``bucket_entries``."""
+        if self._open is not None:
+            first_s = self._open[0]
+            if first_s <= now < first_s + self.bucket_s and self._open_fields < self.bucket_entries:
+                return self._open
+        self._open, self._open_fields = (now, self.key("served", str(round(now * 1000)))), 0
+        return self._open
+
+    def _oldest_live(self, now: float) -> float:
+        """The first second of the oldest bucket that may hold a score of the last
+        ``served_ttl_s``."""
+        return now - self.served_ttl_s - self.bucket_s
+
+    def _bound(self, buckets: list[tuple[str, float]], written: str, now: float) -> None:
+        """Drop the oldest buckets (``buckets``: name and first second, oldest first) while
+        all hold more than ``served_max_entries``; never the one written, nor any newer."""
+        pipe = self.client.pipeline(transaction=False)
+        for name, _ in buckets:
+            pipe.hlen(name)
+        sizes = dict(zip((name for name, _ in buckets), pipe.execute(), strict=True))
+        self._open_fields = sizes.get(written, 0)
+        total, dropped = sum(sizes.values()), list[str]()
+        for name, _ in buckets:
+            if total <= self.served_max_entries or name == written:
                 break
-            if size:
-                dropped.append(key)
-                total -= size
+            dropped.append(name)
+            total -= sizes[name]
         if dropped:
-            if buckets[0] in dropped:  # too many scores for the bound within one bucket
-                log.warning("outcome join state past %d entries within %d s: emptied (raise "
-                            "CONVEYOR_MONITORING_SERVED_MAX_ENTRIES to join more)",
-                            self.served_max_entries, self.bucket_s)
-            self.client.delete(*dropped)
+            self._drop(dropped, buckets[len(dropped)][1], now)
 
-    def _live_buckets(self, now: float | None) -> range:
-        """The buckets an outcome may find its score in, newest first."""
-        newest = self._bucket(now)
-        return range(newest, newest - self.served_ttl_s // self.bucket_s - 2, -1)
+    def _drop(self, dropped: list[str], kept_from: float, now: float) -> None:
+        """Delete the buckets; say so when the join now reaches back less than its TTL."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.delete(*dropped)
+        pipe.zrem(self.key("served_buckets"), *dropped)
+        pipe.execute()
+        if now - kept_from < self.served_ttl_s and now - self._warned_at >= self.bucket_s:
+            self._warned_at = now
+            log.warning("outcome join state past %d entries: it now joins the last %.0f s "
+                        "of scores, not %d (raise CONVEYOR_MONITORING_SERVED_MAX_ENTRIES to "
+                        "join more)", self.served_max_entries, now - kept_from,
+                        self.served_ttl_s)
+
+    def buckets(self, now: float | None = None) -> list[str]:
+        """The keys of the buckets an outcome may find its score in, newest first."""
+        now = time.time() if now is None else now
+        names = cast(list[bytes], self.client.zrevrangebyscore(
+            self.key("served_buckets"), "+inf", f"({self._oldest_live(now)}"))
+        return [name.decode() for name in names]
 
     def served(self, request_id: str | None, entity_id: str, now: float | None = None
                ) -> Served | None:
@@ -129,17 +168,11 @@ class MonitoringState:
             fields = list(dict.fromkeys([_request_field(request_id),
                                          f"r:{request_id}".encode()]))
         pipe = self.client.pipeline(transaction=False)
-        for bucket in self._live_buckets(now):
-            pipe.hmget(self._bucket_key(bucket), fields)
+        for bucket in self.buckets(now):
+            pipe.hmget(bucket, fields)
         found = next((raw for values in pipe.execute() for raw in values if raw is not None),
                      None)
         return None if found is None else _unpack(found)
-
-    def _bucket(self, now: float | None) -> int:
-        return int((time.time() if now is None else now) // self.bucket_s)
-
-    def _bucket_key(self, bucket: int) -> str:
-        return self.key("served", str(bucket))
 
     # -- outcomes --------------------------------------------------------------------
 
@@ -216,6 +249,16 @@ class MonitoringState:
         """The events a cause emitted before (None if it emitted none, or was never seen)."""
         raw = cast(bytes | None, self.client.get(self.key("decided", str(cause_id))))
         return None if raw is None else [parse_event(data) for data in orjson.loads(raw)]
+
+
+def _answers(scores: Sequence[ServedScore]) -> dict[bytes, bytes]:
+    """The join's fields of a batch: each score's answer by request and by entity."""
+    mapping: dict[bytes, bytes] = {}
+    for score in scores:
+        value = _pack(score.model_version, score.label, score.score)
+        mapping[_request_field(score.request_id)] = value
+        mapping[f"e:{score.entity_id}".encode()] = value
+    return mapping
 
 
 def _request_field(request_id: str) -> bytes:

@@ -43,8 +43,8 @@ def test_a_score_older_than_the_ttl_is_not_joined(state: MonitoringState) -> Non
     state.remember([score("r1", "C1", "v1")], now=T0)
     assert state.served("r1", "C1", now=T0 + 3_600) is not None
     assert state.served("r1", "C1", now=T0 + 3_600 + 2 * state.bucket_s) is None
-    ttl = state.client.ttl(state.key("served", str(int(T0 // state.bucket_s))))
-    assert 0 < ttl <= 3_600 + state.bucket_s  # the bucket expires in Redis too
+    ttl = state.client.ttl(state.buckets(now=T0)[0])
+    assert 3_600 < ttl <= 3_600 + state.bucket_s  # the bucket expires in Redis too
 
 
 def test_the_outcome_window_is_bounded(state: MonitoringState) -> None:
@@ -91,7 +91,7 @@ def test_answers_are_packed_and_scorings_request_ids_kept_as_bytes(
     state.remember([score(rid, "C1", "v3", "1"),
                     ServedScore(request_id="app-7", entity_id="C2", model_version="v3",
                                 score=0.1 + 0.2, label=None, latency_ms=1.0)], now=T0)
-    bucket = state.key("served", str(int(T0 // state.bucket_s)))
+    [bucket] = state.buckets(now=T0)
     fields = set(state.client.hkeys(bucket))
     assert fields == {b"R" + bytes.fromhex(rid), b"r:app-7", b"e:C1", b"e:C2"}
     assert sorted(len(v) for v in state.client.hvals(bucket)) == [11, 11, 13, 13]  # JSON: ~28
@@ -102,7 +102,8 @@ def test_answers_are_packed_and_scorings_request_ids_kept_as_bytes(
 def test_answers_written_as_json_with_text_ids_are_still_joined(
         state: MonitoringState) -> None:
     rid = "fedcba9876543210fedcba9876543210"
-    bucket = state.key("served", str(int(T0 // state.bucket_s)))
+    state.remember([score("r0", "C0", "v1")], now=T0)
+    [bucket] = state.buckets(now=T0)
     state.client.hset(bucket, mapping={f"r:{rid}": b'["v1","0",0.5]', "e:C9": b'["v1",null,0.25]'})
     assert state.served(rid, "C9", now=T0) == Served("v1", "0", 0.5)
     assert state.served(None, "C9", now=T0) == Served("v1", None, 0.25)

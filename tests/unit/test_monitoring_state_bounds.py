@@ -53,18 +53,26 @@ def test_past_the_bound_the_oldest_bucket_goes_first(client: tuple[redis.Redis, 
     assert fields(state) == 6
 
 
-def test_a_bucket_past_the_bound_on_its_own_is_emptied_and_said(
+def test_a_bound_hit_within_one_bucket_time_drops_the_oldest_scores_never_the_newest(
     client: tuple[redis.Redis, str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    state = bounded(client, entries=10)
+    state = bounded(client, entries=32)  # buckets close at 2 fields: one score
     with caplog.at_level(logging.WARNING, logger="monitoring.state"):
-        state.remember(scores("a", 4), now=T0)
-        assert fields(state) == 8 and not caplog.records
-        state.remember(scores("b", 2), now=T0)
-    assert fields(state) == 0
+        for i in range(20):  # 40 fields within 20 s, all in the first bucket_s
+            state.remember(scores(f"b{i}-", 1), now=T0 + i)
+            assert state.served(f"b{i}-0", "x", now=T0 + i) is not None
+    joined = [state.served(f"b{i}-0", "x", now=T0 + 20) is not None for i in range(20)]
+    assert joined == [False] * 4 + [True] * 16
+    assert fields(state) == 32
     assert "CONVEYOR_MONITORING_SERVED_MAX_ENTRIES" in caplog.text
-    state.remember(scores("c", 1), now=T0)  # and the join carries on
-    assert state.served("c0", "x", now=T0) is not None
+
+
+def test_a_bucket_closes_at_a_sixteenth_of_the_bound(client: tuple[redis.Redis, str]) -> None:
+    state = bounded(client, entries=160)
+    for i in range(6):  # 4 scores, 8 fields a batch: a bucket closes once past 10
+        state.remember(scores(f"b{i}-", 4), now=T0 + i)
+    assert state.bucket_entries == 10
+    assert [state.client.hlen(b) for b in state.buckets(now=T0 + 6)] == [16, 16, 16]
 
 
 def test_memory_stays_within_the_bound_plus_one_batch_whatever_the_traffic(
@@ -72,8 +80,10 @@ def test_memory_stays_within_the_bound_plus_one_batch_whatever_the_traffic(
 ) -> None:
     state = bounded(client, entries=50)
     for step in range(200):
-        state.remember(scores(f"s{step}-", 3), now=T0 + step * state.bucket_s / 7)
+        now = T0 + step * state.bucket_s / 7
+        state.remember(scores(f"s{step}-", 3), now=now)
         assert fields(state) <= 50 + 6
+        assert state.served(f"s{step}-2", "x", now=now) is not None
 
 
 def test_the_bound_is_a_monitoring_setting() -> None:

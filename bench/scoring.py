@@ -36,6 +36,10 @@ concurrency 1 and 32: requests per second (answers whose call started in the rec
 window), p50 and p99 of their latency as the client saw it, errors (any status but OK),
 and the CPU milliseconds per call of the load generator (this process, every thread) and
 of the server (every process of its session, from /proc) over the recorded window.
+Conveyor's rows add ``mean_batch_size`` and ``handler_ms_per_call``, the time a call
+spends in its handler (the server's own ``conveyor_scoring_rpc_duration_seconds``), both
+over the server's life: at concurrency 1 the Python work of one call, against which the
+server's CPU per call shows what gRPC and the process's other threads cost around it.
 The servers predict on one OpenMP thread: Conveyor's batchers set it for themselves,
 MLServer gets ``OMP_NUM_THREADS=1`` (scikit-learn's default of one thread per core spins
 against everything else on a 2-core machine and makes a predict ~10x slower).
@@ -239,6 +243,8 @@ class World:
     model_path: Path
     batches: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     """Per Conveyor server (registry), its versions' predict calls and rows over the run."""
+    handlers: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """Per Conveyor server, each worker's calls and handler seconds by method."""
 
 
 def build_world(work: Path, client: redis.Redis, namespace: str) -> World:
@@ -613,13 +619,15 @@ def conveyor_server(world: World, registry: str, settings: Settings, workers: in
         wait_ready(target, MODEL, process)
         yield target, process.pid
     world.batches[label] = predict_calls(log.read_text())
+    world.handlers[label] = predict_calls(log.read_text(), '{"rpc"')
 
 
-def predict_calls(log: str) -> list[dict[str, Any]]:
-    """The workers' predict-call lines of a server's log (found anywhere in a line)."""
+def predict_calls(log: str, opening: str = '{"version"') -> list[dict[str, Any]]:
+    """The workers' predict-call lines of a server's log (found anywhere in a line), or
+    with ``opening='{"rpc"'`` their handler-time lines (``handler_times``)."""
     decoder = json.JSONDecoder()
     found = []
-    for match in re.finditer(r'\{"version"', log):
+    for match in re.finditer(re.escape(opening), log):
         with contextlib.suppress(ValueError):
             found.append(decoder.raw_decode(log, match.start())[0])
     return found
@@ -645,6 +653,15 @@ def mean_batch_sizes(calls: Sequence[dict[str, Any]]) -> dict[str, float]:
     return {v: round(rows[v] / batches[v], 2) for v in rows if batches[v]}
 
 
+def handler_ms(lines: Sequence[dict[str, Any]], method: str) -> float | None:
+    """Milliseconds per call in ``method``'s handler, over every worker of one server's
+    life (warm-up included): at concurrency 1 the Python work of a call, at 32 that and
+    the wait for its batch."""
+    calls = sum(line.get("calls", 0) for line in lines if line["rpc"] == method)
+    seconds = sum(line.get("handler_s", 0.0) for line in lines if line["rpc"] == method)
+    return round(seconds / calls * 1e3, 4) if calls else None
+
+
 def bench_conveyor(world: World, args: argparse.Namespace, settings: Settings
                    ) -> dict[str, Any]:
     """ModelInfer and Score at each concurrency, each against a server of its own, so
@@ -663,7 +680,8 @@ def bench_conveyor(world: World, args: argparse.Namespace, settings: Settings
                               server_pid=pid).figures()
             sizes = mean_batch_sizes(world.batches[label])
             figures[name][f"c{concurrency}"] = row | {
-                "mean_batch_size": next(iter(sizes.values()), None)}
+                "mean_batch_size": next(iter(sizes.values()), None),
+                "handler_ms_per_call": handler_ms(world.handlers[label], method)}
     return figures
 
 
@@ -745,12 +763,28 @@ def serve_worker(config: dict[str, Any], slot: Any) -> None:
     slot.set_ready(True)
     stopped.wait()
     server.stop(grace_s=1.0)
-    for model in core.health():
-        stats = core.loaded(model.version).batcher.stats()
-        line = json.dumps({"version": model.version, "batches": stats.batches,
-                           "rows": stats.predicted, "mean_batch": round(stats.mean_batch_size, 2)})
-        os.write(1, f"{line}\n".encode())  # one write: the other workers share the log
-    core.close()
+    lines = [{"version": model.version, "batches": stats.batches, "rows": stats.predicted,
+              "mean_batch": round(stats.mean_batch_size, 2)}
+             for model in core.health()
+             for stats in [core.loaded(model.version).batcher.stats()]]
+    lines += handler_times(metrics)
+    os.write(1, "".join(f"{json.dumps(line)}\n" for line in lines).encode())  # one write:
+    core.close()  # the other workers share the log
+
+
+def handler_times(metrics: Any) -> list[dict[str, Any]]:
+    """Per method, the calls this worker answered and the seconds spent in their handler
+    (``conveyor_scoring_rpc_duration_seconds``: from the handler's start to its response,
+    gRPC's own reading, parsing and writing left out)."""
+    totals: dict[str, dict[str, Any]] = {}
+    for metric in metrics.rpc_duration.collect():
+        for sample in metric.samples:
+            kind = sample.name.rsplit("_", 1)[-1]
+            if kind in ("count", "sum"):
+                entry = totals.setdefault(sample.labels["method"],
+                                          {"rpc": sample.labels["method"]})
+                entry[{"count": "calls", "sum": "handler_s"}[kind]] = sample.value
+    return list(totals.values())
 
 
 # --- the ceiling: a server that does no work ------------------------------------------

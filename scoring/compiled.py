@@ -50,7 +50,10 @@ class CompiledTrees:
         matrix = np.asarray(X, dtype=np.float64)
         out = self._predict(matrix).reshape(len(matrix), -1)
         if out.shape[1] == 1:  # binary boosting: the positive class's probability
-            return np.column_stack([1.0 - out[:, 0], out[:, 0]])
+            proba = np.empty((len(out), 2))
+            proba[:, 1] = out[:, 0]
+            np.subtract(1.0, out[:, 0], out=proba[:, 0])
+            return proba
         return out
 
     def predict(self, X: Any) -> np.ndarray:

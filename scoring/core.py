@@ -33,6 +33,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -299,7 +300,7 @@ class LoadedModel:
         """The id of the feature set the model was trained on."""
         return str(self.features.feature_set_id)
 
-    @property
+    @cached_property
     def classes(self) -> list[str]:
         """The model's classes as labels; the last one is the positive class."""
         return [str(c) for c in self.estimator.classes_]
@@ -777,8 +778,11 @@ class ScoringCore:
             reply = self._ask_links(decision, start, deadline - time.monotonic())
         except ConveyorError as exc:
             return [exc] * len(asks)
+        classes = models[reply.version].classes
+        if len(asks) == 1:
+            return [_infer_result(asks[0], reply.value, classes, reply)]
         ends = np.cumsum([len(ask.rows) for ask in asks])
-        return [_infer_result(ask, values, models[reply.version].classes, reply)
+        return [_infer_result(ask, values, classes, reply)
                 for ask, values in zip(asks, np.split(reply.value, ends[:-1]), strict=True)]
 
     def _route(self, ask: _Ask, now: float) -> RouteDecision:

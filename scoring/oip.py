@@ -234,9 +234,9 @@ def feature_matrix(tensor: Tensor, n_features: int) -> np.ndarray:
                             f"feature matrix of shape [n, {n_features}]")
     _check_rows(tensor.name, tensor.shape[0])
     matrix = np.asarray(tensor.values, dtype=np.float64).reshape(tensor.shape)
-    bad = np.argwhere(~np.isfinite(matrix))
-    if len(bad):
-        row, column = bad[0]
+    finite = np.isfinite(matrix)
+    if not finite.all():
+        row, column = np.argwhere(~finite)[0]
         raise InvalidTensor(tensor.name, f"must be finite, got {matrix[row, column]} at "
                             f"row {row}, column {column}")
     return matrix

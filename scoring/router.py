@@ -264,12 +264,9 @@ class ModelRouter:
         state = self._state  # one read: later swaps do not affect this decision
         if version is not None:
             primary = _lookup(state, self.name, version)
-            decision = RouteDecision(primary, reason=f"named {version}",
-                                     roles={primary.version: "named"})
-        else:
-            decision = self._canary(state, request_key) or _walk_chain(state, self.name)
-            decision = replace(decision, roles=_roles(state, decision))
-        return replace(decision, shadow=_shadow_for(state, decision.primary))
+            return RouteDecision(primary, shadow=_shadow_for(state, primary),
+                                 reason=f"named {version}", roles={primary.version: "named"})
+        return self._canary(state, request_key) or _walk_chain(state, self.name)
 
     def _canary(self, state: _RoutingState, request_key: str | None) -> RouteDecision | None:
         config = state.config
@@ -280,7 +277,7 @@ class ModelRouter:
             return None
         rest = [link for link in state.chain if link is not canary]
         reason = f"canary {canary.version} (share {config.canary_share:g})"
-        return RouteDecision(canary, _fallback_order(rest, state.demoted), reason=reason)
+        return _decision(state, canary, _fallback_order(rest, state.demoted), reason)
 
     def _change(self, change: Callable[[_RoutingState], _RoutingState]) -> None:
         with self._write_lock:
@@ -401,12 +398,19 @@ def _walk_chain(state: _RoutingState, name: str) -> RouteDecision:
         elif link.breaker.allow():
             rest = _fallback_order(state.chain[index + 1 :], state.demoted)
             reason = "; ".join([*skipped, f"{_alias(index)} {link.version}"])
-            return RouteDecision(link, rest, reason=reason, fallback=index > 0)
+            return _decision(state, link, rest, reason, fallback=index > 0)
         else:
             skipped.append(
                 f"{_alias(index)} {link.version} skipped: circuit {link.breaker.describe()}")
     reason = "; ".join([*skipped, "every circuit is open: asking the chain in order"])
-    return RouteDecision(state.chain[0], list(state.chain[1:]), reason=reason)
+    return _decision(state, state.chain[0], list(state.chain[1:]), reason)
+
+
+def _decision(state: _RoutingState, primary: DeployedModel, fallbacks: list[DeployedModel],
+              reason: str, *, fallback: bool = False) -> RouteDecision:
+    """A chain or canary decision with the links' roles and the shadow."""
+    return RouteDecision(primary, fallbacks, _shadow_for(state, primary), reason, fallback,
+                         _roles(state, primary))
 
 
 def _fallback_order(
@@ -505,11 +509,11 @@ def _run(
         raise _PastDeadline from None
 
 
-def _roles(state: _RoutingState, decision: RouteDecision) -> dict[str, str]:
+def _roles(state: _RoutingState, primary: DeployedModel) -> dict[str, str]:
     """Each link's role: its place in the chain, or canary."""
     roles = {link.version: _chain_role(index) for index, link in enumerate(state.chain)}
-    if state.config.canary_version and decision.primary.version == state.config.canary_version:
-        roles[decision.primary.version] = "canary"
+    if state.config.canary_version and primary.version == state.config.canary_version:
+        roles[primary.version] = "canary"
     return roles
 
 

@@ -317,6 +317,8 @@ class RedisOnlineStore(OnlineFeatureStore):
     def _fetch(self, feature_set_id: str, entity_ids: Sequence[Any]) -> tuple[RowSchema, list[Any]]:
         prefix = key_prefix(self._namespace, feature_set_id)
         schema = self._schemas.get(feature_set_id)
+        if schema is not None and len(entity_ids) == 1:  # a Score: no pipeline to build
+            return schema, [self._redis.hget(f"{prefix}{entity_ids[0]}", FIELD_ROW)]
         pipe = self._redis.pipeline(transaction=False)
         if schema is None:
             pipe.get(online_schema_key(self._namespace, feature_set_id))

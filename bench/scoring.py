@@ -618,8 +618,9 @@ def conveyor_server(world: World, registry: str, settings: Settings, workers: in
         wait_for_file(marker, process)
         wait_ready(target, MODEL, process)
         yield target, process.pid
-    world.batches[label] = predict_calls(log.read_text())
-    world.handlers[label] = predict_calls(log.read_text(), '{"rpc"')
+    text = log.read_text()
+    world.batches[label] = predict_calls(text)
+    world.handlers[label] = predict_calls(text, '{"rpc"')
 
 
 def predict_calls(log: str, opening: str = '{"version"') -> list[dict[str, Any]]:
@@ -763,13 +764,18 @@ def serve_worker(config: dict[str, Any], slot: Any) -> None:
     slot.set_ready(True)
     stopped.wait()
     server.stop(grace_s=1.0)
-    lines = [{"version": model.version, "batches": stats.batches, "rows": stats.predicted,
-              "mean_batch": round(stats.mean_batch_size, 2)}
-             for model in core.health()
-             for stats in [core.loaded(model.version).batcher.stats()]]
+    lines = [batch_line(model.version, core.loaded(model.version).batcher.stats())
+             for model in core.health()]
     lines += handler_times(metrics)
-    os.write(1, "".join(f"{json.dumps(line)}\n" for line in lines).encode())  # one write:
-    core.close()  # the other workers share the log
+    # One write: the other workers share the log.
+    os.write(1, "".join(f"{json.dumps(line)}\n" for line in lines).encode())
+    core.close()
+
+
+def batch_line(version: str, stats: Any) -> dict[str, Any]:
+    """A version's predict calls and rows over this worker's life (``predict_calls``)."""
+    return {"version": version, "batches": stats.batches, "rows": stats.predicted,
+            "mean_batch": round(stats.mean_batch_size, 2)}
 
 
 def handler_times(metrics: Any) -> list[dict[str, Any]]:

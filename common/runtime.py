@@ -33,7 +33,7 @@ from prometheus_client import CollectorRegistry
 
 from common.bus.base import MessageBus
 from common.bus.dispatch import Dispatcher, HandlerSpec, RetryPolicy
-from common.bus.idempotency import Backoff, ProcessedEvents, RedisProcessedEvents
+from common.bus.idempotency import ProcessedEvents, RedisProcessedEvents
 from common.events import Event
 from common.health import HealthServer
 from common.metrics import BusMetrics, QueueDepthCollector
@@ -212,10 +212,7 @@ class ServiceRunner:
 
 def redis_processed(settings: Settings) -> RedisProcessedEvents:
     """The Redis record of processed events for the settings' namespace."""
-    client = redis.Redis.from_url(settings.redis_url)
-    return RedisProcessedEvents(client, settings.namespace, settings.processed_ttl_s,
-                                ttl_by_event=settings.processed_ttl_by_event,
-                                backoff=Backoff(budget_s=settings.idempotency_retry_s))
+    return RedisProcessedEvents.from_settings(redis.Redis.from_url(settings.redis_url), settings)
 
 
 def stop_on_signals(stop: threading.Event) -> None:

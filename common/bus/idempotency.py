@@ -14,6 +14,7 @@ memory; 165 with the id as text).
 
 Example::
 
+    processed = RedisProcessedEvents.from_settings(redis.Redis(), settings)  # or, by hand:
     processed = RedisProcessedEvents(redis.Redis(), namespace="conveyor", ttl_s=604800,
                                      ttl_by_event={"OutcomeObserved": 3600})
     if not processed.seen("monitoring", event.event_id): ...
@@ -33,6 +34,7 @@ from uuid import UUID
 import redis
 
 from common.errors import ConveyorError, Status
+from common.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -134,6 +136,14 @@ class RedisProcessedEvents(ProcessedEvents):
         self.client, self.namespace = client, namespace
         self.retention = Retention(ttl_s, dict(ttl_by_event or {}))
         self.backoff, self._sleep = backoff or Backoff(), sleep
+
+    @classmethod
+    def from_settings(cls, client: redis.Redis, settings: Settings) -> RedisProcessedEvents:
+        """The record the settings describe: their namespace, retentions (``processed_ttl_s``
+        and ``processed_ttl_by_event``) and retry budget (``idempotency_retry_s``)."""
+        return cls(client, settings.namespace, settings.processed_ttl_s,
+                   ttl_by_event=settings.processed_ttl_by_event,
+                   backoff=Backoff(budget_s=settings.idempotency_retry_s))
 
     def seen(self, service: str, event_id: UUID) -> bool:
         key = processed_key(self.namespace, service, event_id)

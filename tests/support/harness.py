@@ -244,8 +244,7 @@ class BusNamespace:
 
     def processed(self) -> RedisProcessedEvents:
         """The Redis record of processed events in this namespace."""
-        return RedisProcessedEvents(self.redis, self.namespace, self.settings.processed_ttl_s,
-                                    ttl_by_event=self.settings.processed_ttl_by_event)
+        return RedisProcessedEvents.from_settings(self.redis, self.settings)
 
     def declare(self, service: str, event_types: Iterable[str]) -> None:
         """Declare a service's queues (and remember them for clean-up)."""

@@ -8,10 +8,17 @@ from typing import Any
 from uuid import UUID
 
 import pytest
+import redis
 from pydantic import ValidationError
 
 from common.bus.dispatch import Ack, Delivery, Dispatcher, HandlerSpec
-from common.bus.idempotency import MemoryProcessedEvents, Retention, processed_key
+from common.bus.idempotency import (
+    Backoff,
+    MemoryProcessedEvents,
+    RedisProcessedEvents,
+    Retention,
+    processed_key,
+)
 from common.events import Event, OutcomeObserved, SourceDataAvailable
 from common.settings import PROCESSED_TTL_BY_EVENT, Settings
 
@@ -98,3 +105,15 @@ def test_the_key_ends_in_the_ids_sixteen_bytes() -> None:
     assert processed_key("conveyor", "monitoring", event_id) == (
         b"conveyor:processed:monitoring:"
         b"\x01\x23\x45\x67\x89\xab\xcd\xef\x01\x23\x45\x67\x89\xab\xcd\xef")
+
+
+def test_the_redis_record_is_built_from_the_settings_alone() -> None:
+    settings = Settings(namespace="ns-1", processed_ttl_s=600, idempotency_retry_s=4.0,
+                        processed_ttl_by_event={"OutcomeObserved": 120})
+    client = redis.Redis()  # connects on first command: none is sent here
+    processed = RedisProcessedEvents.from_settings(client, settings)
+    assert (processed.client, processed.namespace) == (client, "ns-1")
+    assert processed.retention == Retention(600, settings.processed_ttl_by_event)
+    assert processed.retention.ttl_s("OutcomeObserved") == 120
+    assert processed.retention.ttl_s("ScoreServed") == PROCESSED_TTL_BY_EVENT["ScoreServed"]
+    assert processed.backoff == Backoff(budget_s=4.0)

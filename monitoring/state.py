@@ -8,7 +8,9 @@ All keys live under ``<namespace>:monitoring:`` and are bounded:
 - ``served:<bucket>`` (hash, expires): the request (``R`` and the 16 bytes of scoring's
   uuid4 ids, ``r:<request_id>`` for others) and ``e:<entity_id>`` -> the version, label
   and score of each served score (packed: ~16 bytes; ``_pack``), ~88 bytes of Redis per
-  score (122 as JSON with the id as text), written with one HSET per ScoreServed batch.
+  score (122 as JSON with the id as text), written with one HSET per ScoreServed batch,
+  in one round trip with the bucket's HLEN and the index (the size bound counts the other
+  buckets by what this instance knows of them; ``MonitoringState._known_sizes``).
   A bucket takes the scores of at most ``bucket_s`` (``served_ttl_s / 24``) and at most
   ``bucket_entries`` fields (``served_max_entries / 16``), then the next one opens; it
   expires ``served_ttl_s`` after its last second. ``served_buckets`` (sorted set) names
@@ -80,6 +82,7 @@ class MonitoringState:
         self.bucket_entries = max(1, served_max_entries // BUCKETS_PER_BOUND)
         self._open: tuple[float, str] | None = None  # (first second, key) written to
         self._open_fields = 0  # its fields after the last write
+        self._sizes: dict[str, int] = {}  # fields of the indexed buckets, as last known
         self._warned_at = float("-inf")
 
     def key(self, *parts: str) -> str:
@@ -93,12 +96,15 @@ class MonitoringState:
         now: float | None = None,
     ) -> None:
         """Keep each score's answer by request id and as its entity's latest, for a while;
-        with ``views`` (version -> fields), update those live views in the same round trip."""
+        with ``views`` (version -> fields), update those live views in the same round trip
+        (one in all, but when the size bound drops buckets or buckets of an earlier
+        instance are first seen)."""
         now = time.time() if now is None else now
         first_s, key = self._bucket(now)
         index = self.key("served_buckets")
         pipe = self.client.pipeline(transaction=False)
         pipe.hset(key, mapping=_answers(scores))  # type: ignore[arg-type]
+        pipe.hlen(key)
         pipe.expire(key, max(1, math.ceil(first_s + self.bucket_s + self.served_ttl_s - now)))
         pipe.zadd(index, {key: first_s})
         pipe.zremrangebyscore(index, "-inf", f"({self._oldest_live(now)}")
@@ -106,7 +112,9 @@ class MonitoringState:
         for version, fields in (views or {}).items():
             self._set_live(pipe, version, fields)
         pipe.zrange(index, 0, -1, withscores=True)
-        self._bound([(name.decode(), first) for name, first in pipe.execute()[-1]], key, now)
+        replies = pipe.execute()
+        self._open_fields = self._sizes[key] = replies[1]
+        self._bound([(name.decode(), first) for name, first in replies[-1]], key, now)
 
     def _bucket(self, now: float) -> tuple[float, str]:
         """The bucket to write into: the open one, or a new one once the open one has
@@ -126,11 +134,7 @@ class MonitoringState:
     def _bound(self, buckets: list[tuple[str, float]], written: str, now: float) -> None:
         """Drop the oldest buckets (``buckets``: name and first second, oldest first) while
         all hold more than ``served_max_entries``; never the one written, nor any newer."""
-        pipe = self.client.pipeline(transaction=False)
-        for name, _ in buckets:
-            pipe.hlen(name)
-        sizes = dict(zip((name for name, _ in buckets), pipe.execute(), strict=True))
-        self._open_fields = sizes.get(written, 0)
+        sizes = self._known_sizes([name for name, _ in buckets])
         total, dropped = sum(sizes.values()), list[str]()
         for name, _ in buckets:
             if total <= self.served_max_entries or name == written:
@@ -139,6 +143,21 @@ class MonitoringState:
             total -= sizes[name]
         if dropped:
             self._drop(dropped, buckets[len(dropped)][1], now)
+
+    def _known_sizes(self, names: list[str]) -> dict[str, int]:
+        """The fields of the buckets ``names``, by name. This instance's own are known: the
+        one just written by its HLEN, the others as they were when it moved on from them;
+        they no longer change, since monitoring runs as one replica (deploy/k8s/base/
+        monitoring.yaml), the only writer of its buckets. Any other was written by an
+        instance before this one (a restart) and is read once, in one more round trip."""
+        unknown = [name for name in names if name not in self._sizes]
+        if unknown:
+            pipe = self.client.pipeline(transaction=False)
+            for name in unknown:
+                pipe.hlen(name)
+            self._sizes.update(zip(unknown, pipe.execute(), strict=True))
+        self._sizes = {name: self._sizes[name] for name in names}  # those pruned: forgotten
+        return self._sizes
 
     def _drop(self, dropped: list[str], kept_from: float, now: float) -> None:
         """Delete the buckets; say so when the join now reaches back less than its TTL."""

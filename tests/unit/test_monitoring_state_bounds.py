@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
+from redis.connection import Connection
 
 from common.events import ServedScore
 from monitoring.service import MonitoringSettings
@@ -84,6 +86,46 @@ def test_memory_stays_within_the_bound_plus_one_batch_whatever_the_traffic(
         state.remember(scores(f"s{step}-", 3), now=now)
         assert fields(state) <= 50 + 6
         assert state.served(f"s{step}-2", "x", now=now) is not None
+
+
+class CountingConnection(Connection):
+    """A Redis connection that counts what it sends: a command, or a whole pipeline, is one
+    send and one round trip."""
+
+    sent = 0
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        CountingConnection.sent += 1
+        super().send_packed_command(command, check_health)
+
+
+def round_trips(state: MonitoringState, batch: list[ServedScore], now: float) -> int:
+    before = CountingConnection.sent
+    state.remember(batch, {"v1": {"served": 1}}, now=now)
+    return CountingConnection.sent - before
+
+
+def test_a_batch_is_one_round_trip_and_a_restart_reads_the_buckets_it_finds_once(
+    client: tuple[redis.Redis, str],
+) -> None:
+    counting = redis.Redis.from_url(isolated_settings().redis_url,
+                                    connection_class=CountingConnection)
+    counting.ping()  # the connection's handshake is not a batch's
+    state = MonitoringState(counting, client[1], served_ttl_s=3_600, served_max_entries=160)
+    # 8 fields a batch: buckets close at 10 fields and after bucket_s; 96 fields, no drop
+    trips = [round_trips(state, scores(f"a{i}-", 4), T0 + i * state.bucket_s / 3)
+             for i in range(12)]
+    assert trips == [1] * 12 and len(state.buckets(now=T0 + 4 * state.bucket_s)) == 6
+    assert state.live("v1") == {"served": 1}
+    # 6 buckets of 16 fields; a restart with room for 112: the third batch drops one
+    restarted = MonitoringState(counting, client[1], served_ttl_s=3_600, served_max_entries=112)
+    now = T0 + 4 * state.bucket_s
+    trips = [round_trips(restarted, scores(f"b{i}-", 4), now + i) for i in range(3)]
+    assert trips == [2, 1, 2]  # the 6 buckets' HLEN once; the drop
+    assert fields(restarted) == 120 - 16
+    assert restarted.served("a0-0", "x", now=now + 2) is None
+    assert restarted.served("a2-0", "x", now=now + 2) is not None
+    counting.close()
 
 
 def test_the_bound_is_a_monitoring_setting() -> None:

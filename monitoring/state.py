@@ -81,7 +81,6 @@ class MonitoringState:
         self.bucket_s = max(60, served_ttl_s // 24)
         self.bucket_entries = max(1, served_max_entries // BUCKETS_PER_BOUND)
         self._open: tuple[float, str] | None = None  # (first second, key) written to
-        self._open_fields = 0  # its fields after the last write
         self._sizes: dict[str, int] = {}  # fields of the indexed buckets, as last known
         self._warned_at = float("-inf")
 
@@ -113,17 +112,18 @@ class MonitoringState:
             self._set_live(pipe, version, fields)
         pipe.zrange(index, 0, -1, withscores=True)
         replies = pipe.execute()
-        self._open_fields = self._sizes[key] = replies[1]
+        self._sizes[key] = replies[1]
         self._bound([(name.decode(), first) for name, first in replies[-1]], key, now)
 
     def _bucket(self, now: float) -> tuple[float, str]:
         """The bucket to write into: the open one, or a new one once the open one has
         had its ``bucket_s`` or its ``bucket_entries``."""
         if self._open is not None:
-            first_s = self._open[0]
-            if first_s <= now < first_s + self.bucket_s and self._open_fields < self.bucket_entries:
+            first_s, key = self._open
+            fields = self._sizes.get(key, 0)  # after the last write
+            if first_s <= now < first_s + self.bucket_s and fields < self.bucket_entries:
                 return self._open
-        self._open, self._open_fields = (now, self.key("served", str(round(now * 1000)))), 0
+        self._open = (now, self.key("served", str(round(now * 1000))))
         return self._open
 
     def _oldest_live(self, now: float) -> float:

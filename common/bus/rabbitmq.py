@@ -262,14 +262,17 @@ class RabbitMQBus(MessageBus):
         BroadcastConsumer(self, dispatcher, stop, on_attached).run()
 
     def dead_letters(self, service: str, limit: int = 100) -> list[DeadLetterMessage]:
+        dlq = self.settings.dead_letter_queue(service)
         letters: list[DeadLetterMessage] = []
         with self.channel() as channel:
             for _ in range(limit):
-                method, props, body = channel.basic_get(self.settings.dead_letter_queue(service))
+                method, props, body = channel.basic_get(dlq)
                 if method is None:
                     break
                 letters.append(DeadLetterMessage(body, dict(props.headers or {})))
-        return letters  # closing the channel un-acked puts them back
+            if letters:
+                _put_back(channel, dlq)
+        return letters
 
     def replay_dead_letters(self, service: str) -> int:
         dlq, main = self.settings.dead_letter_queue(service), self.settings.queue(service)
@@ -700,3 +703,13 @@ class _BroadcastWorker(_Worker):
             self.consumer.attached(outcome.delay_s)
             return
         super()._carry_out(outcome, delivery)
+
+
+def _put_back(channel: BlockingChannel, queue_name: str) -> None:
+    """Return every message this channel got un-acked to its queue before answering.
+
+    Closing the channel would requeue them too, but the broker does that after the close
+    returns, so a depth read at once could miss them. A nack is handled in order with the
+    channel's next synchronous call (a passive declare of the same queue)."""
+    channel.basic_nack(delivery_tag=0, multiple=True, requeue=True)
+    channel.queue_declare(queue_name, passive=True)

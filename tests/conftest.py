@@ -8,6 +8,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 
+import hypothesis  # noqa: F401 - imported here, early: see below
 import pytest
 
 from common.settings import Settings
@@ -29,6 +30,11 @@ os.environ.setdefault("CONVEYOR_SOURCE_ROOTS", json.dumps([tempfile.gettempdir()
 # take minutes and the suite run past CI's limit.
 TEST_REDIS_URL = "redis://127.0.0.1:6379/15"
 os.environ.setdefault("CONVEYOR_REDIS_URL", TEST_REDIS_URL)
+# hypothesis is imported above so that pytest rewrites it now, not in hypothesis's
+# terminal summary when a run that used no hypothesis test ends: that late ast.parse, with
+# the run's garbage about, crashed 3 of 11 runs of tests/integration/test_bus_rabbitmq.py
+# after the passes ("SystemError: AST constructor recursion depth mismatch", CPython
+# 3.11.7's bug gh-106905, fixed in later releases).
 
 
 @pytest.fixture(scope="session")

@@ -41,7 +41,7 @@ from common.errors import InvalidInput, NotFound
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from scoring.core import InferResult, ScoringCore
-from scoring.grpc_common import MAX_ROWS, grpc_errors, remaining_deadline
+from scoring.grpc_common import MAX_ROWS, check_length, grpc_errors, remaining_deadline
 from scoring.inputs import InputSchema
 from scoring.metrics import ScoringMetrics
 
@@ -131,6 +131,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext
                    ) -> pb.ModelInferResponse:
         self._check_name(request.model_name)
+        check_length("model_version", request.model_version)
         outputs = requested_outputs(request)
         model = self.core.loaded(request.model_version or None)
         rows = model_rows(decode_inputs(request), model.schema, len(model.feature_names))
@@ -140,7 +141,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return infer_response(request, result, outputs)
 
     def _check_name(self, name: str) -> None:
-        if name != self.core.router.name:
+        if check_length("model name", name) != self.core.router.name:
             raise NotFound("model", name or "''")
 
 
@@ -159,7 +160,7 @@ def decode_inputs(request: pb.ModelInferRequest) -> list[Tensor]:
 
 
 def _decode(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> Tensor:
-    name, datatype = tensor.name, tensor.datatype
+    name, datatype = check_length("input name", tensor.name), tensor.datatype
     if datatype not in NUMERIC and datatype != "BYTES":
         raise InvalidTensor(name, f"has unknown datatype '{datatype}'")
     shape = tuple(int(d) for d in tensor.shape)
@@ -312,7 +313,7 @@ def requested_outputs(request: pb.ModelInferRequest) -> list[str]:
     """The outputs asked for (all when none is named); an unknown one is refused."""
     names = [output.name for output in request.outputs] or list(OUTPUTS)
     for name in names:
-        if name not in OUTPUTS:
+        if check_length("output name", name) not in OUTPUTS:
             raise InvalidTensor(name, f"is not an output of the model ({', '.join(OUTPUTS)})",
                                 kind="output")
     return names

@@ -403,6 +403,39 @@ def test_a_very_long_unknown_version_is_answered_with_its_code(
     assert raised.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
 
 
+@pytest.mark.parametrize("where", ["model_name", "model_version", "input", "output"])
+def test_a_very_long_name_in_model_infer_is_refused_naming_it(
+        world: ScoringWorld, channel: grpc.Channel, where: str) -> None:
+    # Found by this fuzz at 3b3d7a5 (512 of 40,000 answers): ModelInfer echoed a long model
+    # or tensor name whole, past the client's 8 KB metadata limit (RESOURCE_EXHAUSTED
+    # 'Stream removed'), as Score did before its length limits.
+    long = "é" * 4500
+    request = pb.ModelInferRequest(model_name="fraud", inputs=[Tensor(
+        name="input-0", datatype="FP64", shape=[1], contents=Contents(fp64_contents=[1.0]))])
+    if where == "input":
+        request.inputs[0].name = long
+    elif where == "output":
+        request.outputs.add(name=long)
+    else:
+        setattr(request, where, long)
+    with pytest.raises(grpc.RpcError) as raised:
+        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=CALL_TIMEOUT_S)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "is 4500 characters long, more than the 256 allowed" in raised.value.details()
+
+
+def test_a_long_value_echoed_in_an_error_is_cut_so_the_status_arrives(
+        world: ScoringWorld, channel: grpc.Channel) -> None:
+    datatype = "é" * 4000  # no limit of its own: echoed in 'has unknown datatype'
+    request = pb.ModelInferRequest(model_name="fraud", inputs=[Tensor(
+        name="input-0", datatype=datatype, shape=[1], contents=Contents(fp64_contents=[1.0]))])
+    with pytest.raises(grpc.RpcError) as raised:
+        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=CALL_TIMEOUT_S)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "has unknown datatype 'éé" in raised.value.details()
+    assert raised.value.details().endswith("bytes more)")
+
+
 def test_a_long_bad_value_is_refused_as_invalid(world: ScoringWorld, channel: grpc.Channel
                                                 ) -> None:
     request = row_request(world, 3, {"amount": spb.FieldValue(text="é" * 4000)})

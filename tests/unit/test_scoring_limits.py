@@ -7,10 +7,12 @@ import pytest
 from common.errors import InvalidInput
 from protos.conveyor.scoring.v1 import scoring_pb2 as pb
 from scoring.grpc_common import (
+    MAX_DETAILS_BYTES,
     MAX_FIELDS,
     MAX_ID_CHARS,
     MAX_TEXT_CHARS,
     InsecureListen,
+    capped,
     check_listen,
 )
 from scoring.security import ServerSecurity
@@ -45,6 +47,15 @@ def test_a_request_over_a_limit_is_refused_naming_it(overrides: dict[str, object
                                                      named: str) -> None:
     with pytest.raises(InvalidInput, match=named):
         to_query(request(**overrides))
+
+
+def test_an_error_message_is_capped_in_bytes_at_a_characters_edge() -> None:
+    assert capped("model fraud with version v9 not found") == (
+        "model fraud with version v9 not found")  # short: as it is
+    message = capped("model fraud with version " + "\U0001f600" * 4000 + " not found")
+    assert len(message.encode()) <= MAX_DETAILS_BYTES + 40
+    assert message.startswith("model fraud with version \U0001f600")
+    assert message.endswith(f"... (cut: {25 + 4 * 4000 + 10 - 1021} bytes more)")
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost"])

@@ -70,19 +70,24 @@ ensure_broker_users() {
     say "WARNING: no rabbitmqctl here: import deploy/rabbitmq/definitions.json into your broker yourself"; return; }
   "$PYTHON" deploy/rabbitmq/definitions.py --local "$dir" || die "writing $dir/definitions.local.json failed"
   want=$(sha256sum "$dir/definitions.local.json" | cut -d' ' -f1)
-  if [ "$(cat "$dir/.imported" 2>/dev/null)" = "$want" ] && broker_has_user conveyor-app; then
+  if [ "$(cat "$dir/.imported" 2>/dev/null)" = "$want" ] && broker_has_our_users "$dir"; then
     say "RabbitMQ users up to date (vhost conveyor; passwords in $dir/credentials.json)"; return
   fi
   # From standard input: the broker's own process could not read the private file.
   as_root rabbitmqctl -q import_definitions < "$dir/definitions.local.json" >/dev/null \
     || die "rabbitmqctl import_definitions of $dir/definitions.local.json failed"
-  for _ in $(seq 1 30); do broker_has_user conveyor-app && break; sleep 1; done  # asynchronous
-  broker_has_user conveyor-app || die "the RabbitMQ definitions were not imported within 30 s"
+  for _ in $(seq 1 30); do broker_has_our_users "$dir" && break; sleep 1; done  # asynchronous
+  broker_has_our_users "$dir" || die "the RabbitMQ definitions were not imported within 30 s"
   echo "$want" > "$dir/.imported"
   say "RabbitMQ vhost conveyor and its users imported (per-service URLs in $dir/urls.env)"
 }
 
-broker_has_user() { as_root rabbitmqctl -q list_users 2>/dev/null | grep -q "^$1[[:space:]]"; }
+# Every user of the local definitions, with this checkout's password (another checkout's
+# set-up on the same broker imports passwords of its own).
+broker_has_our_users() {
+  as_root rabbitmqctl -q export_definitions - 2>/dev/null \
+    | "$PYTHON" deploy/rabbitmq/definitions.py --imported "$1"
+}
 
 ensure_redis() {
   if port_open "$REDIS_PORT"; then say "Redis answers on 127.0.0.1:$REDIS_PORT"; return; fi

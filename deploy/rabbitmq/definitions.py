@@ -23,6 +23,8 @@ Usage::
     python deploy/rabbitmq/definitions.py                   # rewrite definitions.json
     python deploy/rabbitmq/definitions.py --local var/rabbitmq
     rabbitmqctl import_definitions var/rabbitmq/definitions.local.json
+    rabbitmqctl -q export_definitions - \\
+        | python deploy/rabbitmq/definitions.py --imported var/rabbitmq  # 0: in place
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import json
 import os
 import re
 import secrets
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +177,15 @@ def local(folder: Path, host: str = "127.0.0.1:5672") -> None:
     write_private(folder / "urls.env", "\n".join(urls) + "\n")
 
 
+def imported(folder: Path, broker: dict[str, Any]) -> bool:
+    """Whether the broker's definitions (``rabbitmqctl export_definitions -``) hold every
+    user of ``folder``'s local definitions with its password: another checkout's set-up
+    on the same broker imports passwords of its own."""
+    local_users = json.loads((folder / "definitions.local.json").read_text())["users"]
+    hashes = {u["name"]: u.get("password_hash") for u in broker.get("users", [])}
+    return all(hashes.get(u["name"]) == u["password_hash"] for u in local_users)
+
+
 def write_private(path: Path, text: str) -> None:
     """Write a file only its owner can read (it holds passwords)."""
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -185,7 +197,12 @@ def write_private(path: Path, text: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--local", type=Path, help="folder of the local passwords and copy")
+    parser.add_argument("--imported", type=Path, metavar="DIR",
+                        help="exit 0 if the broker's definitions on stdin hold DIR's users "
+                             "with their passwords, else 1")
     args = parser.parse_args()
+    if args.imported:
+        sys.exit(0 if imported(args.imported, json.load(sys.stdin)) else 1)
     if args.local:
         local(args.local)
     else:

@@ -123,6 +123,17 @@ def test_local_mode_hashes_random_passwords_privately_and_keeps_them(tmp_path: P
         tmp_path / "urls.env").read_text()
 
 
+def test_setup_sees_whether_the_broker_holds_this_checkouts_passwords(tmp_path: Path) -> None:
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    definitions.local(mine)
+    definitions.local(theirs)  # another checkout: passwords of its own
+    exported = {"users": [*json.loads((mine / "definitions.local.json").read_text())["users"],
+                          {"name": "guest", "password_hash": "x"}]}
+    assert definitions.imported(mine, exported)
+    assert not definitions.imported(theirs, exported)
+    assert not definitions.imported(mine, {"users": exported["users"][1:]})  # one missing
+
+
 def test_the_password_hash_is_rabbitmqs_sha256_scheme() -> None:
     import base64
     import hashlib

@@ -1,16 +1,18 @@
 """Compiled tree predictors: a fitted scikit-learn tree ensemble answered by Treelite.
 
-scikit-learn predicts a HistGradientBoosting model tree by tree from Python, so one row
-of a 100-tree model costs ~0.4 ms however small the batch; Treelite's GTIL evaluates the
-same trees in C++ in ~0.03 ms. ``compiled_or_same`` imports the estimator into Treelite
-and keeps the result only if it gives the estimator's own probabilities, within
-``tolerance``, on rows built to test every split: each feature at its split thresholds,
-just below and just above them, beyond its range, and missing (NaN). Anything else (an
-estimator Treelite cannot import; a mismatch such as the forests' and GradientBoosting's,
-whose trees compare float32 copies of the values with their thresholds, ExtraTrees'
-missing-value routing or multiclass HistGradientBoosting's float32 softmax) keeps the
-scikit-learn estimator, with the reason logged. In practice binary HistGradientBoosting
-models are compiled (to within ~1e-17). Example::
+scikit-learn predicts a tree ensemble tree by tree from Python, so one row of a 100-tree
+model costs ~0.4 ms (HistGradientBoosting) to ~4 ms (a random forest) however small the
+batch; Treelite's GTIL evaluates the same trees in C++ in ~0.03 ms (bench/compiled_trees.py).
+``compiled_or_same`` imports the estimator into Treelite and keeps the result only if it
+gives the estimator's own probabilities, within ``tolerance``, on rows built to test every
+split: each feature at its split thresholds, just below and just above them, beyond its
+range, and missing (NaN). It tries the values as they are (HistGradientBoosting compares
+float64 values), then rounded to float32, as scikit-learn's forests, ExtraTrees and
+GradientBoosting round them before their trees compare. Anything else (an estimator
+Treelite cannot import; a mismatch such as multiclass HistGradientBoosting's float32
+softmax) keeps the scikit-learn estimator, with the reason logged. In practice binary
+HistGradientBoosting (to within ~1e-17), random forests, ExtraTrees and binary
+GradientBoosting (to within ~2e-16) are compiled. Example::
 
     model = compiled_or_same(estimator)      # CompiledTrees, or estimator itself
     model.predict_proba(X)                   # same values, [n, classes]
@@ -37,10 +39,14 @@ MISSING_SHARE = 0.1
 
 class CompiledTrees:
     """The estimator's trees in Treelite: ``predict_proba`` and ``predict`` like the
-    estimator's; every other attribute (``classes_``, ...) is the estimator's."""
+    estimator's; every other attribute (``classes_``, ...) is the estimator's. With
+    ``float32_inputs`` the values are rounded to float32 first, as scikit-learn's forests
+    and GradientBoosting do before their trees compare them, and refused as they refuse
+    them (infinite or too large for float32; NaN where the estimator takes none)."""
 
-    def __init__(self, estimator: Any, model: Any) -> None:
-        self.estimator, self.model = estimator, model
+    def __init__(self, estimator: Any, model: Any, *, float32_inputs: bool = False) -> None:
+        self.estimator, self.model, self.float32_inputs = estimator, model, float32_inputs
+        self._allow_nan = get_tags(estimator).input_tags.allow_nan
         self._predict = _gtil_predictor(model)
 
     def __getattr__(self, name: str) -> Any:
@@ -48,6 +54,8 @@ class CompiledTrees:
 
     def predict_proba(self, X: Any) -> np.ndarray:
         matrix = np.asarray(X, dtype=np.float64)
+        if self.float32_inputs:
+            matrix = _as_float32_values(matrix, self._allow_nan)
         out = self._predict(matrix).reshape(len(matrix), -1)
         if out.shape[1] == 1:  # binary boosting: the positive class's probability
             proba = np.empty((len(out), 2))
@@ -58,6 +66,19 @@ class CompiledTrees:
 
     def predict(self, X: Any) -> np.ndarray:
         return np.asarray(self.estimator.classes_)[self.predict_proba(X).argmax(axis=1)]
+
+
+def _as_float32_values(matrix: np.ndarray, allow_nan: bool) -> np.ndarray:
+    """``matrix`` rounded to float32 values (kept as float64 for Treelite), refused with
+    scikit-learn's own messages where its float32 input check refuses it."""
+    with np.errstate(over="ignore"):
+        rounded = matrix.astype(np.float32)
+    if np.isinf(rounded).any():
+        raise ValueError("Input X contains infinity or a value too large for "
+                         "dtype('float32').")
+    if not allow_nan and np.isnan(rounded).any():
+        raise ValueError("Input X contains NaN.")
+    return rounded.astype(np.float64)
 
 
 def _gtil_predictor(model: Any) -> Callable[[np.ndarray], np.ndarray]:
@@ -118,21 +139,24 @@ def compiled_or_same(estimator: Any, tolerance: float = TOLERANCE) -> Any:
     try:
         import treelite.sklearn
 
-        compiled = CompiledTrees(estimator, treelite.sklearn.import_model(estimator))
+        model = treelite.sklearn.import_model(estimator)
         rows = check_rows(splits, missing=get_tags(estimator).input_tags.allow_nan)
         with warnings.catch_warnings():  # plain rows, on purpose: no feature-name check
             warnings.filterwarnings("ignore", "X does not have valid feature names")
             expected = estimator.predict_proba(rows)
-        difference = float(np.max(np.abs(compiled.predict_proba(rows) - expected)))
+        differences = []
+        for float32_inputs in (False, True):  # HistGradientBoosting's values; the others'
+            compiled = CompiledTrees(estimator, model, float32_inputs=float32_inputs)
+            differences.append(float(np.max(np.abs(compiled.predict_proba(rows) - expected))))
+            if differences[-1] <= tolerance:
+                return compiled
     except Exception as exc:  # an estimator or a version Treelite does not take
         log.info("%s stays in scikit-learn: Treelite cannot take it (%s: %s)",
                  type(estimator).__name__, type(exc).__name__, exc)
         return estimator
-    if not difference <= tolerance:
-        log.info("%s stays in scikit-learn: Treelite differs by %.3g (tolerance %.3g)",
-                 type(estimator).__name__, difference, tolerance)
-        return estimator
-    return compiled
+    log.info("%s stays in scikit-learn: Treelite differs by %.3g (%.3g with float32 values; "
+             "tolerance %.3g)", type(estimator).__name__, *differences, tolerance)
+    return estimator
 
 
 def split_points(estimator: Any) -> list[np.ndarray] | None:

@@ -54,20 +54,47 @@ def test_check_rows_sit_on_every_split_and_include_missing_values():
     assert all(on_split)
 
 
-@pytest.mark.parametrize("estimator, classes, why", [
-    (RandomForestClassifier(n_estimators=10, random_state=0), 2, "float32 comparisons"),
-    (GradientBoostingClassifier(n_estimators=10), 2, "float32 comparisons"),
-    (ExtraTreesClassifier(n_estimators=10, random_state=0), 2, "missing-value routing"),
-    (HistGradientBoostingClassifier(max_iter=10), 3, "float32 softmax"),
-])
-def test_an_estimator_treelite_answers_differently_stays_in_scikit_learn(
-    caplog, estimator, classes, why
-):
-    X, y = data(classes, missing=not isinstance(estimator, GradientBoostingClassifier))
+FLOAT32_TREES = [RandomForestClassifier(n_estimators=10, random_state=0),
+                 GradientBoostingClassifier(n_estimators=10, random_state=0),
+                 ExtraTreesClassifier(n_estimators=10, random_state=0)]
+
+
+@pytest.mark.parametrize("estimator", FLOAT32_TREES, ids=lambda e: type(e).__name__)
+def test_trees_that_compare_float32_values_are_compiled_on_float32_values(estimator):
+    X, y = data(missing=not isinstance(estimator, GradientBoostingClassifier))
+    estimator.fit(X, y)
+    model = compiled_or_same(estimator)
+
+    assert isinstance(model, CompiledTrees) and model.float32_inputs
+    np.testing.assert_allclose(model.predict_proba(X), estimator.predict_proba(X),
+                               rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(model.predict(X), estimator.predict(X))
+
+
+@pytest.mark.parametrize("value", [1e308, np.inf])
+def test_a_float32_compiled_model_refuses_what_its_estimator_refuses(value: float) -> None:
+    X, y = data(missing=False)
+    estimator = GradientBoostingClassifier(n_estimators=5, random_state=0).fit(X, y)
+    model = compiled_or_same(estimator)
+    row = X[:1].copy()
+    row[0, 3] = value
+    for predictor in (estimator, model):
+        with pytest.raises(ValueError, match="Input X contains infinity or a value too large"):
+            predictor.predict_proba(row)
+    row[0, 3] = np.nan  # GradientBoosting takes no missing value
+    for predictor in (estimator, model):
+        with pytest.raises(ValueError, match="Input X contains NaN"):
+            predictor.predict_proba(row)
+
+
+def test_an_estimator_treelite_answers_differently_stays_in_scikit_learn(caplog):
+    X, y = data(classes=3)
+    estimator = HistGradientBoostingClassifier(max_iter=10)  # float32 softmax
 
     with caplog.at_level("INFO", logger="scoring.compiled"):
-        assert compiled_or_same(estimator.fit(X, y)) is estimator, why
-    assert f"{type(estimator).__name__} stays in scikit-learn: Treelite differs by" in caplog.text
+        assert compiled_or_same(estimator.fit(X, y)) is estimator
+    assert "HistGradientBoostingClassifier stays in scikit-learn: Treelite differs by" in (
+        caplog.text)
 
 
 def test_a_model_without_trees_is_left_as_it_is():

@@ -1149,6 +1149,11 @@ def _refuses_values(exc: ValueError) -> bool:
     return str(exc).startswith(_REFUSED_VALUES)
 
 
+ARRAY_CHECK_ROWS = 16
+"""Rows a model fitted on DataFrames must answer identically as arrays (zeros, ones and
+seeded normal values) to be given arrays."""
+
+
 def _frame_input(estimator: Any, names: Sequence[str]) -> bool:
     """Whether a model is to be given DataFrames with the feature names: one that learnt
     them in fit (``feature_names_in_``, as every model Conveyor trains), unless it learnt
@@ -1173,11 +1178,6 @@ def _frame_input(estimator: Any, names: Sequence[str]) -> bool:
                     type(exc).__name__, exc)
         return True
     return not np.array_equal(np.asarray(as_frames), np.asarray(as_arrays), equal_nan=True)
-
-
-ARRAY_CHECK_ROWS = 16
-"""Rows a model fitted on DataFrames must answer identically as arrays (zeros, ones and
-seeded normal values) to be given arrays."""
 
 
 def _silence_unnamed_array_warning() -> None:

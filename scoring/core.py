@@ -110,7 +110,8 @@ class CoreSettings:
     workers: int = 64
     """Threads that run model links (a slow model is abandoned, not waited for)."""
     warmup_calls: int = 3
-    """Predict calls made on a model before it takes traffic."""
+    """Predict calls made on a model before it takes traffic (0: none at all, so a model
+    fitted on DataFrames is not checked for plain arrays and keeps DataFrames)."""
     chain_depth: int = 3
     """Versions kept deployed (champion, previous, older); the rest are retired."""
     retire_wait_s: float = 30.0
@@ -451,7 +452,11 @@ class LoadedModel:
         return np.asarray(self.predict_batch(list(matrix)))
 
     def warm_up(self, calls: int) -> None:
-        """Predict a few zero rows through the batcher, so the first request is not slow."""
+        """Predict a few zero rows through the batcher, so the first request is not slow;
+        first, a model fitted on DataFrames is checked for arrays (``_frame_input``). With
+        no call (``warmup_calls`` 0) nothing is predicted, and such a model keeps them."""
+        if calls > 0 and self.frame_input:
+            self.frame_input = _frame_input(self.estimator, self.feature_names)
         zeros = np.zeros(len(self.feature_names), dtype=np.float64)
         for _ in range(calls):
             self.batcher.submit(zeros).result(timeout=30)
@@ -678,7 +683,7 @@ class ScoringCore:
                            version, delay_s * 1e3)
         loaded = LoadedModel(version, model_id, estimator, fitted, names, InputSchema.of(fitted),
                              on_batch=self._batch_observer(version), delay_s=delay_s,
-                             frame_input=_frame_input(estimator, names),
+                             frame_input=_fitted_on_frames(estimator),
                              stream=self._stream_plan(fitted))
         loaded.batcher = MicroBatcher(
             f"{self.registry.name}:{version}", loaded.predict_batch,
@@ -1154,18 +1159,23 @@ ARRAY_CHECK_ROWS = 16
 seeded normal values) to be given arrays."""
 
 
+def _fitted_on_frames(estimator: Any) -> bool:
+    """Whether a model learnt its features' names in fit (``feature_names_in_``). A
+    compiled model takes arrays (its trees use positions) and answers
+    ``feature_names_in_`` from the estimator it was built from."""
+    return not isinstance(estimator, CompiledTrees) and hasattr(estimator, "feature_names_in_")
+
+
 def _frame_input(estimator: Any, names: Sequence[str]) -> bool:
     """Whether a model is to be given DataFrames with the feature names: one that learnt
     them in fit (``feature_names_in_``, as every model Conveyor trains), unless it learnt
     exactly ``names`` in this order and answers plain arrays of ``ARRAY_CHECK_ROWS``
     exactly (bit for bit) as it answers them as DataFrames. Such a model gets arrays, and
     scikit-learn's warning that they have no names is silenced for it: the order was
-    checked. A compiled model takes arrays (its trees use positions) and answers
-    ``feature_names_in_`` from the estimator it was built from."""
-    learnt = getattr(estimator, "feature_names_in_", None)
-    if isinstance(estimator, CompiledTrees) or learnt is None:
+    checked. Two predicts of those rows (part of the warm-up)."""
+    if not _fitted_on_frames(estimator):
         return False
-    if list(learnt) != list(names):
+    if list(estimator.feature_names_in_) != list(names):
         return True
     _silence_unnamed_array_warning()
     rows = np.vstack([np.zeros(len(names)), np.ones(len(names)),

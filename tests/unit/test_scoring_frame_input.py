@@ -8,15 +8,18 @@ scoring gives it arrays only once it has checked that, bit for bit.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from sklearn.compose import ColumnTransformer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
 from scoring.core import _frame_input
+from tests.fixtures.scoring import memory_world
 
 NAMES = ["a", "b", "c", "d"]
 
@@ -63,3 +66,16 @@ def test_a_model_that_answers_arrays_otherwise_keeps_frames() -> None:
     X, y = training()
     model = make_pipeline(FunctionTransformer(reverse_frames), LogisticRegression()).fit(X, y)
     assert _frame_input(model, NAMES) is True
+
+
+@pytest.mark.parametrize(("warmup_calls", "frames"), [(3, False), (0, True)])
+def test_the_check_is_part_of_the_warm_up(tmp_path: Path, warmup_calls: int,
+                                          frames: bool) -> None:
+    world = memory_world(tmp_path)  # its models are fitted on DataFrames
+    core = world.core(warmup_calls=warmup_calls)
+    try:
+        core.load_chain()
+        assert core.loaded().frame_input is frames  # no call at all: not checked, frames
+        assert hasattr(core.loaded().estimator, "feature_names_in_")
+    finally:
+        core.close()

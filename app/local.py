@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -126,11 +128,42 @@ def write_scrape_target(folder: Path, service: str, port: int) -> Path:
     return path
 
 
+FIRST_PORT = 20_000
+"""Ports handed out by ``free_port`` start here (above the usual services' ports)."""
+_HANDED_OUT: set[int] = set()
+_HANDING_OUT = threading.Lock()
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
+    """A TCP port free on 127.0.0.1 right now, not handed out before by this process, and
+    below the kernel's ephemeral range, so a client connection's own port cannot take it
+    before the service it is for binds it: a port the kernel picked (bind to port 0) once
+    did, and the evaluation service of a test run died with 'Address already in use'."""
+    candidates = range(FIRST_PORT, _ephemeral_start())
+    with _HANDING_OUT:
+        for port in random.sample(candidates, k=min(256, len(candidates))):
+            if port not in _HANDED_OUT and _bindable(port):
+                _HANDED_OUT.add(port)
+                return port
+    raise RuntimeError(f"no free TCP port on 127.0.0.1 in {candidates} (256 tried at most)")
+
+
+def _ephemeral_start() -> int:
+    """The first port of the kernel's range for client connections (Linux; else 32768)."""
+    try:
+        first = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]
+        return max(int(first), FIRST_PORT + 1_000)
+    except (OSError, ValueError, IndexError):
+        return 32_768
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def consumers(bus: RabbitMQBus, service: str) -> int:

@@ -124,12 +124,14 @@ ensure_prometheus() {
 
 ensure_venv() {
   [ -x "$VENV/bin/python" ] || { say "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
+  # The versions of constraints.txt (the image's): a library released since cannot change
+  # what the tests run on (a new grpcio-tools once asked for a grpcio the file did not pin).
   local stamp="$VENV/.conveyor-installed" want
-  want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
+  want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    say "installing Python packages into $VENV"
+    say "installing Python packages into $VENV (versions of constraints.txt)"
     "$VENV/bin/pip" install -q --upgrade pip
-    "$VENV/bin/pip" install -q -e '.[dev]'
+    "$VENV/bin/pip" install -q --constraint constraints.txt -e '.[dev]'
     echo "$want" > "$stamp"
   else
     say "Python packages up to date"

@@ -87,8 +87,8 @@ def runtime_requirements() -> dict[str, list[Requirement]]:
 
 
 def test_constraints_pin_every_runtime_library_within_its_requirements() -> None:
-    # What the image installs; the tests' .venv is installed by scripts/setup.sh without
-    # it, so a version there may differ (regenerate the file to move the image along).
+    # What the image installs, and scripts/setup.sh into the tests' .venv (regenerate the
+    # file, as its header says, to move both along).
     pinned = pins()
     for name, requirements in sorted(runtime_requirements().items()):
         assert name in pinned, f"{name} is not pinned in constraints.txt (see its header)"

@@ -7,7 +7,7 @@
 #        scripts/setup.sh prometheus   (only prometheus and promtool, not left running)
 #        scripts/setup.sh k8s          (only the Kubernetes tools the deploy tests use)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PYTHON=${PYTHON:-python3}
 VENV=.venv
@@ -22,6 +22,18 @@ port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 wait_port() {  # wait_port PORT SECONDS
   for _ in $(seq 1 "$2"); do port_open "$1" && return 0; sleep 1; done
   return 1
+}
+
+# A broker can wedge with its port open: TCP connections are accepted, the AMQP handshake
+# never answered (clients then time out one by one, far from the cause). Sending the AMQP
+# protocol header must bring back the first frame of Connection.Start (frame type 1).
+AMQP_PROBE_S=${CONVEYOR_AMQP_PROBE_S:-10}
+
+amqp_answers() {  # amqp_answers PORT: the broker on 127.0.0.1:PORT starts a handshake
+  local first
+  first=$(timeout "$AMQP_PROBE_S" bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1" \
+    && printf "AMQP\0\0\11\1" >&3 && head -c 1 <&3 | od -An -tx1' _ "$1" 2>/dev/null) || return 1
+  [ "${first// /}" = 01 ]
 }
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi; }
@@ -51,13 +63,36 @@ start_rabbitmq() {
 }
 
 ensure_rabbitmq() {
-  if port_open "$AMQP_PORT"; then say "RabbitMQ answers on 127.0.0.1:$AMQP_PORT"; return; fi
+  if port_open "$AMQP_PORT"; then
+    if amqp_answers "$AMQP_PORT"; then say "RabbitMQ answers on 127.0.0.1:$AMQP_PORT"; return; fi
+    restart_wedged_rabbitmq
+    return
+  fi
   command -v rabbitmq-server >/dev/null || [ -x /usr/sbin/rabbitmq-server ] || apt_install rabbitmq-server
   say "starting RabbitMQ"
   start_rabbitmq
   wait_port "$AMQP_PORT" 60 || die "RabbitMQ did not answer on 127.0.0.1:$AMQP_PORT within 60 s (see /var/log/rabbitmq)"
   as_root rabbitmqctl await_startup >/dev/null 2>&1 || true
   say "RabbitMQ is up"
+}
+
+# Only a broker this machine runs (beam.smp of the rabbitmq user) is restarted; any other
+# is named and left to its owner.
+restart_wedged_rabbitmq() {
+  local wedged="RabbitMQ on 127.0.0.1:$AMQP_PORT accepts connections but does not answer the AMQP handshake within ${AMQP_PROBE_S} s"
+  pgrep -u rabbitmq -f beam.smp >/dev/null 2>&1 || die "$wedged, and it is not a broker this machine runs: restart it"
+  say "$wedged: restarting it"
+  as_root timeout 30 rabbitmqctl stop >/dev/null 2>&1 || true
+  if pgrep -u rabbitmq -f beam.smp >/dev/null 2>&1; then  # the wedged node ignored the stop
+    as_root pkill -9 -u rabbitmq -f beam.smp || true
+    as_root pkill -9 -u rabbitmq epmd || true
+  fi
+  for _ in $(seq 1 30); do port_open "$AMQP_PORT" || break; sleep 1; done
+  start_rabbitmq
+  wait_port "$AMQP_PORT" 60 || die "RabbitMQ did not answer on 127.0.0.1:$AMQP_PORT within 60 s of its restart (see /var/log/rabbitmq)"
+  as_root rabbitmqctl await_startup >/dev/null 2>&1 || true
+  amqp_answers "$AMQP_PORT" || die "$wedged, even after a restart (see /var/log/rabbitmq)"
+  say "RabbitMQ restarted and answers"
 }
 
 ensure_broker_users() {
@@ -172,6 +207,7 @@ ensure_k8s_tools() {
   echo "$K8S_TOOLS" > "$stamp"
 }
 
+main() {
 case "${1:-all}" in
   services) ensure_rabbitmq; ensure_redis; ensure_broker_users ;;
   broker) ensure_rabbitmq; ensure_broker_users ;;
@@ -181,3 +217,7 @@ case "${1:-all}" in
   all) ensure_venv; generate_protos; ensure_rabbitmq; ensure_redis; ensure_prometheus; ensure_k8s_tools; ensure_broker_users ;;
   *) die "unknown target '$1' (all, services, broker, python, prometheus, k8s)" ;;
 esac
+}
+
+# Sourced (the tests call its functions), it only defines them.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then main "$@"; fi

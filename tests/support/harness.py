@@ -80,17 +80,38 @@ def policy_for(settings: Settings) -> RetryPolicy:
 # -- services --------------------------------------------------------------------------
 
 
+AMQP_PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
+AMQP_METHOD_FRAME = 1
+"""A broker answers the protocol header with Connection.Start, a method frame."""
+
+
+def _amqp_first_byte(connection: socket.socket) -> int | None:
+    """The first byte the broker sends back for the protocol header (None: nothing in
+    the socket's timeout, or the connection closed)."""
+    connection.sendall(AMQP_PROTOCOL_HEADER)
+    try:
+        first = connection.recv(1)
+    except TimeoutError:
+        return None
+    return first[0] if first else None
+
+
 def check_services(settings: Settings, timeout: float = 3.0) -> None:
     """Raise ``ServicesUnavailable`` with a clear message unless RabbitMQ and Redis answer."""
     amqp = urlparse(settings.amqp_url)
+    address = f"{amqp.hostname}:{amqp.port or 5672}"
     try:
-        with socket.create_connection((amqp.hostname, amqp.port or 5672), timeout=timeout):
-            pass
+        with socket.create_connection((amqp.hostname, amqp.port or 5672), timeout=timeout) as s:
+            first = _amqp_first_byte(s)
     except OSError as exc:
         raise ServicesUnavailable(
-            f"RabbitMQ does not answer at {amqp.hostname}:{amqp.port or 5672} ({exc}); "
-            "run `bash scripts/setup.sh services`"
+            f"RabbitMQ does not answer at {address} ({exc}); run `bash scripts/setup.sh services`"
         ) from None
+    if first != AMQP_METHOD_FRAME:
+        raise ServicesUnavailable(
+            f"RabbitMQ at {address} accepts connections but does not answer the AMQP handshake "
+            f"within {timeout:g} s (a wedged broker): `bash scripts/setup.sh services` restarts it"
+        )
     try:
         redis.Redis.from_url(settings.redis_url, socket_timeout=timeout).ping()
     except redis.RedisError as exc:

@@ -107,7 +107,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.ServicerContext
                    ) -> pb.ModelReadyResponse:
         self._check_name(request.name)
-        if request.version:
+        if check_length("version", request.version):
             self.core.router.get(request.version)  # deployed means loaded and warmed up
             return pb.ModelReadyResponse(ready=True)
         return pb.ModelReadyResponse(ready=self.core.ready)
@@ -121,7 +121,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.ServicerContext
                       ) -> pb.ModelMetadataResponse:
         self._check_name(request.name)
-        model = self.core.loaded(request.version or None)
+        model = self.core.loaded(check_length("version", request.version) or None)
         return pb.ModelMetadataResponse(
             name=self.core.router.name, versions=self.core.router.versions(),
             platform=PLATFORM, inputs=input_metadata(model.schema),

@@ -424,6 +424,19 @@ def test_a_very_long_name_in_model_infer_is_refused_naming_it(
     assert "is 4500 characters long, more than the 256 allowed" in raised.value.details()
 
 
+@pytest.mark.parametrize("method", ["ModelReady", "ModelMetadata"])
+def test_a_very_long_version_in_model_ready_or_metadata_is_refused_naming_it(
+        world: ScoringWorld, channel: grpc.Channel, method: str) -> None:
+    # Both answered NOT_FOUND for an unknown version of any length (the message capped);
+    # now the same 256-character limit as ModelInfer's model_version, named.
+    request = getattr(pb, f"{method}Request")(name="fraud", version="é" * 4500)
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as raised:
+        getattr(stub, method)(request, timeout=CALL_TIMEOUT_S)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "version is 4500 characters long, more than the 256 allowed" in raised.value.details()
+
+
 def test_a_long_value_echoed_in_an_error_is_cut_so_the_status_arrives(
         world: ScoringWorld, channel: grpc.Channel) -> None:
     datatype = "é" * 4000  # no limit of its own: echoed in 'has unknown datatype'

@@ -28,6 +28,7 @@ wait_port() {  # wait_port PORT SECONDS
 # never answered (clients then time out one by one, far from the cause). Sending the AMQP
 # protocol header must bring back the first frame of Connection.Start (frame type 1).
 AMQP_PROBE_S=${CONVEYOR_AMQP_PROBE_S:-10}
+SHARED_BROKER_CREDENTIALS=${CONVEYOR_BROKER_CREDENTIALS:-${XDG_CONFIG_HOME:-$HOME/.config}/conveyor/rabbitmq-credentials.json}
 
 amqp_answers() {  # amqp_answers PORT: the broker on 127.0.0.1:PORT starts a handshake
   local first
@@ -98,12 +99,14 @@ restart_wedged_rabbitmq() {
 ensure_broker_users() {
   # The vhost `conveyor`, one user per service and the application and operator users of
   # deploy/rabbitmq/definitions.json, with random local passwords kept in var/rabbitmq/
-  # (credentials.json, urls.env; mode 0600). Imported again only when they change. guest
+  # (credentials.json, urls.env; mode 0600), the same for every checkout of this machine
+  # (SHARED_BROKER_CREDENTIALS): one broker, one set. Imported again only when they change. guest
   # keeps its rights on / (the test suite and the demo log in as guest).
   local dir=var/rabbitmq want
   command -v rabbitmqctl >/dev/null || [ -x /usr/sbin/rabbitmqctl ] || {
     say "WARNING: no rabbitmqctl here: import deploy/rabbitmq/definitions.json into your broker yourself"; return; }
-  "$PYTHON" deploy/rabbitmq/definitions.py --local "$dir" || die "writing $dir/definitions.local.json failed"
+  "$PYTHON" deploy/rabbitmq/definitions.py --local "$dir" --shared "$SHARED_BROKER_CREDENTIALS" \
+    || die "writing $dir/definitions.local.json failed"
   want=$(sha256sum "$dir/definitions.local.json" | cut -d' ' -f1)
   if [ "$(cat "$dir/.imported" 2>/dev/null)" = "$want" ] && broker_has_our_users "$dir"; then
     say "RabbitMQ users up to date (vhost conveyor; passwords in $dir/credentials.json)"; return

@@ -16,12 +16,15 @@ until a deployment fills them. ``--local DIR`` does that for one machine: it kee
 random password per user in ``DIR/credentials.json`` (created once, mode 0600), writes
 ``DIR/definitions.local.json`` (the definitions with those passwords hashed, plus guest's
 permissions on the vhost: local development only) and ``DIR/urls.env`` (each service's
-CONVEYOR_AMQP_URL). A deployment may provide its own ``credentials.json``.
+CONVEYOR_AMQP_URL). A deployment may provide its own ``credentials.json``. ``--shared FILE``
+(set-up gives ``~/.config/conveyor/rabbitmq-credentials.json``) keeps one set of passwords
+per machine, so several checkouts on one broker do not replace each other's.
 
 Usage::
 
     python deploy/rabbitmq/definitions.py                   # rewrite definitions.json
-    python deploy/rabbitmq/definitions.py --local var/rabbitmq
+    python deploy/rabbitmq/definitions.py --local var/rabbitmq \\
+        --shared ~/.config/conveyor/rabbitmq-credentials.json
     rabbitmqctl import_definitions var/rabbitmq/definitions.local.json
     rabbitmqctl -q export_definitions - \\
         | python deploy/rabbitmq/definitions.py --imported var/rabbitmq  # 0: in place
@@ -150,22 +153,35 @@ def password_hash(user: str, password: str) -> str:
     return base64.b64encode(salt + hashlib.sha256(salt + password.encode()).digest()).decode()
 
 
-def credentials(folder: Path, users: list[str]) -> dict[str, str]:
-    """Each user's password, created at random once and kept in ``credentials.json``."""
+def credentials(folder: Path, users: list[str], shared: Path | None = None) -> dict[str, str]:
+    """Each user's password, created at random once and kept in ``credentials.json``.
+
+    With ``shared`` (one file for the machine), a user the folder has no password for
+    takes the machine's, and one the machine's file lacks gets the folder's: every
+    checkout on one broker then imports the same passwords instead of replacing each
+    other's. A password in the folder's own ``credentials.json`` always wins."""
     path = folder / "credentials.json"
-    known: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
-    missing = [u for u in users if u not in known]
-    if missing:
-        known |= {u: secrets.token_urlsafe(24) for u in missing}
+    own, machine = _read(path), _read(shared)
+    known = machine | own
+    known |= {u: secrets.token_urlsafe(24) for u in users if u not in known}
+    if any(u not in own for u in users):
         write_private(path, json.dumps(known, indent=2) + "\n")
+    if shared is not None and any(u not in machine for u in users):
+        shared.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        machine |= {u: known[u] for u in users if u not in machine}
+        write_private(shared, json.dumps(machine, indent=2) + "\n")
     return known
 
 
-def local(folder: Path, host: str = "127.0.0.1:5672") -> None:
+def _read(path: Path | None) -> dict[str, str]:
+    return json.loads(path.read_text()) if path is not None and path.exists() else {}
+
+
+def local(folder: Path, host: str = "127.0.0.1:5672", shared: Path | None = None) -> None:
     """Write the local definitions (passwords hashed, guest allowed) and service URLs."""
     folder.mkdir(parents=True, exist_ok=True)
     document = definitions()
-    passwords = credentials(folder, [u["name"] for u in document["users"]])
+    passwords = credentials(folder, [u["name"] for u in document["users"]], shared)
     for user in document["users"]:
         user["password_hash"] = password_hash(user["name"], passwords[user["name"]])
     # Local development only: the test suite and the demo log in as guest.
@@ -197,6 +213,9 @@ def write_private(path: Path, text: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--local", type=Path, help="folder of the local passwords and copy")
+    parser.add_argument("--shared", type=Path, metavar="FILE",
+                        help="with --local: the machine's passwords, taken by a folder that "
+                             "has none, written from the first one")
     parser.add_argument("--imported", type=Path, metavar="DIR",
                         help="exit 0 if the broker's definitions on stdin hold DIR's users "
                              "with their passwords, else 1")
@@ -204,7 +223,7 @@ def main() -> None:
     if args.imported:
         sys.exit(0 if imported(args.imported, json.load(sys.stdin)) else 1)
     if args.local:
-        local(args.local)
+        local(args.local, shared=args.shared)
     else:
         DEFINITIONS.write_text(json.dumps(definitions(), indent=2) + "\n")
 

@@ -151,3 +151,35 @@ def test_nobody_writes_the_default_exchange_and_services_write_only_their_retry_
     write = re.compile(permission("conveyor-ingestion")["write"])
     assert write.match("conveyor.retry.ingestion")
     assert not write.match("conveyor.retry.scoring")
+
+
+def test_checkouts_of_one_machine_share_its_passwords(tmp_path: Path) -> None:
+    machine = tmp_path / "home" / "rabbitmq-credentials.json"
+    first, second = tmp_path / "first", tmp_path / "second"
+    definitions.local(first, shared=machine)
+    definitions.local(second, shared=machine)  # a fresh clone: takes the machine's
+    assert (json.loads((second / "credentials.json").read_text())
+            == json.loads((first / "credentials.json").read_text())
+            == json.loads(machine.read_text()))
+    assert (second / "definitions.local.json").read_text() == (
+        first / "definitions.local.json").read_text()  # setup sees them imported already
+    assert machine.stat().st_mode & 0o077 == 0
+
+
+def test_a_checkouts_own_passwords_win_and_the_machine_learns_users_it_lacks(
+        tmp_path: Path) -> None:
+    machine, own = tmp_path / "machine.json", tmp_path / "own"
+    definitions.local(tmp_path / "first", shared=machine)
+    own.mkdir()
+    (own / "credentials.json").write_text(json.dumps({"conveyor-app": "provided"}))
+    definitions.local(own, shared=machine)
+    mine = json.loads((own / "credentials.json").read_text())
+    shared = json.loads(machine.read_text())
+    assert mine["conveyor-app"] == "provided" != shared["conveyor-app"]
+    assert mine["conveyor-scoring"] == shared["conveyor-scoring"]  # the rest: the machine's
+    del shared["conveyor-scoring"]  # a user the machine's file does not know yet
+    machine.write_text(json.dumps(shared))
+    definitions.local(own, shared=machine)
+    assert json.loads(machine.read_text())["conveyor-scoring"] == mine["conveyor-scoring"]
+    assert json.loads((own / "credentials.json").read_text()) == mine  # unchanged
+    assert json.loads(machine.read_text())["conveyor-app"] != "provided"

@@ -79,15 +79,17 @@ def redis_reachable(settings: Settings) -> bool:
 
 
 def queue_table(bus: RabbitMQBus) -> str:
-    """Queue depths per service, one line each."""
-    lines = [f"{'service':<14} {'ready':>7} {'retrying':>9} {'dead':>6}"]
-    for name in service_names():
+    """Queue depths per service, one line each, in columns as wide as the longest name."""
+    names = service_names()
+    width = max(len("service"), *map(len, names))
+    lines = [f"{'service':<{width}} {'ready':>7} {'retrying':>9} {'dead':>6}"]
+    for name in names:
         depths = bus.queue_depths(name)
         if depths["ready"] < 0:
-            lines.append(f"{name:<14} {'(queue not declared yet)':>24}")
+            lines.append(f"{name:<{width}}  (queue not declared yet)")
             continue
         retrying = sum(v for k, v in depths.items() if k.startswith("retry") and v > 0)
-        lines.append(f"{name:<14} {depths['ready']:>7} {retrying:>9} {depths['dead']:>6}")
+        lines.append(f"{name:<{width}} {depths['ready']:>7} {retrying:>9} {depths['dead']:>6}")
     return "\n".join(lines)
 
 

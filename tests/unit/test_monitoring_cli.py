@@ -1,5 +1,5 @@
-"""``conveyor publish outcome`` and the models part of ``conveyor status``, where they need
-no broker (the published outcome itself is checked end to end)."""
+"""``conveyor publish outcome`` and the models and queues parts of ``conveyor status``, where
+they need no broker (the published outcome itself is checked end to end)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from app.cli import main, outcome_value
-from app.console import model_table
+from app.console import model_table, queue_table
+from app.services import service_names
 from monitoring.outcomes import outcome_event
 
 
@@ -50,3 +51,24 @@ def test_the_model_table_shows_each_versions_figures() -> None:
     assert "0.410 (0.970)" in v2 and v2.endswith("alert, degraded: accuracy")
     assert v1.split()[:4] == ["v1", "3", "-/-/-", "100.0%"] and v1.endswith("-")
     assert "nothing served yet" in model_table({})
+
+
+class DepthsOf:
+    """What ``queue_table`` asks of the bus: each service's queue depths (-1: undeclared)."""
+
+    def queue_depths(self, service: str) -> dict[str, int]:
+        if service == "batch-scoring":
+            return {"ready": -1}
+        return {"ready": len(service), "retry.500ms": 2, "retry.5000ms": 0, "dead": 1}
+
+
+def test_the_queue_table_keeps_its_columns_under_the_longest_service_name() -> None:
+    lines = queue_table(DepthsOf()).splitlines()  # type: ignore[arg-type]
+    assert "online-preparation" in service_names()
+    header, rows = lines[0], lines[1:]
+    assert [row.split()[0] for row in rows] == service_names()
+    for row in rows:
+        if "(queue not declared yet)" in row:
+            continue
+        assert len(row) == len(header), row  # every number right-aligned under its title
+        assert row.split()[1:] == [str(len(row.split()[0])), "2", "1"]

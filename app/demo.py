@@ -108,20 +108,25 @@ def _pipeline_run(
 
 
 def _follow(log: EventLog, cursor: str, source: Event, timeout: float) -> Event:
+    """Print the run's events as the event log gets them, until its final one."""
     started = time.monotonic()
-    for event in _run_events(log, cursor, source, started + timeout):
-        say(f"   +{time.monotonic() - started:6.1f}s  {event.event_type:<20} {_gist(event)}")
-        if event.event_type in FINAL_EVENTS:
+    for entry, event in _run_events(log, cursor, source, started + timeout):
+        gist = _gist(event) if event is not None else entry["payload"][:300]
+        say(f"   +{time.monotonic() - started:6.1f}s  {entry['event_type']:<20} {gist}")
+        if event is not None and event.event_type in FINAL_EVENTS:
             return event
     raise TimeoutError(f"the run did not finish within {timeout:.0f}s; see var/demo/*.log")
 
 
-def _run_events(log: EventLog, cursor: str, source: Event, deadline: float) -> Iterator[Event]:
+def _run_events(log: EventLog, cursor: str, source: Event, deadline: float
+                ) -> Iterator[tuple[dict[str, str], Event | None]]:
+    """The stream entries of the source's run, each with its event, or None where the log
+    keeps no body (a ScoreServed, an observed outcome: the entry's summary is all)."""
     while time.monotonic() < deadline:
         entries = log.read_after(cursor)
         for _, fields in entries:
             if fields["correlation_id"] == str(source.correlation_id):
-                yield log.get(fields["event_id"]) or source
+                yield fields, log.get(fields["event_id"])
         cursor = entries[-1][0] if entries else cursor
 
 

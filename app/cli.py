@@ -151,14 +151,18 @@ def publish_records(dataset: str, path: str, batch: int) -> None:
 
 
 @publish.command("outcome")
-@click.option("--entity", required=True, help="The entity whose outcome is known.")
+@click.option("--entity", default="", help="The entity whose outcome is known (needed "
+              "without --request-id).")
 @click.option("--outcome", required=True, help="The observed outcome (a label or a number).")
 @click.option("--request-id", default=None, help="The request id of the score it judges "
-              "(default: the entity's latest score).")
+              "(default: the entity's latest score; a ModelInfer row's: <id> or <id>/<row>).")
 def publish_outcome(entity: str, outcome: str, request_id: str | None) -> None:
     """Publish an observed outcome, joined by monitoring to the score it judges."""
     from monitoring.outcomes import publish_outcome as publish_one
 
+    if not entity and not request_id:
+        raise click.UsageError("give --entity or --request-id: the outcome must name the "
+                               "score it judges")
     event = publish_one(Settings(), entity, outcome_value(outcome), request_id, producer="cli")
     click.echo(f"published OutcomeObserved {event.event_id} (confirmed by the broker)")
 

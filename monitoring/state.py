@@ -271,12 +271,14 @@ class MonitoringState:
 
 
 def _answers(scores: Sequence[ServedScore]) -> dict[bytes, bytes]:
-    """The join's fields of a batch: each score's answer by request and by entity."""
+    """The join's fields of a batch: each score's answer by request and by entity (a
+    ModelInfer row has none: by request only)."""
     mapping: dict[bytes, bytes] = {}
     for score in scores:
         value = _pack(score.model_version, score.label, score.score)
         mapping[_request_field(score.request_id)] = value
-        mapping[f"e:{score.entity_id}".encode()] = value
+        if score.entity_id:
+            mapping[f"e:{score.entity_id}".encode()] = value
     return mapping
 
 

@@ -17,7 +17,9 @@ only convert messages and call it::
 Versions beyond ``settings.chain_depth`` are retired after a swap: routed to no more, their
 batchers stopped and their memory released once the requests in flight have finished.
 ``on_served(query, result)`` is called with every answer (``result.features`` holds the
-model's input row), for reporting off the request path; it must return at once.
+model's input row), for reporting off the request path; it must return at once;
+``on_inferred(result)`` likewise with every ``infer`` answer (its rows' inputs in
+``result.features``).
 """
 
 from __future__ import annotations
@@ -184,6 +186,12 @@ class InferResult:
     fallback_kind: FallbackKind | None
     role: str
     latency_ms: float
+    request_id: str = ""
+    """The call's id (ModelInfer's ``id``), or one made up for it."""
+    features: np.ndarray | None = None
+    """The answering model's input rows (raw records after its feature set's transform)."""
+    feature_names: Sequence[str] = ()
+    """The names of ``features``' columns: the answering model's features."""
 
 
 @dataclass(frozen=True)
@@ -219,6 +227,7 @@ class _InferAsk:
     """On the monotonic clock."""
     began: float
     """On the ``perf_counter`` clock."""
+    request_id: str = ""
 
 
 Ask = TypeVar("Ask", _Ask, _InferAsk)
@@ -437,14 +446,20 @@ class LoadedModel:
         model's own feature set): up to a full batch of rows as one item of the
         micro-batcher (batched with other requests), more in one call on ``pool``. The
         future holds rows x classes; cancelling it drops the rows if they are still queued."""
+        matrix = self.matrix_of(rows)
+        if len(matrix) > self.batcher.batch_size.maximum:
+            return pool.submit(self._predict_all, matrix)
+        return self.batcher.submit(matrix, deadline=deadline)
+
+    def matrix_of(self, rows: np.ndarray | list[dict[str, Any]]) -> np.ndarray:
+        """This model's input rows: a feature matrix as it is (its width checked), raw
+        records through this model's own feature set."""
         matrix = rows if isinstance(rows, np.ndarray) else online_matrix(
             self.features, rows, self.feature_names)
         if matrix.ndim != 2 or matrix.shape[1] != len(self.feature_names):
             raise InvalidInput(f"model {self.model_id} version {self.version} takes "
                                f"{len(self.feature_names)} features, got shape {matrix.shape}")
-        if len(matrix) > self.batcher.batch_size.maximum:
-            return pool.submit(self._predict_all, matrix)
-        return self.batcher.submit(matrix, deadline=deadline)
+        return matrix
 
     def _predict_all(self, matrix: np.ndarray) -> np.ndarray:
         if self.on_batch is not None:
@@ -477,6 +492,7 @@ class ScoringCore:
         on_batch: Callable[[str, int], None] | None = None,
         state: EntityStateStore | None = None,
         on_observed: Callable[[ScoreQuery], None] | None = None,
+        on_inferred: Callable[[InferResult], None] | None = None,
     ) -> None:
         self.models, self.pipelines, self.registry, self.online = (
             models, pipelines, registry, online)
@@ -486,6 +502,8 @@ class ScoringCore:
         self._executor = ThreadPoolExecutor(self.settings.workers, thread_name_prefix="link")
         self._inline = InlineStart(self._executor)
         self.on_served = on_served
+        self.on_inferred = on_inferred
+        """Called with each ``infer`` answer, for reporting; must return at once."""
         self.state = state
         """The entity state streamed aggregates are read from (None: latest rows only)."""
         self.on_observed = on_observed
@@ -632,14 +650,16 @@ class ScoringCore:
 
     def infer(
         self, rows: np.ndarray | list[dict[str, Any]], version: str | None = None,
-        deadline_s: float | None = None,
+        deadline_s: float | None = None, request_id: str = "",
     ) -> InferResult:
         """Predict rows without reading Redis (the Open Inference Protocol's ModelInfer):
         a feature matrix (rows x the model's features) as it is, or raw records through
-        the answering model's own ``transform_online``. Routed and answered like ``score``.
+        the answering model's own ``transform_online``. Routed and answered like ``score``,
+        and reported (``on_inferred``) under ``request_id`` (or one made up).
         """
         deadline_s = self.settings.deadline_s if deadline_s is None else deadline_s
-        ask = _InferAsk(rows, version, time.monotonic() + deadline_s, time.perf_counter())
+        ask = _InferAsk(rows, version, time.monotonic() + deadline_s, time.perf_counter(),
+                        request_id)
         with self._in_flight.request():
             if _stackable(ask.rows, self.settings.max_batch):
                 outcome = self._infers.submit(ask).result()
@@ -649,6 +669,7 @@ class ScoringCore:
                 outcome = outcome.outcome()
         if isinstance(outcome, Exception):
             raise outcome
+        self._report_inferred(outcome)
         return outcome
 
     def loaded(self, version: str | None = None) -> LoadedModel:
@@ -776,20 +797,24 @@ class ScoringCore:
                       models: Mapping[str, LoadedModel], deadline: float
                       ) -> list[InferResult | Exception]:
         rows = asks[0].rows if len(asks) == 1 else np.vstack([np.asarray(ask.rows) for ask in asks])
+        matrices: dict[str, np.ndarray] = {}  # each link's input: raw rows its own transform's
 
         def start(link: DeployedModel) -> Future[np.ndarray]:
-            return models[link.version].start_rows(rows, deadline, self._executor)
+            model = models[link.version]
+            matrices[link.version] = matrix = model.matrix_of(rows)
+            return model.start_rows(matrix, deadline, self._executor)
 
         try:
             reply = self._ask_links(decision, start, deadline - time.monotonic())
         except ConveyorError as exc:
             return [exc] * len(asks)
-        classes = models[reply.version].classes
+        model, matrix = models[reply.version], matrices[reply.version]
         if len(asks) == 1:
-            return [_infer_result(asks[0], reply.value, classes, reply)]
-        ends = np.cumsum([len(ask.rows) for ask in asks])
-        return [_infer_result(ask, values, classes, reply)
-                for ask, values in zip(asks, np.split(reply.value, ends[:-1]), strict=True)]
+            return [_infer_result(asks[0], reply.value, model, reply, matrix)]
+        ends = np.cumsum([len(ask.rows) for ask in asks])[:-1]
+        return [_infer_result(ask, values, model, reply, inputs)
+                for ask, values, inputs in zip(asks, np.split(reply.value, ends),
+                                               np.split(matrix, ends), strict=True)]
 
     def _route(self, ask: _Ask, now: float) -> RouteDecision:
         """The call's links; its fields checked first (the request's fault before any
@@ -986,6 +1011,15 @@ class ScoringCore:
         except Exception:  # observing must never fail a request that was answered
             logger.exception("observing %d records failed", len(queries))
 
+    def _report_inferred(self, result: InferResult) -> None:
+        if self.on_inferred is None:
+            return
+        try:
+            self.on_inferred(result)
+        except Exception:  # reporting must never fail a request
+            logger.exception("reporting an inference of %d rows failed",
+                             len(result.probabilities))
+
     def _report(self, queries: Sequence[ScoreQuery], results: Sequence[ScoreResult]) -> None:
         if self.on_served is None:
             return
@@ -1084,16 +1118,19 @@ def _infer_key(decision: RouteDecision, ask: _InferAsk) -> tuple[Any, ...]:
     return (*_group_key(decision), id(ask))
 
 
-def _infer_result(ask: _InferAsk, values: np.ndarray, classes: list[str], reply: Any
-                  ) -> InferResult | Exception:
-    """One call's rows of a stacked answer, or which of them the model refused."""
+def _infer_result(ask: _InferAsk, values: np.ndarray, model: LoadedModel, reply: Any,
+                  inputs: np.ndarray) -> InferResult | Exception:
+    """One call's rows of a stacked answer (``inputs``: the rows the model was given), or
+    which of them the model refused."""
     refused = np.flatnonzero(np.isnan(values).any(axis=1))
     if len(refused):
         return InvalidInput(f"rows {', '.join(map(str, refused[:10]))}: model version "
                             f"{reply.version} cannot score their values (too large, or "
                             "missing where it takes no missing value)")
-    return InferResult(values, classes, reply.version, reply.fallback, reply.fallback_reason,
-                       reply.fallback_kind, reply.role, (time.perf_counter() - ask.began) * 1e3)
+    return InferResult(values, model.classes, reply.version, reply.fallback,
+                       reply.fallback_reason, reply.fallback_kind, reply.role,
+                       (time.perf_counter() - ask.began) * 1e3,
+                       ask.request_id or uuid.uuid4().hex, inputs, model.feature_names)
 
 
 def _group_key(decision: RouteDecision) -> tuple[Any, ...]:

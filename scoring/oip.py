@@ -136,7 +136,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         model = self.core.loaded(request.model_version or None)
         rows = model_rows(decode_inputs(request), model.schema, len(model.feature_names))
         result = self.core.infer(rows, request.model_version or None,
-                                 remaining_deadline(self.core, context))
+                                 remaining_deadline(self.core, context),
+                                 check_length("id", request.id))
         self.metrics.observe_inference(result)
         return infer_response(request, result, outputs)
 

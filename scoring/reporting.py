@@ -1,11 +1,12 @@
 """Served scores reported off the request path: to the score stream and as ScoreServed events.
 
-The request path calls ``report(query, result)``: one append to a bounded buffer under a
-lock, no I/O, never a wait. A background thread wakes every ``flush_interval_s``, or as
-soon as ``flush_size`` scores wait, turns them into ``ServedScore`` and hands them to each
-sink's outbox; each sink sends in batches of at most ``flush_size`` from a thread of its
-own: the Redis score stream (one round trip per batch) and the bus (one ``ScoreServed``
-event per batch).
+The request path calls ``report(query, result)`` (a Score answer) or
+``report_inferred(result)`` (a ModelInfer answer, one report per row): one append to a
+bounded buffer under a lock, no I/O, never a wait. A background thread wakes every
+``flush_interval_s``, or as soon as ``flush_size`` scores wait, turns them into
+``ServedScore`` and hands them to each sink's outbox; each sink sends in batches of at
+most ``flush_size`` from a thread of its own: the Redis score stream (one round trip per
+batch) and the bus (one ``ScoreServed`` event per batch).
 
 Each sink has its own bounded outbox and thread, so a slow or unreachable Redis never
 holds the events back, nor the broker the stream. A batch a sink refuses goes back to
@@ -17,7 +18,7 @@ A ScoreServed event's id is derived from its scores, so a batch sent again after
 unconfirmed publish carries the same id and monitoring deduplicates it. Example::
 
     reporter = ScoreReporter([stream_sink(online_scores), event_sink(bus.publish_many)])
-    core = ScoringCore(..., on_served=reporter.report)
+    core = ScoringCore(..., on_served=reporter.report, on_inferred=reporter.report_inferred)
     reporter.start()
     ...
     reporter.close()                     # flushes what is left
@@ -40,7 +41,7 @@ from prometheus_client.registry import Collector
 
 from common.events import Event, ScoreServed, ServedScore
 from common.stores import OnlineScoreStore
-from scoring.core import ScoreQuery, ScoreResult
+from scoring.core import InferResult, ScoreQuery, ScoreResult
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,22 @@ def served_score(query: ScoreQuery, result: ScoreResult, served_at: float) -> Se
         fallback_reason=result.fallback_reason, latency_ms=result.latency_ms,
         served_at=datetime.fromtimestamp(served_at, UTC), features=dict(result.features),
     )
+
+
+def inferred_scores(result: InferResult, served_at: float) -> list[ServedScore]:
+    """The reports of a ModelInfer answer, one per row, as Score's are (score: the last
+    class's probability; label: the likeliest class), with no entity: the call's id, and
+    for several rows ``<id>/<row>``, is what an outcome names to be joined to one."""
+    at = datetime.fromtimestamp(served_at, UTC)
+    rows = len(result.probabilities)
+    inputs = [] if result.features is None else result.features.tolist()
+    return [ServedScore(
+        request_id=result.request_id if rows == 1 else f"{result.request_id}/{row}",
+        entity_id="", model_version=result.version, score=float(proba[-1]),
+        label=result.classes[int(proba.argmax())], fallback=result.fallback,
+        fallback_reason=result.fallback_reason, latency_ms=result.latency_ms, served_at=at,
+        features=dict(zip(result.feature_names, inputs[row], strict=True)) if inputs else {},
+    ) for row, proba in enumerate(result.probabilities)]
 
 
 class _Warnings:
@@ -219,9 +236,11 @@ class ScoreReporter:
         self.settings = settings or ReportSettings()
         self._on_close = on_close
         self._outboxes = [_Outbox(sink, self.settings) for sink in sinks]
-        self._intake: deque[tuple[ScoreQuery, ScoreResult, float]] = deque()
+        self._intake: deque[tuple[ScoreQuery | None, ScoreResult | InferResult, float]] = (
+            deque())
         self._lock = threading.Lock()  # guards the intake; held for O(1) only
         self._wake, self._stop = threading.Event(), threading.Event()
+        self._intake_rows = 0  # reports the intake holds: a Score one, a ModelInfer its rows
         self._intake_dropped = 0
         self._warned_drops = 0
         self._warnings = _Warnings(self.settings.warn_every_s)
@@ -231,13 +250,23 @@ class ScoreReporter:
 
     def report(self, query: ScoreQuery, result: ScoreResult) -> None:
         """Queue one answer for reporting: O(1), no I/O; drops the oldest when full."""
+        self._take_in(query, result)
+
+    def report_inferred(self, result: InferResult) -> None:
+        """Queue a ModelInfer answer as ``report`` does; its rows become reports off the
+        request path, and count one each in the intake's bound."""
+        self._take_in(None, result)
+
+    def _take_in(self, query: ScoreQuery | None, result: ScoreResult | InferResult) -> None:
+        rows = _rows(result)
         with self._lock:
-            if len(self._intake) >= self.settings.buffer_size:
-                self._intake.popleft()
-                self._intake_dropped += 1
+            while self._intake and self._intake_rows + rows > self.settings.buffer_size:
+                dropped = _rows(self._intake.popleft()[1])
+                self._intake_rows -= dropped
+                self._intake_dropped += dropped
             self._intake.append((query, result, time.time()))
-            waiting = len(self._intake)
-        if waiting == self.settings.flush_size:
+            before, self._intake_rows = self._intake_rows, self._intake_rows + rows
+        if before < self.settings.flush_size <= before + rows:
             self._wake.set()
 
     # -- life cycle ------------------------------------------------------------------------
@@ -282,7 +311,7 @@ class ScoreReporter:
     def pending(self) -> int:
         """Reports waiting: in the intake, and in the fullest sink outbox."""
         with self._lock:
-            intake = len(self._intake)
+            intake = self._intake_rows
         return intake + max((len(outbox) for outbox in self._outboxes), default=0)
 
     def flush(self) -> bool:
@@ -296,9 +325,14 @@ class ScoreReporter:
     def _hand_out(self) -> None:
         """The intake, as ``ServedScore`` reports, to every sink's outbox."""
         with self._lock:
-            taken, self._intake = self._intake, deque()
+            taken, self._intake, self._intake_rows = self._intake, deque(), 0
         if taken:
-            scores = [served_score(query, result, at) for query, result, at in taken]
+            scores: list[ServedScore] = []
+            for query, result, at in taken:
+                if isinstance(result, InferResult):
+                    scores += inferred_scores(result, at)
+                elif query is not None:
+                    scores.append(served_score(query, result, at))
             for outbox in self._outboxes:
                 outbox.add(scores)
 
@@ -323,6 +357,11 @@ class ScoreReporter:
             logger.warning("%d score reports dropped since the last warning (%d in all): "
                            "a sink is slow or down", dropped - self._warned_drops, dropped)
             self._warned_drops = dropped
+
+
+def _rows(result: ScoreResult | InferResult) -> int:
+    """The reports an answer makes."""
+    return len(result.probabilities) if isinstance(result, InferResult) else 1
 
 
 class ReportsDroppedCollector(Collector):

@@ -284,7 +284,8 @@ def build_instance(
         models or stores.models, pipelines or stores.feature_pipelines, registry,
         RedisOnlineStore(client, settings.namespace, settings.online_ttl_s),
         replace(own.core(), max_feature_age_s=settings.max_feature_age_s),
-        on_served=reporter.report, on_batch=metrics.observe_batch,
+        on_served=reporter.report, on_inferred=reporter.report_inferred,
+        on_batch=metrics.observe_batch,
         state=RedisEntityState(client, settings.namespace) if settings.stream_state else None,
         on_observed=observer.observe,
     )

@@ -1,13 +1,14 @@
 """Served scores reported off the request path, through the real service, RabbitMQ and Redis.
 
-Score calls go through a real stub to the service ``scoring.service.build`` makes; a
-consumer of ScoreServed stands in for monitoring, and the score stream is read back from
-Redis. Each reported row of features must reproduce its score through the estimator.
+Score and ModelInfer calls go through real stubs to the service ``scoring.service.build``
+makes; a consumer of ScoreServed stands in for monitoring, and the score stream is read back
+from Redis. Each reported row of features must reproduce its score through the estimator.
 """
 
 from __future__ import annotations
 
 import grpc
+import numpy as np
 import pandas as pd
 import pytest
 from prometheus_client import CollectorRegistry
@@ -16,6 +17,9 @@ from common.events import ScoreServed, ServedScore
 from common.stores import OnlineScoreStore
 from protos.conveyor.scoring.v1 import scoring_pb2 as pb
 from protos.conveyor.scoring.v1 import scoring_pb2_grpc as pb_grpc
+from protos.inference import grpc_service_pb2 as ipb
+from protos.inference import grpc_service_pb2_grpc as ipb_grpc
+from scoring.oip import field_tensors
 from scoring.server import field_value
 from scoring.service import ScoringService
 from tests.fixtures.scoring_service import (
@@ -82,3 +86,28 @@ def test_score_calls_are_published_as_score_served_and_kept_in_the_stream(
     assert {s.request_id: (s.score, s.features) for s in stream} == {
         k: (s.score, {}) for k, s in served.items()}  # features go to monitoring only
     assert dropped == 0
+
+
+def test_model_infer_rows_are_reported_as_served_scores_named_by_the_call(
+        ns: BusNamespace, world: ServiceWorld) -> None:
+    rows = world.typed.iloc[:3]
+    records = [world.fields(row) for _, row in rows.iterrows()]
+    events: list[ScoreServed] = []
+    watch = ns.dispatcher("monitoring", {"ScoreServed": events.append})
+    with running_consumer(ns.bus(), watch), running_services(ns, ["scoring"]) as running:
+        service = running["scoring"].runner.service
+        assert isinstance(service, ScoringService)
+        with grpc.insecure_channel(f"127.0.0.1:{service.server.port}") as channel:
+            reply = ipb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                ipb.ModelInferRequest(model_name=service.core.router.name, id="infer-1",
+                                      inputs=field_tensors(records)), timeout=5)
+        wait_until(lambda: sum(len(e.scores) for e in events) >= 3, timeout=30)
+    served = {s.request_id: s for e in events for s in e.scores}
+    assert sorted(served) == ["infer-1/0", "infer-1/1", "infer-1/2"]
+    out = {o.name: o for o in reply.outputs}["predict_proba"]
+    answered = np.asarray(out.contents.fp64_contents).reshape(list(out.shape))
+    for row in range(3):
+        report = served[f"infer-1/{row}"]
+        assert (report.entity_id, report.model_version) == ("", reply.model_version)
+        assert report.score == pytest.approx(answered[row, -1], rel=1e-12)
+        assert reproduces(world, report) == pytest.approx(report.score, rel=1e-9, abs=1e-12)

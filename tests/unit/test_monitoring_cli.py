@@ -23,7 +23,7 @@ def test_an_outcome_is_a_number_where_it_reads_as_one(text: str, value: object) 
 
 def test_publish_outcome_names_what_is_missing() -> None:
     result = CliRunner().invoke(main, ["publish", "outcome", "--outcome", "1"])
-    assert result.exit_code == 2 and "--entity" in result.output
+    assert result.exit_code == 2 and "--entity or --request-id" in result.output
 
 
 def test_the_generic_publish_still_takes_any_event_type() -> None:

@@ -39,6 +39,13 @@ def test_a_score_is_found_by_request_or_as_the_entitys_latest(state: MonitoringS
     assert state.served("nope", "C1", now=later) is None  # a named request is not guessed
 
 
+def test_a_model_infer_row_is_joined_by_its_request_only(state: MonitoringState) -> None:
+    state.remember([score("call-7/0", "", "v3", "0"), score("call-7/1", "", "v3", "1")], now=T0)
+    assert state.served("call-7/1", "", now=T0) == Served("v3", "1", 0.75)
+    assert state.served(None, "", now=T0) is None  # no entity: nothing to guess from
+    assert b"e:" not in state.client.hkeys(state.buckets(now=T0)[0])
+
+
 def test_a_score_older_than_the_ttl_is_not_joined(state: MonitoringState) -> None:
     state.remember([score("r1", "C1", "v1")], now=T0)
     assert state.served("r1", "C1", now=T0 + 3_600) is not None

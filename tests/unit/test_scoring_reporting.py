@@ -6,12 +6,13 @@ import logging
 import threading
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
 from common.bus.memory import InMemoryBus
 from common.events import ScoreServed, ServedScore
-from scoring.core import ScoreQuery, ScoreResult
+from scoring.core import InferResult, ScoreQuery, ScoreResult
 from scoring.reporting import (
     NamedSink,
     ReportsDroppedCollector,
@@ -30,6 +31,14 @@ def answer(i: int) -> tuple[ScoreQuery, ScoreResult]:
         version="v2", fallback=i % 2 == 1, fallback_reason="v3 passed its deadline" if i % 2
         else None, latency_ms=1.5, request_id=f"r{i}", features={"amount": i * 2.0, "hour": 3.0})
     return query, result
+
+
+def inference(rows: int, request_id: str = "call-7") -> InferResult:
+    """A ModelInfer answer of ``rows`` rows: probabilities of classes 0 and 1, its inputs."""
+    positive = np.linspace(0.1, 0.9, rows)
+    return InferResult(np.column_stack([1 - positive, positive]), ["0", "1"], "v3",
+                       False, None, None, "champion", 2.5, request_id,
+                       np.arange(rows * 2, dtype=float).reshape(rows, 2), ["amount", "hour"])
 
 
 def report(reporter: ScoreReporter, ids: range) -> None:
@@ -265,3 +274,40 @@ def test_a_hung_sink_does_not_hold_back_the_other(
     report(reporter, range(2, 6))
     wait_until(lambda: sum(len(e.scores) for e in events(bus)) == 6, timeout=10)  # ...events go
     release.set()
+
+
+def test_a_model_infer_answer_is_reported_row_by_row_named_by_the_call(
+        bus: InMemoryBus) -> None:
+    reporter = ScoreReporter([event_sink(bus.publish_many)], ReportSettings(flush_size=100))
+    reporter.report_inferred(inference(3))
+    reporter.report_inferred(inference(1, request_id="alone"))
+    assert reporter.pending == 4
+    assert reporter.flush()
+    served = events(bus)[0].scores
+    assert [s.request_id for s in served] == ["call-7/0", "call-7/1", "call-7/2", "alone"]
+    assert {(s.entity_id, s.model_version, s.latency_ms) for s in served} == {("", "v3", 2.5)}
+    assert [s.score for s in served[:3]] == pytest.approx([0.1, 0.5, 0.9])
+    assert [s.label for s in served[:3]] == ["0", "0", "1"]  # 0.5: the first of the two
+    assert served[2].features == {"amount": 4.0, "hour": 5.0}
+
+
+def test_the_bound_counts_a_model_infer_answer_by_its_rows(bus: InMemoryBus) -> None:
+    reporter = ScoreReporter([event_sink(bus.publish_many)],
+                             ReportSettings(buffer_size=5, flush_size=100))
+    report(reporter, range(2))
+    reporter.report_inferred(inference(4))  # 6 rows for 5 places: the oldest answer goes
+    assert (reporter.dropped, reporter.pending) == (1, 5)
+    reporter.report_inferred(inference(5, request_id="big"))  # everything before it goes
+    assert (reporter.dropped, reporter.pending) == (6, 5)
+    assert reporter.flush()
+    assert [s.request_id for s in events(bus)[0].scores] == [f"big/{i}" for i in range(5)]
+
+
+def test_the_thread_is_woken_when_model_infer_rows_reach_flush_size(
+        bus: InMemoryBus, closing: list[ScoreReporter]) -> None:
+    reporter = ScoreReporter([event_sink(bus.publish_many)],
+                             ReportSettings(flush_size=5, flush_interval_s=3600))
+    closing.append(reporter.start())
+    report(reporter, range(2))
+    reporter.report_inferred(inference(4))  # 2 + 4 >= 5: the interval is an hour
+    wait_until(lambda: sum(len(e.scores) for e in events(bus)) == 6, timeout=10)

@@ -187,7 +187,7 @@ class InferResult:
     role: str
     latency_ms: float
     request_id: str = ""
-    """The call's id (ModelInfer's ``id``), or one made up for it."""
+    """The call's id (ModelInfer's ``id``; empty: none given, the report makes one up)."""
     features: np.ndarray | None = None
     """The answering model's input rows (raw records after its feature set's transform)."""
     feature_names: Sequence[str] = ()
@@ -1130,7 +1130,7 @@ def _infer_result(ask: _InferAsk, values: np.ndarray, model: LoadedModel, reply:
     return InferResult(values, model.classes, reply.version, reply.fallback,
                        reply.fallback_reason, reply.fallback_kind, reply.role,
                        (time.perf_counter() - ask.began) * 1e3,
-                       ask.request_id or uuid.uuid4().hex, inputs, model.feature_names)
+                       ask.request_id, inputs, model.feature_names)
 
 
 def _group_key(decision: RouteDecision) -> tuple[Any, ...]:

@@ -119,9 +119,10 @@ def inferred_scores(result: InferResult, served_at: float) -> list[ServedScore]:
     for several rows ``<id>/<row>``, is what an outcome names to be joined to one."""
     at = datetime.fromtimestamp(served_at, UTC)
     rows = len(result.probabilities)
+    call = result.request_id or uuid.uuid4().hex
     inputs = [] if result.features is None else result.features.tolist()
     return [ServedScore(
-        request_id=result.request_id if rows == 1 else f"{result.request_id}/{row}",
+        request_id=call if rows == 1 else f"{call}/{row}",
         entity_id="", model_version=result.version, score=float(proba[-1]),
         label=result.classes[int(proba.argmax())], fallback=result.fallback,
         fallback_reason=result.fallback_reason, latency_ms=result.latency_ms, served_at=at,

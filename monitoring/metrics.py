@@ -71,10 +71,22 @@ class MonitoringMetrics:
                                  buckets=[b / 1e3 for b in LATENCY_BUCKETS_MS], registry=registry)
         self.outcomes = Counter("conveyor_outcomes", "Observed outcomes, joined or unmatched.",
                                 ("result",), registry=registry)
+        self.psi_alert = Gauge("conveyor_monitoring_psi_alert",
+                               "PSI from which monitoring calls a drift an alert (its setting; "
+                               "the drift alert rules compare with it).", registry=registry)
+        self.quality_margin = Gauge("conveyor_monitoring_quality_margin",
+                                    "How far the monitored quality metric may fall below its "
+                                    "evaluation figure (its setting; the quality alert rule "
+                                    "compares with it).", ("metric",), registry=registry)
         for result in ("joined", "unmatched"):
             self.outcomes.labels(result)
         if champion_of is not None:
             registry.register(ChampionCollector(champion_of))
+
+    def thresholds(self, psi_alert: float, quality_metric: str, quality_margin: float) -> None:
+        """Export the thresholds monitoring judges by, for the alert rules to use the same."""
+        self.psi_alert.set(psi_alert)
+        self.quality_margin.labels(quality_metric).set(quality_margin)
 
     def track(self, version: str, expected: Mapping[str, float] | None = None) -> None:
         """Create a version's label sets (at 0) and set its evaluation figures."""

@@ -230,6 +230,9 @@ class MonitoringService(Service):
     def register_metrics(self, registry: CollectorRegistry) -> None:
         """Export the monitoring metrics on the service's /metrics registry."""
         self.metrics = MonitoringMetrics(registry, lambda: self.catalogue.champion(fresh=True))
+        self.metrics.thresholds(self.settings.monitoring_psi_alert,
+                                self.settings.monitoring_quality_metric,
+                                self.settings.monitoring_quality_margin)
         for version in self.catalogue.champion()[1]:
             self.metrics.track(version, self.catalogue.describe(version).expected)
 

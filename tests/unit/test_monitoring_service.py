@@ -251,6 +251,15 @@ def test_metrics_name_the_champion_and_exist_before_any_event(
     assert m.sample("conveyor_model_champion", model_version="v1") == 1
 
 
+def test_metrics_carry_the_thresholds_the_alert_rules_compare_with(
+        world: MonitoredModels, settings: Settings) -> None:
+    m = monitor(world, settings, monitoring_psi_alert=0.35, monitoring_quality_metric="f1",
+                monitoring_quality_margin=0.08)
+    assert m.sample("conveyor_monitoring_psi_alert") == 0.35
+    assert m.sample("conveyor_monitoring_quality_margin", metric="f1") == 0.08
+    assert m.sample("conveyor_monitoring_quality_margin", metric="accuracy") is None
+
+
 def test_scores_of_an_unregistered_version_are_counted_without_drift(
         world: MonitoredModels, settings: Settings) -> None:
     m = monitor(world, settings)

@@ -60,7 +60,7 @@ from common.bus.idempotency import processed_key  # noqa: E402
 from common.bus.rabbitmq import RabbitMQBus  # noqa: E402
 from common.events import RecordsObserved  # noqa: E402
 from common.settings import Settings  # noqa: E402
-from common.stores.entity_state import RedisEntityState, StreamTargets  # noqa: E402
+from common.stores.entity_state import RedisEntityState, RedisStreamTargets  # noqa: E402
 from common.wiring import Stores  # noqa: E402
 from preparation import build_pipeline  # noqa: E402
 from protos.conveyor.scoring.v1 import scoring_pb2 as pb  # noqa: E402
@@ -131,7 +131,7 @@ class World:
             "pipeline_config": str(self.config_path), "local_dev": True, "http_port": 0})
         self.stores = Stores.from_settings(self.settings)
         self.redis = redis.Redis.from_url(self.settings.redis_url)
-        self.targets = StreamTargets(self.redis, self.settings.namespace)
+        self.targets = RedisStreamTargets(self.redis, self.settings.namespace)
         self.state = RedisEntityState(self.redis, self.settings.namespace)
         self.bus = RabbitMQBus(self.settings, name=f"{self.settings.namespace}-bench")
         self.service: subprocess.Popen[bytes] | None = None

@@ -57,6 +57,7 @@ from common.stores.entity_state import (
     Applied,
     EntityStateStore,
     RedisEntityState,
+    RedisStreamTargets,
     StreamTargets,
 )
 from common.stores.features import latest_rows
@@ -303,7 +304,7 @@ def build(settings: Settings, config: PreparationSections) -> PreparationService
         config, stores.raw, stores.offline, stores.online, stores.feature_pipelines,
         state=RedisEntityState(stores.redis, settings.namespace) if settings.stream_state
         else None,
-        targets=StreamTargets(stores.redis, settings.namespace),
+        targets=RedisStreamTargets(stores.redis, settings.namespace),
         tolerance_s=settings.stream_late_tolerance_s, count_ttl_s=settings.stream_count_ttl_s,
         compute=open_compute(),
         prune_superseded=superseded_pruner(settings, stores, config.name),
@@ -454,7 +455,7 @@ def build_online(settings: Settings, config: FeatureSections) -> OnlinePreparati
     stores = Stores.from_settings(settings)
     return OnlinePreparationService(
         config, stores.feature_pipelines, RedisEntityState(stores.redis, settings.namespace),
-        StreamTargets(stores.redis, settings.namespace),
+        RedisStreamTargets(stores.redis, settings.namespace),
         registry=stores.registry(settings, config.name), models=stores.models,
         tolerance_s=settings.stream_late_tolerance_s, count_ttl_s=settings.stream_count_ttl_s,
         recent_sets=settings.stream_recent_sets)

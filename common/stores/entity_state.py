@@ -441,25 +441,38 @@ def prune_entries(entries: Sequence[Entry], retention: Retention) -> list[Entry]
     return list(entries[start:])
 
 
-class StreamTargets:
-    """The feature sets whose entity state the stream keeps, per dataset: a Redis sorted
-    set per dataset, scored by when each set was added (oldest first)."""
+class StreamTargets(ABC):
+    """The feature sets whose entity state the stream keeps, per dataset, oldest first."""
+
+    @abstractmethod
+    def add(self, dataset: str, feature_set_id: str) -> None:
+        """Keep ``feature_set_id`` up to date from ``dataset``'s records (idempotent)."""
+
+    @abstractmethod
+    def of(self, dataset: str) -> list[str]:
+        """The feature sets kept from ``dataset``'s records, oldest first."""
+
+    @abstractmethod
+    def remove(self, dataset: str, feature_set_ids: Sequence[str]) -> None:
+        """Stop keeping these feature sets (their state then expires with its TTL)."""
+
+
+class RedisStreamTargets(StreamTargets):
+    """``StreamTargets`` in Redis: a sorted set per dataset, scored by when each set was
+    added."""
 
     def __init__(self, redis_client: redis.Redis, namespace: str = "conveyor") -> None:
         self._redis, self._namespace = redis_client, namespace
 
     def add(self, dataset: str, feature_set_id: str) -> None:
-        """Keep ``feature_set_id`` up to date from ``dataset``'s records (idempotent)."""
         self._redis.zadd(self._key(dataset), {check_id("feature set id", feature_set_id):
                                               time.time()}, nx=True)
 
     def of(self, dataset: str) -> list[str]:
-        """The feature sets kept from ``dataset``'s records, oldest first."""
         members: list[bytes] = self._redis.zrange(self._key(dataset), 0, -1)  # type: ignore[assignment]
         return [m.decode() if isinstance(m, bytes) else str(m) for m in members]
 
     def remove(self, dataset: str, feature_set_ids: Sequence[str]) -> None:
-        """Stop keeping these feature sets (their state then expires with its TTL)."""
         if feature_set_ids:
             self._redis.zrem(self._key(dataset), *feature_set_ids)
 
@@ -470,7 +483,7 @@ class StreamTargets:
 class MemoryStreamTargets(StreamTargets):
     """``StreamTargets`` in a dict, for unit tests and library use."""
 
-    def __init__(self) -> None:  # noqa: D107 - no Redis
+    def __init__(self) -> None:
         self._sets: dict[str, list[str]] = {}
 
     def add(self, dataset: str, feature_set_id: str) -> None:

@@ -10,8 +10,8 @@ from common.stores.entity_state import (
     Entry,
     MemoryEntityState,
     RedisEntityState,
+    RedisStreamTargets,
     Retention,
-    StreamTargets,
     state_key,
 )
 from tests.support.harness import BusNamespace
@@ -62,7 +62,7 @@ def test_the_script_is_loaded_again_after_redis_forgets_it(ns: BusNamespace) -> 
 
 
 def test_stream_targets_are_kept_per_dataset_oldest_first(ns: BusNamespace) -> None:
-    targets = StreamTargets(ns.redis, ns.namespace)
+    targets = RedisStreamTargets(ns.redis, ns.namespace)
     targets.add("paysim", "fs1")
     targets.add("paysim", "fs2")
     targets.add("paysim", "fs1")  # idempotent: keeps its first place

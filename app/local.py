@@ -238,9 +238,10 @@ def start_missing_services(
                for n in missing]
     for service in started:
         stack.callback(_stopper(service, say))
+    width = max((len(service.name) for service in started), default=0)
     for service in started:
         wait_until(service.started, 60, message=f"{service.name} started")
-        say(f"  started {service.name:<12} pid {service.process.pid}, "
+        say(f"  started {service.name:<{width}} pid {service.process.pid}, "
             f"http://127.0.0.1:{service.port}/metrics, log {service.log_path}")
     if len(started) < len(PIPELINE_SERVICES):
         say(f"  {len(PIPELINE_SERVICES) - len(started)} service(s) were already running")

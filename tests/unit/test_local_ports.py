@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 
 import pytest
@@ -19,11 +20,27 @@ def test_ports_are_distinct_free_and_below_the_ephemeral_range() -> None:
             sock.bind(("127.0.0.1", port))  # free: nobody took it meanwhile
 
 
+def port_in_use_beside_a_free_one() -> tuple[socket.socket, int]:
+    """A listening socket on a port below the ephemeral range whose next port is free (a
+    port the kernel picks for us is among the client connections' ports, so its neighbour
+    may be one of theirs: on a fresh machine it was)."""
+    for port in random.sample(range(FIRST_PORT, _ephemeral_start() - 1), 200):
+        taken = socket.socket()
+        try:
+            taken.bind(("127.0.0.1", port))
+        except OSError:
+            taken.close()
+            continue
+        if local._bindable(port + 1):
+            taken.listen()
+            return taken, port
+        taken.close()
+    pytest.fail("no two neighbouring ports free below the ephemeral range")
+
+
 def test_a_port_in_use_is_not_handed_out(monkeypatch: pytest.MonkeyPatch) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        in_use = taken.getsockname()[1]
+    taken, in_use = port_in_use_beside_a_free_one()
+    with taken:
         monkeypatch.setattr(local, "FIRST_PORT", in_use)  # the range: in_use and the next
         monkeypatch.setattr(local, "_ephemeral_start", lambda: in_use + 2)
         monkeypatch.setattr(local, "_HANDED_OUT", set())

@@ -440,26 +440,25 @@ class LoadedModel:
         row = self.features_of(request)
         return row, self.batcher.submit(row, deadline=request.deadline).result()
 
-    def start_rows(self, rows: np.ndarray | list[dict[str, Any]], deadline: float | None,
-                   pool: Executor) -> Future[np.ndarray]:
-        """Start predicting a feature matrix, or raw records (transformed here, by this
-        model's own feature set): up to a full batch of rows as one item of the
-        micro-batcher (batched with other requests), more in one call on ``pool``. The
-        future holds rows x classes; cancelling it drops the rows if they are still queued."""
-        matrix = self.matrix_of(rows)
+    def start_rows(self, matrix: np.ndarray, deadline: float | None, pool: Executor
+                   ) -> Future[np.ndarray]:
+        """Start predicting a feature matrix (rows x this model's features, its width
+        checked): up to a full batch of rows as one item of the micro-batcher (batched with
+        other requests), more in one call on ``pool``. The future holds rows x classes;
+        cancelling it drops the rows if they are still queued."""
+        if matrix.ndim != 2 or matrix.shape[1] != len(self.feature_names):
+            raise InvalidInput(f"model {self.model_id} version {self.version} takes "
+                               f"{len(self.feature_names)} features, got shape {matrix.shape}")
         if len(matrix) > self.batcher.batch_size.maximum:
             return pool.submit(self._predict_all, matrix)
         return self.batcher.submit(matrix, deadline=deadline)
 
     def matrix_of(self, rows: np.ndarray | list[dict[str, Any]]) -> np.ndarray:
-        """This model's input rows: a feature matrix as it is (its width checked), raw
-        records through this model's own feature set."""
-        matrix = rows if isinstance(rows, np.ndarray) else online_matrix(
-            self.features, rows, self.feature_names)
-        if matrix.ndim != 2 or matrix.shape[1] != len(self.feature_names):
-            raise InvalidInput(f"model {self.model_id} version {self.version} takes "
-                               f"{len(self.feature_names)} features, got shape {matrix.shape}")
-        return matrix
+        """This model's input rows: a feature matrix as it is, raw records through this
+        model's own feature set (``start_rows`` checks the width)."""
+        if isinstance(rows, np.ndarray):
+            return rows
+        return online_matrix(self.features, rows, self.feature_names)
 
     def _predict_all(self, matrix: np.ndarray) -> np.ndarray:
         if self.on_batch is not None:

@@ -33,7 +33,7 @@ import time
 import uuid
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -187,7 +187,8 @@ class InferResult:
     role: str
     latency_ms: float
     request_id: str = ""
-    """The call's id (ModelInfer's ``id``; empty: none given, the report makes one up)."""
+    """The call's id: ModelInfer's ``id``, or one made up when the call has none (the
+    response carries it, so the client can name it in an outcome)."""
     features: np.ndarray | None = None
     """The answering model's input rows (raw records after its feature set's transform)."""
     feature_names: Sequence[str] = ()
@@ -654,11 +655,12 @@ class ScoringCore:
         """Predict rows without reading Redis (the Open Inference Protocol's ModelInfer):
         a feature matrix (rows x the model's features) as it is, or raw records through
         the answering model's own ``transform_online``. Routed and answered like ``score``,
-        and reported (``on_inferred``) under ``request_id`` (or one made up).
+        and reported (``on_inferred``) under ``request_id``, or one made up (a uuid4, as
+        MLServer does) that the result carries back to the caller.
         """
         deadline_s = self.settings.deadline_s if deadline_s is None else deadline_s
         ask = _InferAsk(rows, version, time.monotonic() + deadline_s, time.perf_counter(),
-                        request_id)
+                        request_id or uuid.uuid4().hex)
         with self._in_flight.request():
             if _stackable(ask.rows, self.settings.max_batch):
                 outcome = self._infers.submit(ask).result()
@@ -1001,32 +1003,29 @@ class ScoringCore:
                 for row in rows]
 
     def _observe(self, queries: Sequence[ScoreQuery]) -> None:
-        if self.on_observed is None:
-            return
-        try:
-            for query in queries:
-                if query.observe:
-                    self.on_observed(query)
-        except Exception:  # observing must never fail a request that was answered
-            logger.exception("observing %d records failed", len(queries))
+        _hand_each(self.on_observed, ((query,) for query in queries if query.observe),
+                   "observing %d records", len(queries))
 
     def _report_inferred(self, result: InferResult) -> None:
-        if self.on_inferred is None:
-            return
-        try:
-            self.on_inferred(result)
-        except Exception:  # reporting must never fail a request
-            logger.exception("reporting an inference of %d rows failed",
-                             len(result.probabilities))
+        _hand_each(self.on_inferred, ((result,),),
+                   "reporting an inference of %d rows", len(result.probabilities))
 
     def _report(self, queries: Sequence[ScoreQuery], results: Sequence[ScoreResult]) -> None:
-        if self.on_served is None:
-            return
-        try:
-            for query, result in zip(queries, results, strict=True):
-                self.on_served(query, result)
-        except Exception:  # reporting must never fail a request
-            logger.exception("reporting %d scores failed", len(results))
+        _hand_each(self.on_served, zip(queries, results, strict=True),
+                   "reporting %d scores", len(results))
+
+
+def _hand_each(callback: Callable[..., None] | None, calls: Iterable[tuple[Any, ...]],
+               what: str, count: int) -> None:
+    """``callback(*args)`` for each call's args; an error is logged (``what % count``
+    failed) and never raised: the request it reports on was answered."""
+    if callback is None:
+        return
+    try:
+        for args in calls:
+            callback(*args)
+    except Exception:
+        logger.exception(what + " failed", count)
 
 
 @dataclass(frozen=True)

@@ -322,12 +322,13 @@ def requested_outputs(request: pb.ModelInferRequest) -> list[str]:
 
 def infer_response(request: pb.ModelInferRequest, result: InferResult,
                    outputs: Sequence[str]) -> pb.ModelInferResponse:
-    """The response: the asked outputs, raw if the request was raw; fallback parameters."""
+    """The response: the asked outputs, raw if the request was raw; fallback parameters;
+    the call's id (the request's, or the one made up for it)."""
     proba = np.asarray(result.probabilities, dtype=np.float64)
     labels = [result.classes[i].encode() for i in np.argmax(proba, axis=1)]
     raw = bool(request.raw_input_contents)
     response = pb.ModelInferResponse(
-        model_name=request.model_name, model_version=result.version, id=request.id,
+        model_name=request.model_name, model_version=result.version, id=result.request_id,
         parameters=_parameters(result))
     for name in outputs:
         tensor = response.outputs.add(name=name)

@@ -35,6 +35,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
@@ -45,6 +46,11 @@ from scoring.core import InferResult, ScoreQuery, ScoreResult
 
 logger = logging.getLogger(__name__)
 
+ReportMaker = Callable[..., list[ServedScore]]
+"""Turns an answer's parts and the time it was served into its reports."""
+_Answer = tuple[ReportMaker, tuple[Any, ...], int, float]
+"""An answer waiting in the intake: what makes its reports, its parts, how many reports it
+makes (its rows), when it was served."""
 Sink = Callable[[list[ServedScore]], object]
 """Takes one batch of scores, or raises; the batch is then offered again later."""
 EVENT_IDS = uuid.UUID("5c0e5e2d-7f0a-4a8e-9a57-3d3c8c1a2b61")
@@ -113,13 +119,18 @@ def served_score(query: ScoreQuery, result: ScoreResult, served_at: float) -> Se
     )
 
 
+def _served_scores(query: ScoreQuery, result: ScoreResult, served_at: float
+                   ) -> list[ServedScore]:
+    return [served_score(query, result, served_at)]
+
+
 def inferred_scores(result: InferResult, served_at: float) -> list[ServedScore]:
     """The reports of a ModelInfer answer, one per row, as Score's are (score: the last
     class's probability; label: the likeliest class), with no entity: the call's id, and
     for several rows ``<id>/<row>``, is what an outcome names to be joined to one."""
     at = datetime.fromtimestamp(served_at, UTC)
     rows = len(result.probabilities)
-    call = result.request_id or uuid.uuid4().hex
+    call = result.request_id
     inputs = [] if result.features is None else result.features.tolist()
     return [ServedScore(
         request_id=call if rows == 1 else f"{call}/{row}",
@@ -237,8 +248,7 @@ class ScoreReporter:
         self.settings = settings or ReportSettings()
         self._on_close = on_close
         self._outboxes = [_Outbox(sink, self.settings) for sink in sinks]
-        self._intake: deque[tuple[ScoreQuery | None, ScoreResult | InferResult, float]] = (
-            deque())
+        self._intake: deque[_Answer] = deque()
         self._lock = threading.Lock()  # guards the intake; held for O(1) only
         self._wake, self._stop = threading.Event(), threading.Event()
         self._intake_rows = 0  # reports the intake holds: a Score one, a ModelInfer its rows
@@ -251,21 +261,20 @@ class ScoreReporter:
 
     def report(self, query: ScoreQuery, result: ScoreResult) -> None:
         """Queue one answer for reporting: O(1), no I/O; drops the oldest when full."""
-        self._take_in(query, result)
+        self._take_in(_served_scores, (query, result), 1)
 
     def report_inferred(self, result: InferResult) -> None:
         """Queue a ModelInfer answer as ``report`` does; its rows become reports off the
         request path, and count one each in the intake's bound."""
-        self._take_in(None, result)
+        self._take_in(inferred_scores, (result,), len(result.probabilities))
 
-    def _take_in(self, query: ScoreQuery | None, result: ScoreResult | InferResult) -> None:
-        rows = _rows(result)
+    def _take_in(self, to_reports: ReportMaker, answer: tuple[Any, ...], rows: int) -> None:
         with self._lock:
             while self._intake and self._intake_rows + rows > self.settings.buffer_size:
-                dropped = _rows(self._intake.popleft()[1])
+                dropped = self._intake.popleft()[2]
                 self._intake_rows -= dropped
                 self._intake_dropped += dropped
-            self._intake.append((query, result, time.time()))
+            self._intake.append((to_reports, answer, rows, time.time()))
             before, self._intake_rows = self._intake_rows, self._intake_rows + rows
         if before < self.settings.flush_size <= before + rows:
             self._wake.set()
@@ -329,11 +338,8 @@ class ScoreReporter:
             taken, self._intake, self._intake_rows = self._intake, deque(), 0
         if taken:
             scores: list[ServedScore] = []
-            for query, result, at in taken:
-                if isinstance(result, InferResult):
-                    scores += inferred_scores(result, at)
-                elif query is not None:
-                    scores.append(served_score(query, result, at))
+            for to_reports, answer, _, at in taken:
+                scores += to_reports(*answer, at)
             for outbox in self._outboxes:
                 outbox.add(scores)
 
@@ -358,11 +364,6 @@ class ScoreReporter:
             logger.warning("%d score reports dropped since the last warning (%d in all): "
                            "a sink is slow or down", dropped - self._warned_drops, dropped)
             self._warned_drops = dropped
-
-
-def _rows(result: ScoreResult | InferResult) -> int:
-    """The reports an answer makes."""
-    return len(result.probabilities) if isinstance(result, InferResult) else 1
 
 
 class ReportsDroppedCollector(Collector):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 from importlib import metadata
 from pathlib import Path
@@ -136,6 +137,12 @@ def test_field_tensors_answer_like_score_for_entities_without_a_past(
     assert [label.decode() for label in labels] == [
         "1" if p > 0.5 else "0" for p in probabilities(reply)[:, 1]]
     assert not reply.parameters["fallback"].bool_param
+
+
+def test_a_call_without_an_id_gets_one_made_up_for_it(world: ScoringWorld, stub: Any) -> None:
+    records = raw_fields(world, range(10, 12))
+    first, second = (stub.ModelInfer(infer(records), timeout=5) for _ in range(2))
+    assert re.fullmatch(r"[0-9a-f]{32}", first.id) and first.id != second.id
 
 
 def test_field_tensors_carrying_the_aggregates_answer_like_score_with_redis(

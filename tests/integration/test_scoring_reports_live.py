@@ -98,12 +98,17 @@ def test_model_infer_rows_are_reported_as_served_scores_named_by_the_call(
         service = running["scoring"].runner.service
         assert isinstance(service, ScoringService)
         with grpc.insecure_channel(f"127.0.0.1:{service.server.port}") as channel:
-            reply = ipb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            stub = ipb_grpc.GRPCInferenceServiceStub(channel)
+            reply = stub.ModelInfer(
                 ipb.ModelInferRequest(model_name=service.core.router.name, id="infer-1",
                                       inputs=field_tensors(records)), timeout=5)
-        wait_until(lambda: sum(len(e.scores) for e in events) >= 3, timeout=30)
+            unnamed = stub.ModelInfer(  # no id: the one made up comes back and is reported
+                ipb.ModelInferRequest(model_name=service.core.router.name,
+                                      inputs=field_tensors(records[:1])), timeout=5)
+        wait_until(lambda: sum(len(e.scores) for e in events) >= 4, timeout=30)
     served = {s.request_id: s for e in events for s in e.scores}
-    assert sorted(served) == ["infer-1/0", "infer-1/1", "infer-1/2"]
+    assert unnamed.id and sorted(served) == sorted(
+        ["infer-1/0", "infer-1/1", "infer-1/2", unnamed.id])
     out = {o.name: o for o in reply.outputs}["predict_proba"]
     answered = np.asarray(out.contents.fp64_contents).reshape(list(out.shape))
     for row in range(3):

@@ -182,6 +182,28 @@ def test_every_answer_is_reported_and_observed_records_after_it(world: ScoringWo
     assert observed == [second.entity_id]
 
 
+def test_a_failing_report_or_observer_is_logged_and_the_call_still_answered(
+        world: ScoringWorld, caplog: pytest.LogCaptureFixture) -> None:
+    def broken(*_: Any) -> None:
+        raise RuntimeError("sink is gone")
+
+    core = world.core(deadline_s=5.0, latency_budget_s=5.0)
+    core.on_served = core.on_observed = core.on_inferred = broken
+    core.load_chain()
+    try:
+        query = query_of(world, 3)
+        scored = core.score(ScoreQuery(query.entity_id, query.fields, observe=True))
+        inferred = core.infer(np.zeros((2, len(core.loaded().feature_names))))
+    finally:
+        core.close()
+    assert scored.version == inferred.version == "v2" and len(inferred.probabilities) == 2
+    failures = [(r.getMessage(), r.exc_info[1]) for r in caplog.records if r.exc_info]
+    assert [message for message, _ in failures] == [
+        "reporting 1 scores failed", "observing 1 records failed",
+        "reporting an inference of 2 rows failed"]
+    assert all(str(error) == "sink is gone" for _, error in failures)
+
+
 def test_a_hot_swap_puts_the_new_version_in_front(tmp_path: Path) -> None:
     world = memory_world(tmp_path)
     core = world.core(deadline_s=5.0, latency_budget_s=5.0, chain_depth=2)

@@ -20,7 +20,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import statistics  # noqa: E402
-import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -33,6 +32,7 @@ from sklearn.ensemble import (  # noqa: E402
     RandomForestClassifier,
 )
 from threadpoolctl import threadpool_limits  # noqa: E402
+from timing import times_ms  # noqa: E402
 
 from scoring.compiled import CompiledTrees, compiled_or_same  # noqa: E402
 
@@ -50,14 +50,7 @@ ESTIMATORS = {
 
 
 def median_ms(predict: Callable[[np.ndarray], Any], matrix: np.ndarray) -> float:
-    for _ in range(20):
-        predict(matrix)  # warm
-    samples = []
-    for _ in range(CALLS):
-        started = time.perf_counter()
-        predict(matrix)
-        samples.append((time.perf_counter() - started) * 1e3)
-    return round(statistics.median(samples), 4)
+    return round(statistics.median(times_ms(predict, [matrix] * CALLS)), 4)
 
 
 def measure(name: str, X: np.ndarray, y: np.ndarray) -> dict[str, Any]:

@@ -67,6 +67,7 @@ from sklearn.linear_model import LogisticRegression
 from app.config import load_pipeline_config
 from app.local import LocalService, wait_until
 from bench.save import save_results
+from bench.timing import times_ms
 from common.bus.publisher import Message
 from common.bus.rabbitmq import RabbitMQBus, properties
 from common.events import ScoreServed, ServedScore
@@ -152,11 +153,7 @@ def served_scores(model: Any, rows: pd.DataFrame, version: str, prefix: str,
 
 
 def median_ms(fn: Callable[[], Any], rounds: int) -> tuple[float, list[float]]:
-    times = []
-    for _ in range(rounds):
-        began = time.perf_counter()
-        fn()
-        times.append(round((time.perf_counter() - began) * 1e3, 2))
+    times = [round(ms, 2) for ms in times_ms(lambda _: fn(), range(rounds), warm=0)]
     return round(statistics.median(times), 2), times
 
 

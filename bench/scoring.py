@@ -81,6 +81,7 @@ import redis
 from features import delete_keys, host
 from pipeline import free_port
 from save import save_results
+from timing import times_ms
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -366,14 +367,7 @@ def _pandas_matrix(fitted: Any, records: Any, names: Sequence[str]) -> np.ndarra
 
 
 def median_ms(call: Callable[[Any], Any], items: Sequence[Any]) -> float:
-    for item in items[:20]:
-        call(item)  # warm
-    samples = []
-    for item in items:
-        started = time.perf_counter()
-        call(item)
-        samples.append((time.perf_counter() - started) * 1e3)
-    return statistics.median(samples)
+    return statistics.median(times_ms(call, items))
 
 
 # --- the load generator ---------------------------------------------------------------
